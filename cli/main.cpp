@@ -1,0 +1,334 @@
+// podsteer: enroll/unenroll pods into the capture datapath, and inspect or remove it.
+// Every command is a short-lived process: the datapath lives on in pins.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <iostream>
+
+#include "datapath.h"
+#include "kernel_features.h"
+#include "log.h"
+#include "map.h"
+#include "netns.h"
+#include "system.h"
+
+using namespace podsteer;
+using json = nlohmann::json;
+
+namespace {
+
+int fail(const Error& e) {
+  spdlog::error("{}", e.message());
+  return 1;
+}
+
+std::string flags_text(uint32_t f) {
+  std::string s;
+  auto add = [&](const char* w) { s += s.empty() ? w : std::string(",") + w; };
+  if (f & PODSTEER_POD_DNS) add("dns");
+  add((f & PODSTEER_POD_FAIL_OPEN) ? "fail-open" : "fail-closed");
+  return s;
+}
+
+json pod_json(const PodStatus& p) {
+  json ifaces = json::array();
+  for (size_t i = 0; i < p.meta.n_ifaces && i < PODSTEER_MAX_IFACES; ++i) {
+    json j = {{"ifindex", p.meta.ifindex[i]}};
+    if (p.meta.attach_mode == PODSTEER_ATTACH_CLSACT) {
+      j["tc_priority"] = p.meta.tc_prio[i];
+      j["tc_handle"] = p.meta.tc_handle[i];
+    }
+    ifaces.push_back(j);
+  }
+  json j = {
+      {"pod", p.meta.pod},
+      {"netns", p.meta.netns_path},
+      {"netns_cookie", p.cookie},
+      {"netns_alive", p.netns_alive},
+      {"active", p.has_entry},
+      {"attach", p.meta.attach_mode == PODSTEER_ATTACH_TCX ? "tcx" : "clsact"},
+      {"interfaces", ifaces},
+      {"dns", bool(p.entry.flags & PODSTEER_POD_DNS)},
+      {"fail_open", bool(p.entry.flags & PODSTEER_POD_FAIL_OPEN)},
+      {"excluded_inbound_ports", p.excluded_inbound_ports},
+      {"excluded_outbound_ports", p.excluded_outbound_ports},
+      {"excluded_outbound_cidrs", p.excluded_cidrs},
+      {"counters",
+       {{"redirected_out", p.counters.redirected_out},
+        {"redirected_in", p.counters.redirected_in},
+        {"dns_redirected", p.counters.dns_redirected},
+        {"bypassed", p.counters.bypassed},
+        {"proxy_missing", p.counters.proxy_missing}}},
+  };
+  if (p.entry.flags & PODSTEER_POD_HAS_IP4) j["ip4"] = format_ip(in_addr{p.entry.ip4});
+  if (p.entry.flags & PODSTEER_POD_HAS_IP6) j["ip6"] = format_ip16(p.entry.ip6);
+  return j;
+}
+
+int cmd_status(Datapath& dp, bool as_json) {
+  auto pods = dp.pods();
+  if (!pods) return fail(pods.error());
+  auto links = dp.cgroup_links();
+  if (!links) return fail(links.error());
+  const auto& c = dp.config();
+  if (as_json) {
+    json out;
+    out["state_dir"] = dp.state_dir();
+    out["hook_cgroup"] = c.hook_cgroup;
+    out["config"] = {{"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
+                     {"hbone_port", c.hbone_port},       {"dns_port", c.dns_port},
+                     {"proxy_mark", c.proxy_mark},       {"proxy_mark_mask", c.proxy_mark_mask},
+                     {"abi_version", c.abi_version}};
+    json jl = json::array();
+    for (const auto& l : *links)
+      jl.push_back({{"program", l.program}, {"link_id", l.link_id}, {"prog_id", l.prog_id}, {"cgroup_id", l.cgroup_id}});
+    out["cgroup_links"] = jl;
+    out["tc_prog_id"] = dp.tc_prog_id();
+    json jp = json::array();
+    for (const auto& p : *pods) jp.push_back(pod_json(p));
+    out["pods"] = jp;
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
+  fmt::print("hook cgroup {}\n", c.hook_cgroup);
+  fmt::print("listeners   outbound {}  inbound {}  hbone {} (never redirected)  dns 127.0.0.1:{}  proxy mark {:#x}/{:#x}\n",
+             c.outbound_port, c.inbound_port, c.hbone_port, c.dns_port, c.proxy_mark, c.proxy_mark_mask);
+  fmt::print("socket hooks ({} bpf_links at the hook cgroup):", links->size());
+  for (const auto& l : *links) fmt::print(" {}[link {}]", l.program.substr(sizeof("podsteer_") - 1), l.link_id);
+  fmt::print("\n\n{} pod(s) enrolled\n", pods->size());
+  for (const auto& p : *pods) {
+    auto j = pod_json(p);
+    fmt::print("- {} netns {} (cookie {}{}){}\n", p.meta.pod[0] ? p.meta.pod : "(unnamed)", p.meta.netns_path, p.cookie,
+               p.netns_alive ? "" : ", GONE", p.has_entry ? "" : " [half-removed: run unenroll]");
+    fmt::print("    addresses {} {}  {}  tc {} on ifindex", j.value("ip4", "-"), j.value("ip6", "-"),
+               flags_text(p.entry.flags), j["attach"].get<std::string>());
+    for (const auto& i : j["interfaces"]) fmt::print(" {}", i["ifindex"].get<unsigned>());
+    fmt::print("\n");
+    if (!p.excluded_inbound_ports.empty() || !p.excluded_outbound_ports.empty() || !p.excluded_cidrs.empty())
+      fmt::print("    excluded: inbound ports {} outbound ports {} outbound cidrs {}\n",
+                 json(p.excluded_inbound_ports).dump(), json(p.excluded_outbound_ports).dump(),
+                 p.excluded_cidrs.size() > 8 ? fmt::format("({} entries)", p.excluded_cidrs.size())
+                                             : json(p.excluded_cidrs).dump());
+    fmt::print("    counters: out {}  in {}  dns {}  bypassed {}  proxy missing {}\n", p.counters.redirected_out,
+               p.counters.redirected_in, p.counters.dns_redirected, p.counters.bypassed, p.counters.proxy_missing);
+  }
+  return 0;
+}
+
+template <typename K, typename V>
+int dump_map(const std::string& state_dir, const std::string& name, const std::function<json(const K&, const V&)>& fmt_entry) {
+  std::string pin = map_pin(state_dir, name);
+  fmt::print("== {}   (bpftool map dump pinned {})\n", name, pin);
+  auto m = Map<K, V>::open(pin);
+  if (!m) return fail(m.error());
+  auto keys = m->keys();
+  if (!keys) return fail(keys.error());
+  for (const auto& k : *keys) {
+    auto v = m->lookup(k);
+    if (v && v->has_value()) fmt::print("{}\n", fmt_entry(k, **v).dump());
+  }
+  fmt::print("({} entries)\n", keys->size());
+  return 0;
+}
+
+int cmd_dump(Datapath& dp, const std::string& which) {
+  const std::string& sd = dp.state_dir();
+  auto want = [&](const char* n) { return which.empty() || which == n || which == std::string("podsteer_") + n; };
+  bool any = false;
+  int rc = 0;
+  auto pods = dp.pods();
+  if (!pods) return fail(pods.error());
+  if (want("pods")) {
+    any = true;
+    rc |= dump_map<__u64, podsteer_pod>(sd, "podsteer_pods", [](const __u64& k, const podsteer_pod& v) {
+      json j = {{"netns_cookie", k}, {"flags", flags_text(v.flags)}};
+      if (v.flags & PODSTEER_POD_HAS_IP4) j["ip4"] = format_ip(in_addr{v.ip4});
+      if (v.flags & PODSTEER_POD_HAS_IP6) j["ip6"] = format_ip16(v.ip6);
+      return j;
+    });
+  }
+  if (want("pod_meta")) {
+    any = true;
+    rc |= dump_map<__u64, podsteer_pod_meta>(sd, "podsteer_pod_meta", [](const __u64& k, const podsteer_pod_meta& v) {
+      std::vector<unsigned> ifs(v.ifindex, v.ifindex + std::min<unsigned>(v.n_ifaces, PODSTEER_MAX_IFACES));
+      return json{{"netns_cookie", k}, {"pod", v.pod}, {"netns", v.netns_path}, {"ifindex", ifs},
+                  {"attach", v.attach_mode == PODSTEER_ATTACH_TCX ? "tcx" : "clsact"}};
+    });
+  }
+  if (want("ports")) {
+    any = true;
+    rc |= dump_map<podsteer_port_key, __u8>(sd, "podsteer_ports", [](const podsteer_port_key& k, const __u8&) {
+      return json{{"netns_cookie", k.netns_cookie}, {"port", k.port},
+                  {"direction", k.direction == PODSTEER_DIR_INBOUND ? "inbound" : "outbound"}};
+    });
+  }
+  if (want("cidrs")) {
+    any = true;
+    rc |= dump_map<podsteer_cidr_key, __u8>(sd, "podsteer_cidrs", [](const podsteer_cidr_key& k, const __u8&) {
+      uint64_t cookie = (uint64_t(ntohl(k.netns_cookie_hi)) << 32) | ntohl(k.netns_cookie_lo);
+      unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
+      in6_addr a6;
+      std::memcpy(&a6, k.addr, 16);
+      bool v4 = IN6_IS_ADDR_V4MAPPED(&a6) && plen >= 96;
+      return json{{"netns_cookie", cookie}, {"cidr", fmt::format("{}/{}", format_ip16(k.addr), v4 ? plen - 96 : plen)}};
+    });
+  }
+  if (want("stats")) {
+    any = true;
+    fmt::print("== podsteer_stats   (bpftool map dump pinned {})\n", map_pin(sd, "podsteer_stats"));
+    for (const auto& p : *pods) fmt::print("{}\n", json{{"netns_cookie", p.cookie}, {"counters", pod_json(p)["counters"]}}.dump());
+  }
+  if (want("origdst")) {
+    any = true;
+    rc |= dump_map<podsteer_origdst_key, podsteer_addr>(sd, "podsteer_origdst",
+                                                        [](const podsteer_origdst_key& k, const podsteer_addr& v) {
+      return json{{"netns_cookie", k.netns_cookie},
+                  {"peer", fmt::format("{}:{}", format_ip16(k.peer_addr), k.peer_port)},
+                  {"listener_port", k.local_port},
+                  {"original_dst", fmt::format("{}:{}", format_ip16(v.addr), ntohs(v.port))}};
+    });
+  }
+  if (want("config")) {
+    any = true;
+    rc |= dump_map<__u32, podsteer_config>(sd, "podsteer_config", [](const __u32&, const podsteer_config& c) {
+      return json{{"abi_version", c.abi_version}, {"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
+                  {"hbone_port", c.hbone_port}, {"dns_port", c.dns_port},
+                  {"proxy_mark", fmt::format("{:#x}", c.proxy_mark)},
+                  {"proxy_mark_mask", fmt::format("{:#x}", c.proxy_mark_mask)}, {"hook_cgroup", c.hook_cgroup}};
+    });
+  }
+  if (want("sk_origdst")) {
+    any = true;
+    fmt::print("== podsteer_sk_origdst   (socket storage: lives on each captured socket; the kernel does not let "
+               "userspace list it)\n");
+  }
+  if (!any) {
+    spdlog::error("unknown map '{}': one of pods, pod_meta, ports, cidrs, stats, origdst, sk_origdst, config", which);
+    return 1;
+  }
+  return rc;
+}
+
+int cmd_doctor(const std::string& state_dir) {
+  bool ok = true;
+  for (const auto& f : probe_features(state_dir)) {
+    if (f.ok) {
+      fmt::print("ok       {:<24} {}\n", f.name, f.detail);
+    } else {
+      if (f.required) ok = false;
+      fmt::print("{} {:<24} {}\n         why it matters: {}\n", f.required ? "MISSING " : "optional", f.name, f.detail, f.why);
+    }
+  }
+  fmt::print("{}", ok ? "\nthis kernel can run podsteer\n" : "\nthis kernel cannot run podsteer: see MISSING above\n");
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"podsteer: in-pod traffic redirection for ambient service meshes, with eBPF"};
+  app.require_subcommand(1);
+  std::string state_dir = "/sys/fs/bpf/podsteer";
+  NodeConfig node;
+  bool verbose = false;
+  app.add_option("--state-dir", state_dir, "bpffs directory of our pins")->capture_default_str();
+  app.add_option("--hook-cgroup", node.hook_cgroup,
+                 "cgroup v2 directory for the socket hooks (default: kubepods cgroup if present, else the cgroup2 "
+                 "root); taken when the state dir is created, remembered after");
+  app.add_option("--outbound-port", node.outbound_port, "outbound listener port (when the state dir is created)")->capture_default_str();
+  app.add_option("--inbound-port", node.inbound_port, "inbound listener port (when the state dir is created)")->capture_default_str();
+  app.add_option("--hbone-port", node.hbone_port, "HBONE port, never redirected")->capture_default_str();
+  app.add_option("--dns-port", node.dns_port, "DNS listener port on 127.0.0.1")->capture_default_str();
+  app.add_option("--proxy-mark", node.proxy_mark, "socket mark of the proxy: never redirected")->capture_default_str();
+  app.add_option("--proxy-mark-mask", node.proxy_mark_mask, "mask for --proxy-mark")->capture_default_str();
+  app.add_flag("-v,--verbose", verbose, "debug output, including libbpf's and the verifier's");
+
+  auto* enroll = app.add_subcommand("enroll", "capture a pod's traffic");
+  std::string netns, pod, in_ports, out_ports, out_cidrs, tc_mode = "auto";
+  std::vector<std::string> ifaces;
+  bool dns = false, fail_open = false;
+  enroll->add_option("--netns", netns, "the pod's network namespace (e.g. /var/run/netns/NAME, /proc/PID/ns/net)")->required();
+  enroll->add_option("--pod", pod, "NAMESPACE/NAME, for status");
+  enroll->add_option("--interface", ifaces, "interface to capture inbound on (repeatable; default: all but loopback)");
+  enroll->add_option("--exclude-inbound-ports", in_ports, "P,P,...: inbound ports that go straight to the app");
+  enroll->add_option("--exclude-outbound-ports", out_ports, "P,P,...: destination ports that bypass the proxy");
+  enroll->add_option("--exclude-outbound-cidrs", out_cidrs, "CIDR,...: destinations that bypass the proxy");
+  enroll->add_flag("--dns", dns, "redirect DNS (UDP and TCP 53) to 127.0.0.1:DNS port");
+  enroll->add_flag("--fail-open", fail_open, "if the proxy is not listening, go direct instead of refusing");
+  enroll->add_option("--tc-mode", tc_mode, "auto, tcx or clsact")->check(CLI::IsMember({"auto", "tcx", "clsact"}));
+
+  auto* unenroll = app.add_subcommand("unenroll", "stop capturing a pod's new connections");
+  std::string un_netns;
+  unenroll->add_option("--netns", un_netns, "the netns path given to enroll")->required();
+
+  auto* status = app.add_subcommand("status", "enrolled pods, attach points, counters");
+  bool as_json = false;
+  status->add_flag("--json", as_json, "machine-readable output");
+
+  auto* dump = app.add_subcommand("dump", "readable map contents");
+  std::string dump_which;
+  dump->add_option("MAP", dump_which, "pods, pod_meta, ports, cidrs, stats, origdst, sk_origdst or config");
+
+  auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
+  auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
+
+  CLI11_PARSE(app, argc, argv);
+  init_logging(verbose);
+
+  if (*doctor) return cmd_doctor(state_dir);
+  if (*uninstall) {
+    auto st = Datapath::uninstall(state_dir);
+    if (!st) return fail(st.error());
+    fmt::print("removed {}\n", state_dir);
+    return 0;
+  }
+
+  if (*enroll) {
+    // Validate everything before touching the kernel: bad input changes nothing.
+    PodOptions opts;
+    opts.pod = pod;
+    opts.interfaces = ifaces;
+    opts.dns = dns;
+    opts.fail_open = fail_open;
+    opts.tc_mode = tc_mode == "tcx" ? TcMode::Tcx : tc_mode == "clsact" ? TcMode::Clsact : TcMode::Auto;
+    if (!pod.empty()) {
+      auto slash = pod.find('/');
+      if (slash == std::string::npos || slash == 0 || slash + 1 == pod.size() || pod.find('/', slash + 1) != std::string::npos)
+        return fail(invalid("--pod must be NAMESPACE/NAME", pod));
+    }
+    auto ip = parse_ports(in_ports);
+    if (!ip) return fail(Error{ip.error().op, 0, "--exclude-inbound-ports"});
+    auto op = parse_ports(out_ports);
+    if (!op) return fail(Error{op.error().op, 0, "--exclude-outbound-ports"});
+    auto oc = parse_cidrs(out_cidrs);
+    if (!oc) return fail(Error{oc.error().op, 0, "--exclude-outbound-cidrs"});
+    opts.exclude_inbound_ports = *ip;
+    opts.exclude_outbound_ports = *op;
+    opts.exclude_outbound_cidrs = *oc;
+    auto ns = open_netns(netns);
+    if (!ns) return fail(ns.error());
+    auto dp = Datapath::open(state_dir, node, true);
+    if (!dp) return fail(dp.error());
+    auto r = dp->enroll(*ns, opts);
+    if (!r) return fail(r.error());
+    const char* what = *r == EnrollOutcome::Enrolled ? "enrolled" : *r == EnrollOutcome::Updated ? "updated" : "already enrolled, unchanged:";
+    fmt::print("{} {} (netns {}, cookie {})\n", what, pod.empty() ? "pod" : pod, netns, ns->cookie);
+    return 0;
+  }
+
+  auto dp = Datapath::open(state_dir, node, false);
+  if (!dp) return fail(dp.error());
+  if (*unenroll) {
+    auto cookie = dp->find_pod(un_netns);
+    if (!cookie) return fail(cookie.error());
+    auto st = dp->unenroll(*cookie);
+    if (!st) return fail(st.error());
+    fmt::print("unenrolled netns {} (cookie {})\n", un_netns, *cookie);
+    return 0;
+  }
+  if (*status) return cmd_status(*dp, as_json);
+  if (*dump) return cmd_dump(*dp, dump_which);
+  return 0;
+}

@@ -1,0 +1,81 @@
+// One error convention for everything that touches the OS: an Error carries the failing
+// operation, errno and context; Result<T> is a value or an Error. No exceptions cross
+// module boundaries.
+#pragma once
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <variant>
+
+#include <fmt/format.h>
+
+namespace podsteer {
+
+struct Error {
+  std::string op;       // the call or step that failed, e.g. "bpf_link_create"
+  int err = 0;          // errno, 0 for a validation error
+  std::string context;  // what it was applied to, in the user's words
+
+  std::string message() const {
+    std::string m = context.empty() ? op : fmt::format("{}: {}", context, op);
+    if (err != 0) m += fmt::format(": {} ({})", std::strerror(err), err);
+    return m;
+  }
+};
+
+// A validation failure: no errno, a message meant for the user.
+inline Error invalid(std::string what, std::string context = {}) {
+  return Error{std::move(what), 0, std::move(context)};
+}
+
+// Call right after the failing call, so errno is still the call's.
+inline Error sys_error(std::string op, std::string context = {}) {
+  int e = errno;
+  return Error{std::move(op), e, std::move(context)};
+}
+
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}
+  Result(Error e) : v_(std::move(e)) {}
+  bool ok() const { return v_.index() == 0; }
+  explicit operator bool() const { return ok(); }
+  T& value() & { return std::get<0>(v_); }
+  T&& value() && { return std::get<0>(std::move(v_)); }
+  const T& value() const& { return std::get<0>(v_); }
+  T* operator->() { return &std::get<0>(v_); }
+  const T* operator->() const { return &std::get<0>(v_); }
+  T& operator*() { return std::get<0>(v_); }
+  const Error& error() const { return std::get<1>(v_); }
+
+ private:
+  std::variant<T, Error> v_;
+};
+
+template <>
+class [[nodiscard]] Result<void> {
+ public:
+  Result() = default;
+  Result(Error e) : err_(std::move(e)), ok_(false) {}
+  bool ok() const { return ok_; }
+  explicit operator bool() const { return ok_; }
+  const Error& error() const { return err_; }
+
+ private:
+  Error err_;
+  bool ok_ = true;
+};
+
+using Status = Result<void>;
+
+}  // namespace podsteer
+
+// Propagate an error from an expression returning Status/Result.
+#define PODSTEER_TRY(expr)                                  \
+  do {                                                      \
+    auto podsteer_try_r_ = (expr);                          \
+    if (!podsteer_try_r_.ok()) return podsteer_try_r_.error(); \
+  } while (0)
