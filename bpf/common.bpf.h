@@ -48,6 +48,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct podsteer_ip_key);
+	__type(value, __u64);
+} podsteer_pod_ips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct podsteer_port_key);
 	__type(value, __u8);

@@ -37,9 +37,13 @@ static __always_inline int port_excluded(__u64 cookie, __u16 port)
 
 /* Decide for one SYN. tuple/len describe the connection as the kernel sees it. */
 static __always_inline int steer_syn(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
-				     __u32 tuple_len, __be16 *dport_slot, int probe)
+				     __u32 tuple_len, __be16 *dport_slot, int probe,
+				     const struct podsteer_ip_key *dst)
 {
-	__u64 cookie = bpf_get_netns_cookie(skb);
+	__u64 *pod_cookie = bpf_map_lookup_elem(&podsteer_pod_ips, dst);
+	if (!pod_cookie)
+		return TC_ACT_OK;
+	__u64 cookie = *pod_cookie;
 	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
 	if (!pod)
 		return TC_ACT_OK;
@@ -93,6 +97,7 @@ int podsteer_tc_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	struct bpf_sock_tuple tuple = {};
+	struct podsteer_ip_key dst = {};
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
@@ -106,8 +111,11 @@ int podsteer_tc_ingress(struct __sk_buff *skb)
 		tuple.ipv4.daddr = ip->daddr;
 		tuple.ipv4.sport = th->source;
 		tuple.ipv4.dport = th->dest;
+		dst.addr[10] = 0xff;
+		dst.addr[11] = 0xff;
+		__builtin_memcpy(&dst.addr[12], &ip->daddr, 4);
 		return steer_syn(skb, &tuple, sizeof(tuple.ipv4), &tuple.ipv4.dport,
-				 ip->saddr == bpf_htonl(PROBE_SRC4));
+				 ip->saddr == bpf_htonl(PROBE_SRC4), &dst);
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -120,8 +128,9 @@ int podsteer_tc_ingress(struct __sk_buff *skb)
 		__builtin_memcpy(tuple.ipv6.daddr, &ip6->daddr, 16);
 		tuple.ipv6.sport = th->source;
 		tuple.ipv6.dport = th->dest;
+		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
 		return steer_syn(skb, &tuple, sizeof(tuple.ipv6), &tuple.ipv6.dport,
-				 is_probe_src6((const __u8 *)&ip6->saddr));
+				 is_probe_src6((const __u8 *)&ip6->saddr), &dst);
 	}
 	return TC_ACT_OK;
 }

@@ -51,6 +51,7 @@ json pod_json(const PodStatus& p) {
       {"interfaces", ifaces},
       {"dns", bool(p.entry.flags & PODSTEER_POD_DNS)},
       {"fail_open", bool(p.entry.flags & PODSTEER_POD_FAIL_OPEN)},
+      {"addresses", p.addresses},
       {"excluded_inbound_ports", p.excluded_inbound_ports},
       {"excluded_outbound_ports", p.excluded_outbound_ports},
       {"excluded_outbound_cidrs", p.excluded_cidrs},
@@ -149,6 +150,12 @@ int cmd_dump(Datapath& dp, const std::string& which) {
       return j;
     });
   }
+  if (want("pod_ips")) {
+    any = true;
+    rc |= dump_map<podsteer_ip_key, __u64>(sd, "podsteer_pod_ips", [](const podsteer_ip_key& k, const __u64& v) {
+      return json{{"address", format_ip16(k.addr)}, {"netns_cookie", v}};
+    });
+  }
   if (want("pod_meta")) {
     any = true;
     rc |= dump_map<__u64, podsteer_pod_meta>(sd, "podsteer_pod_meta", [](const __u64& k, const podsteer_pod_meta& v) {
@@ -205,7 +212,7 @@ int cmd_dump(Datapath& dp, const std::string& which) {
                "userspace list it)\n");
   }
   if (!any) {
-    spdlog::error("unknown map '{}': one of pods, pod_meta, ports, cidrs, stats, origdst, sk_origdst, config", which);
+    spdlog::error("unknown map '{}': one of pods, pod_ips, pod_meta, ports, cidrs, stats, origdst, sk_origdst, config", which);
     return 1;
   }
   return rc;
@@ -269,7 +276,7 @@ int main(int argc, char** argv) {
 
   auto* dump = app.add_subcommand("dump", "readable map contents");
   std::string dump_which;
-  dump->add_option("MAP", dump_which, "pods, pod_meta, ports, cidrs, stats, origdst, sk_origdst or config");
+  dump->add_option("MAP", dump_which, "pods, pod_ips, pod_meta, ports, cidrs, stats, origdst, sk_origdst or config");
 
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");

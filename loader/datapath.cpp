@@ -117,7 +117,7 @@ class Rollback {
 
 const std::vector<std::string>& map_names() {
   static const std::vector<std::string> names = {
-      "podsteer_pods",     "podsteer_pod_meta", "podsteer_ports",      "podsteer_cidrs",
+      "podsteer_pods",     "podsteer_pod_ips", "podsteer_pod_meta", "podsteer_ports",      "podsteer_cidrs",
       "podsteer_stats",    "podsteer_origdst",  "podsteer_sk_origdst", "podsteer_config"};
   return names;
 }
@@ -288,6 +288,8 @@ Status Datapath::adopt() {
   if (!pods) return pods.error();
   auto meta = Map<__u64, podsteer_pod_meta>::open(map_pin(state_dir_, "podsteer_pod_meta"));
   if (!meta) return meta.error();
+  auto ips = Map<podsteer_ip_key, __u64>::open(map_pin(state_dir_, "podsteer_pod_ips"));
+  if (!ips) return ips.error();
   auto ports = Map<podsteer_port_key, __u8>::open(map_pin(state_dir_, "podsteer_ports"));
   if (!ports) return ports.error();
   auto cidrs = Map<podsteer_cidr_key, __u8>::open(map_pin(state_dir_, "podsteer_cidrs"));
@@ -296,6 +298,7 @@ Status Datapath::adopt() {
   if (!stats) return stats.error();
   pods_.emplace(std::move(*pods));
   meta_.emplace(std::move(*meta));
+  pod_ips_.emplace(std::move(*ips));
   ports_.emplace(std::move(*ports));
   cidrs_.emplace(std::move(*cidrs));
   stats_.emplace(std::move(*stats));
@@ -503,6 +506,15 @@ void Datapath::erase_exclusions(uint64_t cookie, const PodOptions* keep) {
   }
 }
 
+void Datapath::erase_pod_ips(uint64_t cookie) {
+  auto keys = pod_ips_->keys();
+  if (!keys) return;
+  for (const auto& k : *keys) {
+    auto v = pod_ips_->lookup(k);
+    if (v && v->has_value() && **v == cookie) (void)pod_ips_->erase(k);
+  }
+}
+
 Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) {
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
@@ -581,6 +593,20 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   meta.n_excluded_cidrs = opts.exclude_outbound_cidrs.size();
   std::vector<unsigned> ifindexes;
   for (const auto* i : chosen) ifindexes.push_back(i->ifindex);
+  undo.add([this, cookie] { erase_pod_ips(cookie); });
+  for (const auto* i : chosen) {
+    for (const auto& a : i->ip4) {
+      podsteer_ip_key k{};
+      k.addr[10] = k.addr[11] = 0xff;
+      std::memcpy(k.addr + 12, &a, 4);
+      PODSTEER_TRY(pod_ips_->update(k, cookie));
+    }
+    for (const auto& a : i->ip6) {
+      podsteer_ip_key k{};
+      std::memcpy(k.addr, &a, 16);
+      PODSTEER_TRY(pod_ips_->update(k, cookie));
+    }
+  }
   undo.add([this, cookie, &meta] { detach_tc(cookie, meta); });
   PODSTEER_TRY(attach_tc(ns, ifindexes, opts.tc_mode, meta));
   undo.add([this, cookie] { (void)meta_->erase(cookie); });
@@ -599,6 +625,7 @@ Status Datapath::unenroll(uint64_t cookie) {
   // The pod entry goes first: from then on the socket hooks leave new connections alone.
   PODSTEER_TRY(pods_->erase(cookie));
   if (meta->has_value()) detach_tc(cookie, **meta);
+  erase_pod_ips(cookie);
   erase_exclusions(cookie, nullptr);
   PODSTEER_TRY(stats_->erase(cookie));
   PODSTEER_TRY(meta_->erase(cookie));
@@ -636,6 +663,8 @@ Result<std::vector<PodStatus>> Datapath::pods() {
   cookies.insert(b->begin(), b->end());
   auto ports = ports_->keys();
   if (!ports) return ports.error();
+  auto ips = pod_ips_->keys();
+  if (!ips) return ips.error();
   auto cidrs = cidrs_->keys();
   if (!cidrs) return cidrs.error();
   std::vector<PodStatus> out;
@@ -676,6 +705,10 @@ Result<std::vector<PodStatus>> Datapath::pods() {
       s.excluded_cidrs.push_back(fmt::format("{}/{}", format_ip16(k.addr), v4 ? plen - 96 : plen));
     }
     std::sort(s.excluded_cidrs.begin(), s.excluded_cidrs.end());
+    for (const auto& k : *ips) {
+      auto v = pod_ips_->lookup(k);
+      if (v && v->has_value() && **v == cookie) s.addresses.push_back(format_ip16(k.addr));
+    }
     out.push_back(std::move(s));
   }
   return out;

@@ -64,6 +64,7 @@ struct PodStatus {
   bool netns_alive = false;  // the netns path still opens and has this cookie
   std::vector<uint16_t> excluded_inbound_ports, excluded_outbound_ports;
   std::vector<std::string> excluded_cidrs;
+  std::vector<std::string> addresses;  // podsteer_pod_ips entries: where TC finds the pod
 };
 
 struct CgroupLink {
@@ -111,11 +112,13 @@ class Datapath {
   void detach_tc(uint64_t cookie, const podsteer_pod_meta& meta);
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
+  void erase_pod_ips(uint64_t cookie);
 
   std::string state_dir_;
   podsteer_config config_{};
   std::optional<Map<__u64, podsteer_pod>> pods_;
   std::optional<Map<__u64, podsteer_pod_meta>> meta_;
+  std::optional<Map<podsteer_ip_key, __u64>> pod_ips_;
   std::optional<Map<podsteer_port_key, __u8>> ports_;
   std::optional<Map<podsteer_cidr_key, __u8>> cidrs_;
   std::optional<PercpuMap<__u64, podsteer_counters>> stats_;

@@ -106,8 +106,6 @@ const Probe kProbes[] = {
      HELPER(BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_sk_assign)},
     {"tc_skc_lookup", true, "TC finds the inbound listener with bpf_skc_lookup_tcp",
      HELPER(BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_skc_lookup_tcp)},
-    {"tc_netns_cookie", true, "TC reads per-pod settings by netns cookie",
-     HELPER(BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_get_netns_cookie)},
     {"sock_addr_netns_cookie", true, "socket hooks act only in enrolled pods' netns",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_get_netns_cookie)},
     {"sock_addr_sk_storage", true, "connect remembers the original destination on the socket",

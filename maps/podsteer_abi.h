@@ -59,6 +59,13 @@ struct podsteer_pod_meta {
 	__u32 reserved_0;
 };
 
+/* podsteer_pod_ips: a pod's address -> its netns cookie. TC ingress finds the pod by the
+ * destination of the SYN: pod addresses are unique on a node, and bpf_get_netns_cookie on
+ * an ingress skb does not name the pod's netns on every kernel. */
+struct podsteer_ip_key {
+	__u8 addr[16]; /* v4-mapped for IPv4 */
+};
+
 /* podsteer_ports: excluded ports, per pod and direction */
 struct podsteer_port_key {
 	__u64 netns_cookie;
