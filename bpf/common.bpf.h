@@ -44,14 +44,14 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, struct podsteer_pod_meta);
-} podsteer_pod_meta SEC(".maps");
+} podsteer_meta SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct podsteer_ip_key);
 	__type(value, __u64);
-} podsteer_pod_ips SEC(".maps");
+} podsteer_ips SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -80,7 +80,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct podsteer_origdst_key);
 	__type(value, struct podsteer_addr);
-} podsteer_origdst SEC(".maps");
+} podsteer_orig SEC(".maps");
 
 /* The application socket's original destination (outbound TCP, DNS). Lives and dies with
  * the socket, so nothing leaks when connections close. */
@@ -89,7 +89,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct podsteer_addr);
-} podsteer_sk_origdst SEC(".maps");
+} podsteer_skorig SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

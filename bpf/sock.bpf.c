@@ -102,7 +102,7 @@ static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 co
 static __always_inline int remember(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 port,
 				    __u16 family)
 {
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, ctx->sk, 0,
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, ctx->sk, 0,
 						     BPF_SK_STORAGE_GET_F_CREATE);
 	if (!o)
 		return -1;
@@ -254,7 +254,7 @@ int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, sk, 0, 0);
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 	if (!o || !is_mapped_v4(o->addr))
 		return 1;
 	ctx->user_ip4 = ((__u32 *)o->addr)[3];
@@ -271,7 +271,7 @@ int podsteer_recvmsg6(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, sk, 0, 0);
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 	if (!o)
 		return 1;
 	__u32 *w = (__u32 *)o->addr;
@@ -289,7 +289,7 @@ int podsteer_getpeername4(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, sk, 0, 0);
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 	if (!o || !is_mapped_v4(o->addr))
 		return 1;
 	ctx->user_ip4 = ((__u32 *)o->addr)[3];
@@ -303,7 +303,7 @@ int podsteer_getpeername6(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, sk, 0, 0);
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 	if (!o)
 		return 1;
 	__u32 *w = (__u32 *)o->addr;
@@ -323,7 +323,7 @@ int podsteer_sockops(struct bpf_sock_ops *ops)
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_sk_origdst, sk, 0, 0);
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 	if (!o)
 		return 1;
 	struct podsteer_origdst_key k = {
@@ -340,7 +340,7 @@ int podsteer_sockops(struct bpf_sock_ops *ops)
 		w[2] = ops->local_ip6[2];
 		w[3] = ops->local_ip6[3];
 	}
-	bpf_map_update_elem(&podsteer_origdst, &k, o, BPF_ANY);
+	bpf_map_update_elem(&podsteer_orig, &k, o, BPF_ANY);
 	return 1;
 }
 
@@ -414,7 +414,7 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 		l[3] = sk->src_ip6[3];
 	}
 	int len;
-	struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_origdst, &k);
+	struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
 	if (o)
 		len = put_sockaddr(ctx, o->addr, o->port);
 	else /* not an outbound redirect: like conntrack, the original destination is the

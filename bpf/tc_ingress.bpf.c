@@ -40,7 +40,7 @@ static __always_inline int steer_syn(struct __sk_buff *skb, struct bpf_sock_tupl
 				     __u32 tuple_len, __be16 *dport_slot, int probe,
 				     const struct podsteer_ip_key *dst)
 {
-	__u64 *pod_cookie = bpf_map_lookup_elem(&podsteer_pod_ips, dst);
+	__u64 *pod_cookie = bpf_map_lookup_elem(&podsteer_ips, dst);
 	if (!pod_cookie)
 		return TC_ACT_OK;
 	__u64 cookie = *pod_cookie;

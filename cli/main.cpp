@@ -150,15 +150,15 @@ int cmd_dump(Datapath& dp, const std::string& which) {
       return j;
     });
   }
-  if (want("pod_ips")) {
+  if (want("ips")) {
     any = true;
-    rc |= dump_map<podsteer_ip_key, __u64>(sd, "podsteer_pod_ips", [](const podsteer_ip_key& k, const __u64& v) {
+    rc |= dump_map<podsteer_ip_key, __u64>(sd, "podsteer_ips", [](const podsteer_ip_key& k, const __u64& v) {
       return json{{"address", format_ip16(k.addr)}, {"netns_cookie", v}};
     });
   }
-  if (want("pod_meta")) {
+  if (want("meta")) {
     any = true;
-    rc |= dump_map<__u64, podsteer_pod_meta>(sd, "podsteer_pod_meta", [](const __u64& k, const podsteer_pod_meta& v) {
+    rc |= dump_map<__u64, podsteer_pod_meta>(sd, "podsteer_meta", [](const __u64& k, const podsteer_pod_meta& v) {
       std::vector<unsigned> ifs(v.ifindex, v.ifindex + std::min<unsigned>(v.n_ifaces, PODSTEER_MAX_IFACES));
       return json{{"netns_cookie", k}, {"pod", v.pod}, {"netns", v.netns_path}, {"ifindex", ifs},
                   {"attach", v.attach_mode == PODSTEER_ATTACH_TCX ? "tcx" : "clsact"}};
@@ -187,9 +187,9 @@ int cmd_dump(Datapath& dp, const std::string& which) {
     fmt::print("== podsteer_stats   (bpftool map dump pinned {})\n", map_pin(sd, "podsteer_stats"));
     for (const auto& p : *pods) fmt::print("{}\n", json{{"netns_cookie", p.cookie}, {"counters", pod_json(p)["counters"]}}.dump());
   }
-  if (want("origdst")) {
+  if (want("orig")) {
     any = true;
-    rc |= dump_map<podsteer_origdst_key, podsteer_addr>(sd, "podsteer_origdst",
+    rc |= dump_map<podsteer_origdst_key, podsteer_addr>(sd, "podsteer_orig",
                                                         [](const podsteer_origdst_key& k, const podsteer_addr& v) {
       return json{{"netns_cookie", k.netns_cookie},
                   {"peer", fmt::format("{}:{}", format_ip16(k.peer_addr), k.peer_port)},
@@ -206,13 +206,13 @@ int cmd_dump(Datapath& dp, const std::string& which) {
                   {"proxy_mark_mask", fmt::format("{:#x}", c.proxy_mark_mask)}, {"hook_cgroup", c.hook_cgroup}};
     });
   }
-  if (want("sk_origdst")) {
+  if (want("skorig")) {
     any = true;
-    fmt::print("== podsteer_sk_origdst   (socket storage: lives on each captured socket; the kernel does not let "
+    fmt::print("== podsteer_skorig   (socket storage: lives on each captured socket; the kernel does not let "
                "userspace list it)\n");
   }
   if (!any) {
-    spdlog::error("unknown map '{}': one of pods, pod_ips, pod_meta, ports, cidrs, stats, origdst, sk_origdst, config", which);
+    spdlog::error("unknown map '{}': one of pods, ips, meta, ports, cidrs, stats, orig, skorig, config", which);
     return 1;
   }
   return rc;
@@ -276,7 +276,7 @@ int main(int argc, char** argv) {
 
   auto* dump = app.add_subcommand("dump", "readable map contents");
   std::string dump_which;
-  dump->add_option("MAP", dump_which, "pods, pod_ips, pod_meta, ports, cidrs, stats, origdst, sk_origdst or config");
+  dump->add_option("MAP", dump_which, "pods, ips, meta, ports, cidrs, stats, orig, skorig or config");
 
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
@@ -316,6 +316,7 @@ int main(int argc, char** argv) {
     opts.exclude_outbound_cidrs = *oc;
     auto ns = open_netns(netns);
     if (!ns) return fail(ns.error());
+    if (auto chosen = choose_interfaces(*ns, opts); !chosen) return fail(chosen.error());
     auto dp = Datapath::open(state_dir, node, true);
     if (!dp) return fail(dp.error());
     auto r = dp->enroll(*ns, opts);

@@ -117,8 +117,8 @@ class Rollback {
 
 const std::vector<std::string>& map_names() {
   static const std::vector<std::string> names = {
-      "podsteer_pods",     "podsteer_pod_ips", "podsteer_pod_meta", "podsteer_ports",      "podsteer_cidrs",
-      "podsteer_stats",    "podsteer_origdst",  "podsteer_sk_origdst", "podsteer_config"};
+      "podsteer_pods",     "podsteer_ips", "podsteer_meta", "podsteer_ports",      "podsteer_cidrs",
+      "podsteer_stats",    "podsteer_orig",  "podsteer_skorig", "podsteer_config"};
   return names;
 }
 
@@ -126,12 +126,22 @@ std::string map_pin(const std::string& state_dir, const std::string& name) {
   return join(join(state_dir, "maps"), name);
 }
 
+// Splits on commas, keeping empty items ("80," has two) so they can be rejected.
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    size_t comma = list.find(',', start);
+    out.push_back(list.substr(start, comma - start));
+    if (comma == std::string::npos) return out;
+    start = comma + 1;
+  }
+}
+
 Result<std::vector<uint16_t>> parse_ports(const std::string& list) {
   std::vector<uint16_t> out;
   if (list.empty()) return out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
+  for (const auto& item : split_list(list)) {
     if (item.empty() || item.size() > 5 || !std::all_of(item.begin(), item.end(), ::isdigit))
       return invalid(fmt::format("bad port '{}' in '{}': expected numbers 1-65535 separated by commas", item, list));
     unsigned long v = std::stoul(item);
@@ -179,9 +189,7 @@ Result<Cidr> parse_cidr(const std::string& text) {
 Result<std::vector<Cidr>> parse_cidrs(const std::string& list) {
   std::vector<Cidr> out;
   if (list.empty()) return out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
+  for (const auto& item : split_list(list)) {
     auto c = parse_cidr(item);
     if (!c) return c.error();
     out.push_back(*c);
@@ -286,9 +294,9 @@ Status Datapath::adopt() {
                    state_dir_);
   auto pods = Map<__u64, podsteer_pod>::open(map_pin(state_dir_, "podsteer_pods"));
   if (!pods) return pods.error();
-  auto meta = Map<__u64, podsteer_pod_meta>::open(map_pin(state_dir_, "podsteer_pod_meta"));
+  auto meta = Map<__u64, podsteer_pod_meta>::open(map_pin(state_dir_, "podsteer_meta"));
   if (!meta) return meta.error();
-  auto ips = Map<podsteer_ip_key, __u64>::open(map_pin(state_dir_, "podsteer_pod_ips"));
+  auto ips = Map<podsteer_ip_key, __u64>::open(map_pin(state_dir_, "podsteer_ips"));
   if (!ips) return ips.error();
   auto ports = Map<podsteer_port_key, __u8>::open(map_pin(state_dir_, "podsteer_ports"));
   if (!ports) return ports.error();
@@ -419,7 +427,9 @@ Status Datapath::attach_tc(const Netns& ns, const std::vector<unsigned>& ifindex
           opts.priority = prio;
           err = bpf_tc_attach(&hook, &opts);
           if (err == 0) break;
-          if (err != -EEXIST || prio > kClsactFirstPrio + 64)
+          // EEXIST: a filter of ours-or-not has this handle; EINVAL: another protocol's
+          // filter holds the priority. Either way the priority is someone else's.
+          if ((err != -EEXIST && err != -EINVAL) || prio > kClsactFirstPrio + 64)
             return Error{fmt::format("attach cls_bpf on ifindex {}", ifindex), -err, ns.path};
         }
         meta.tc_prio[i] = prio;
@@ -506,6 +516,28 @@ void Datapath::erase_exclusions(uint64_t cookie, const PodOptions* keep) {
   }
 }
 
+Result<std::vector<Interface>> choose_interfaces(const Netns& ns, const PodOptions& opts) {
+  auto ifaces = list_interfaces(ns.fd.get());
+  if (!ifaces) return Error{ifaces.error().op, ifaces.error().err, ns.path};
+  std::vector<Interface> chosen;
+  if (opts.interfaces.empty()) {
+    for (const auto& i : *ifaces)
+      if (!i.loopback) chosen.push_back(i);
+  } else {
+    for (const auto& name : opts.interfaces) {
+      auto it = std::find_if(ifaces->begin(), ifaces->end(), [&](const Interface& i) { return i.name == name; });
+      if (it == ifaces->end()) return invalid(fmt::format("no interface '{}' in the pod's netns", name), ns.path);
+      if (it->loopback)
+        return invalid(fmt::format("'{}' is a loopback interface: nothing arrives on it from other pods", name), ns.path);
+      chosen.push_back(*it);
+    }
+  }
+  if (chosen.empty()) return invalid("the pod's netns has no interface besides loopback", ns.path);
+  if (chosen.size() > PODSTEER_MAX_IFACES)
+    return invalid(fmt::format("{} interfaces, at most {} are supported", chosen.size(), PODSTEER_MAX_IFACES), ns.path);
+  return chosen;
+}
+
 void Datapath::erase_pod_ips(uint64_t cookie) {
   auto keys = pod_ips_->keys();
   if (!keys) return;
@@ -521,23 +553,10 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   if (opts.pod.size() >= PODSTEER_NAME_LEN) return invalid("pod name too long", opts.pod);
   if (ns.path.size() >= PODSTEER_PATH_LEN) return invalid("netns path too long", ns.path);
 
-  auto ifaces = list_interfaces(ns.fd.get());
-  if (!ifaces) return Error{ifaces.error().op, ifaces.error().err, ns.path};
+  auto chosen_r = choose_interfaces(ns, opts);
+  if (!chosen_r) return chosen_r.error();
   std::vector<const Interface*> chosen;
-  if (opts.interfaces.empty()) {
-    for (const auto& i : *ifaces)
-      if (!i.loopback) chosen.push_back(&i);
-  } else {
-    for (const auto& name : opts.interfaces) {
-      auto it = std::find_if(ifaces->begin(), ifaces->end(), [&](const Interface& i) { return i.name == name; });
-      if (it == ifaces->end()) return invalid(fmt::format("no interface '{}' in the pod's netns", name), ns.path);
-      if (it->loopback) return invalid(fmt::format("'{}' is a loopback interface: nothing arrives on it from other pods", name), ns.path);
-      chosen.push_back(&*it);
-    }
-  }
-  if (chosen.empty()) return invalid("the pod's netns has no interface besides loopback", ns.path);
-  if (chosen.size() > PODSTEER_MAX_IFACES)
-    return invalid(fmt::format("{} interfaces, at most {} are supported", chosen.size(), PODSTEER_MAX_IFACES), ns.path);
+  for (const auto& i : *chosen_r) chosen.push_back(&i);
 
   podsteer_pod entry{};
   entry.flags = (opts.dns ? PODSTEER_POD_DNS : 0) | (opts.fail_open ? PODSTEER_POD_FAIL_OPEN : 0);

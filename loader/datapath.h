@@ -55,6 +55,9 @@ struct PodOptions {
   TcMode tc_mode = TcMode::Auto;
 };
 
+// The interfaces enroll will attach to: the named ones, or every non-loopback one.
+Result<std::vector<Interface>> choose_interfaces(const Netns& ns, const PodOptions& opts);
+
 struct PodStatus {
   uint64_t cookie = 0;
   bool has_entry = false;  // the datapath switch: false only for a half-removed pod
@@ -64,7 +67,7 @@ struct PodStatus {
   bool netns_alive = false;  // the netns path still opens and has this cookie
   std::vector<uint16_t> excluded_inbound_ports, excluded_outbound_ports;
   std::vector<std::string> excluded_cidrs;
-  std::vector<std::string> addresses;  // podsteer_pod_ips entries: where TC finds the pod
+  std::vector<std::string> addresses;  // podsteer_ips entries: where TC finds the pod
 };
 
 struct CgroupLink {

@@ -63,10 +63,14 @@ Result<Netns> open_netns(const std::string& path) {
   if (type < 0) return sys_error("not a namespace file: ioctl(NS_GET_NSTYPE)", path);
   if (type != CLONE_NEWNET) return invalid("is a namespace, but not a network namespace", path);
 
+  // The node's own namespace: PID 1's, and ours (the agent and CLI run with hostNetwork).
   struct stat ns {}, host {};
   if (fstat(fd.get(), &ns) != 0) return sys_error("fstat", path);
-  if (stat("/proc/1/ns/net", &host) == 0 && ns.st_ino == host.st_ino && ns.st_dev == host.st_dev)
-    return invalid("refusing the host network namespace (PID 1's): podsteer only captures pods", path);
+  for (const char* node_ns : {"/proc/1/ns/net", "/proc/self/ns/net"}) {
+    if (stat(node_ns, &host) == 0 && ns.st_ino == host.st_ino && ns.st_dev == host.st_dev)
+      return invalid("refusing the host network namespace (the node's own, where podsteer runs): podsteer only "
+                     "captures pods", path);
+  }
 
   Netns out{std::move(fd), path, 0};
   uint64_t cookie = 0;

@@ -27,7 +27,7 @@
 #define PODSTEER_DIR_INBOUND 1
 #define PODSTEER_DIR_OUTBOUND 2
 
-/* Attach modes recorded in podsteer_pod_meta */
+/* Attach modes recorded in podsteer_meta */
 #define PODSTEER_ATTACH_TCX 1
 #define PODSTEER_ATTACH_CLSACT 2
 
@@ -45,7 +45,7 @@ struct podsteer_pod {
 	__u64 enrolled_ns; /* CLOCK_REALTIME when enrolled, for status */
 };
 
-/* podsteer_pod_meta: netns cookie -> what userspace needs to detach and report. The
+/* podsteer_meta: netns cookie -> what userspace needs to detach and report. The
  * datapath never reads it. */
 struct podsteer_pod_meta {
 	char pod[PODSTEER_NAME_LEN];         /* "namespace/name", may be empty */
@@ -59,7 +59,7 @@ struct podsteer_pod_meta {
 	__u32 reserved_0;
 };
 
-/* podsteer_pod_ips: a pod's address -> its netns cookie. TC ingress finds the pod by the
+/* podsteer_ips: a pod's address -> its netns cookie. TC ingress finds the pod by the
  * destination of the SYN: pod addresses are unique on a node, and bpf_get_netns_cookie on
  * an ingress skb does not name the pod's netns on every kernel. */
 struct podsteer_ip_key {
@@ -102,7 +102,7 @@ struct podsteer_addr {
 	__u32 pad;
 };
 
-/* podsteer_origdst: the proxy's accepted outbound connection -> original destination.
+/* podsteer_orig: the proxy's accepted outbound connection -> original destination.
  * Keyed by the accepted socket's peer (the application's local address and port) and
  * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves. */
 struct podsteer_origdst_key {

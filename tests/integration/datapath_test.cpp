@@ -1,0 +1,407 @@
+// The capture datapath on the real kernel: pod and remote netns joined by a veth, a test
+// proxy in a child cgroup of the hook cgroup listening on 15001/15006/15008 with SO_MARK
+// 0x539, and the podsteer CLI run as a separate process for every step.
+#include <sys/stat.h>
+
+#include <thread>
+
+#include "harness.h"
+
+using namespace podsteer::test;
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+
+class DatapathTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_PRIVILEGES();
+    env = std::make_unique<Env>();
+  }
+  void enroll(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args = {"enroll", "--netns", env->pod_ns, "--pod", "default/web"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = env->podsteer(args);
+    ASSERT_EQ(r.rc, 0) << r.out;
+  }
+  int accepts(Peer& proxy) {
+    int n = 0;
+    for (const auto& j : proxy.lines()) n += j.value("event", "") == "accept";
+    return n;
+  }
+  json counters() {
+    auto s = env->status();
+    if (s["pods"].empty()) return json::object();
+    return s["pods"][0]["counters"];
+  }
+  std::unique_ptr<Env> env;
+};
+
+json wait_accept(Peer& proxy, const std::string& orig_dst) {
+  return proxy.wait_for([&](const json& j) { return j.value("event", "") == "accept" && j.value("orig_dst", "") == orig_dst; });
+}
+
+TEST_F(DatapathTest, OutboundIPv4ReachesProxyWithOriginalDestination) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  enroll();
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  ASSERT_TRUE(c.value("connected", false)) << c;
+  // the application sees the original destination as its peer
+  EXPECT_EQ(c["peer"], env->remote_ip4 + ":8080");
+  EXPECT_TRUE(starts_with(c.value("reply", ""), "server ")) << c;
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
+  auto a = wait_accept(*proxy, env->remote_ip4 + ":8080");
+  ASSERT_FALSE(a.is_null()) << "proxy never accepted the connection";
+  EXPECT_EQ(a["listener"], 15001);
+  EXPECT_EQ(a["local"], env->pod_ip4 + ":15001");
+  EXPECT_EQ(a["peer"], c["local"]) << "the proxy sees the pod's own address and port as peer";
+  auto closed = proxy->wait_for([](const json& j) { return j.value("event", "") == "close"; });
+  ASSERT_FALSE(closed.is_null());
+  EXPECT_EQ(closed["bytes_up"], 6);  // "hello\n"
+  EXPECT_EQ(closed["bytes_down"], c["reply"].get<std::string>().size() + 1);
+  EXPECT_EQ(counters()["redirected_out"], 1);
+}
+
+TEST_F(DatapathTest, OutboundIPv6AndV4MappedReachProxy) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  enroll();
+  auto c6 = env->pod_connect(env->remote_ip6, 8080);
+  ASSERT_TRUE(c6.value("connected", false)) << c6;
+  EXPECT_EQ(c6["peer"], "[" + env->remote_ip6 + "]:8080");
+  EXPECT_NE(c6.value("reply", "").find("got=hello"), std::string::npos);
+  auto a6 = wait_accept(*proxy, "[" + env->remote_ip6 + "]:8080");
+  ASSERT_FALSE(a6.is_null());
+  EXPECT_EQ(a6["peer"], c6["local"]);
+  EXPECT_EQ(a6["local"], "[" + env->pod_ip6 + "]:15001");
+
+  // an AF_INET6 socket connecting to ::ffff:10.201.0.1
+  auto cm = env->pod_connect(env->remote_ip4, 8080, {"--v6"});
+  ASSERT_TRUE(cm.value("connected", false)) << cm;
+  EXPECT_EQ(cm["peer"], env->remote_ip4 + ":8080");
+  EXPECT_NE(cm.value("reply", "").find("got=hello"), std::string::npos);
+  auto am = wait_accept(*proxy, env->remote_ip4 + ":8080");
+  ASSERT_FALSE(am.is_null());
+  EXPECT_EQ(am["peer"], cm["local"]);
+  EXPECT_EQ(counters()["redirected_out"], 2);
+}
+
+TEST_F(DatapathTest, InboundIsAcceptedOnInboundListenerWithOriginalDestination) {
+  auto proxy = env->start_proxy();
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll();
+  for (const auto& [ip, fmt_ip] : {std::pair{env->pod_ip4, env->pod_ip4}, std::pair{env->pod_ip6, "[" + env->pod_ip6 + "]"}}) {
+    auto c = env->remote_connect(ip, 9090);
+    ASSERT_TRUE(c.value("connected", false)) << c;
+    EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+    auto a = wait_accept(*proxy, fmt_ip + ":9090");
+    ASSERT_FALSE(a.is_null()) << "inbound to " << ip << " did not reach the proxy";
+    EXPECT_EQ(a["listener"], 15006);
+    EXPECT_EQ(a["local"], fmt_ip + ":9090") << "getsockname gives the original destination";
+    EXPECT_EQ(a["peer"], c["local"]);
+    // the app was reached through the proxy, which connects from the pod itself
+    EXPECT_NE(c.value("reply", "").find("peer=" + fmt_ip + ":"), std::string::npos) << c;
+  }
+  EXPECT_EQ(counters()["redirected_in"], 2);
+}
+
+TEST_F(DatapathTest, HboneAndProbeSourcesAreNotRedirected) {
+  auto proxy = env->start_proxy();
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll();
+  auto h = env->remote_connect(env->pod_ip4, 15008);
+  ASSERT_TRUE(h.value("connected", false)) << h;
+  EXPECT_EQ(h["reply"], "hbone got=hello");
+  auto a = proxy->wait_for([](const json& j) { return j.value("listener", 0) == 15008; });
+  ASSERT_FALSE(a.is_null());
+  EXPECT_EQ(a["local"], env->pod_ip4 + ":15008");
+
+  auto p = env->remote_connect(env->pod_ip4, 9090, {"--bind", "169.254.7.127"});
+  ASSERT_TRUE(p.value("connected", false)) << p;
+  EXPECT_NE(p.value("reply", "").find("peer=169.254.7.127:"), std::string::npos) << "probe went to the app directly: " << p;
+  for (const auto& j : proxy->lines()) EXPECT_NE(j.value("listener", 0), 15006) << j;
+  for (const auto& j : proxy->lines()) EXPECT_FALSE(starts_with(j.value("peer", ""), "169.254.7.127")) << j;
+  EXPECT_EQ(counters()["redirected_in"], 0);
+  EXPECT_GE(counters()["bypassed"], 1);
+}
+
+TEST_F(DatapathTest, MarkedExcludedLoopbackAndOwnAddressGoDirect) {
+  ASSERT_EQ(sh("ip -n " + env->remote_ns_name + " addr add 10.201.0.3/24 dev eth0 && ip -n " + env->remote_ns_name +
+               " addr add fd00:201::3/64 dev eth0 nodad").rc, 0);
+  auto proxy = env->start_proxy();
+  auto s8080 = env->start_server(env->remote_ns, 8080);
+  auto s8081 = env->start_server(env->remote_ns, 8081);
+  auto app = env->start_server(env->pod_ns, 9090);
+  auto app2 = env->start_server(env->pod_ns, 9091);
+  auto local = env->start_server(env->pod_ns, 7070, "127.0.0.1");
+  enroll({"--exclude-outbound-ports", "8081", "--exclude-outbound-cidrs", "10.201.0.3/32,fd00:201::3/128",
+          "--exclude-inbound-ports", "9091"});
+
+  auto direct = [&](const json& c) {
+    return c.value("connected", false) && c.value("reply", "").find("got=hello") != std::string::npos;
+  };
+  auto excluded_cidr = env->pod_connect("10.201.0.3", 8080);
+  EXPECT_TRUE(direct(excluded_cidr)) << excluded_cidr;
+  auto excluded_cidr6 = env->pod_connect("fd00:201::3", 8080);
+  EXPECT_TRUE(direct(excluded_cidr6)) << excluded_cidr6;
+  auto excluded_port = env->pod_connect(env->remote_ip4, 8081);
+  EXPECT_TRUE(direct(excluded_port)) << excluded_port;
+  auto marked = env->pod_connect(env->remote_ip4, 8080, {"--mark", "0x539"});
+  EXPECT_TRUE(direct(marked)) << marked;
+  auto loopback = env->pod_connect("127.0.0.1", 7070);
+  EXPECT_TRUE(direct(loopback)) << loopback;
+  auto own = env->pod_connect(env->pod_ip4, 9090);
+  EXPECT_TRUE(direct(own)) << own;
+  auto in_excluded = env->remote_connect(env->pod_ip4, 9091);
+  EXPECT_TRUE(direct(in_excluded)) << in_excluded;
+  EXPECT_NE(in_excluded.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos)
+      << "the app saw the remote client, not the proxy";
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(accepts(*proxy), 0) << "nothing above may reach the proxy";
+
+  // control: the same pod's ordinary traffic is captured
+  auto captured = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_TRUE(direct(captured));
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+  auto c = counters();
+  EXPECT_EQ(c["redirected_out"], 1);
+  EXPECT_EQ(c["bypassed"], 4);  // two CIDRs, one outbound port, one inbound port
+}
+
+TEST_F(DatapathTest, DnsOverUdpReachesDnsListenerAndReplyComesFromResolver) {
+  auto proxy = env->start_proxy();
+  Peer resolver({testpeer_bin(), "--netns", env->remote_ns, "serve-udp", "--port", "53"});
+  ASSERT_FALSE(resolver.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  auto query = [&](bool connected) {
+    std::vector<std::string> argv = {testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "udp",
+                                     "--to", env->remote_ip4, "--port", "53", "--send", "q1"};
+    if (connected) argv.push_back("--connected");
+    return peer_once(argv);
+  };
+  enroll();  // DNS off by default
+  EXPECT_EQ(query(false)["reply"], "resolver:q1");
+
+  ASSERT_EQ(env->podsteer({"enroll", "--netns", env->pod_ns, "--dns"}).rc, 0);
+  auto u = query(false);
+  EXPECT_EQ(u["reply"], "dns-proxy:q1") << u;
+  EXPECT_EQ(u["from"], env->remote_ip4 + ":53");
+  auto cu = query(true);
+  EXPECT_EQ(cu["reply"], "dns-proxy:q1") << cu;
+  EXPECT_EQ(cu["peer"], env->remote_ip4 + ":53");
+  EXPECT_EQ(cu["from"], env->remote_ip4 + ":53");
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("event", "") == "dns"; }).is_null());
+  EXPECT_EQ(counters()["dns_redirected"], 2);
+}
+
+TEST_F(DatapathTest, ProxyMissingFailClosedRefusesAndFailOpenGoesDirect) {
+  auto server = env->start_server(env->remote_ns, 8080);
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll();
+  auto out = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_FALSE(out.value("connected", true)) << out;
+  EXPECT_EQ(out["error"], "Connection refused");
+  auto in = env->remote_connect(env->pod_ip4, 9090, {"--timeout-ms", "1000"});
+  EXPECT_FALSE(in.value("connected", true)) << in;
+  EXPECT_TRUE(app->wait_for([](const json& j) { return j.value("event", "") == "accept"; }, 300).is_null())
+      << "fail closed: the app must not see the connection";
+  EXPECT_GE(counters()["proxy_missing"], 2);
+
+  ASSERT_EQ(env->podsteer({"enroll", "--netns", env->pod_ns, "--fail-open"}).rc, 0);
+  auto out2 = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(out2.value("reply", "").find("got=hello"), std::string::npos) << out2;
+  auto in2 = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(in2.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << in2;
+}
+
+TEST_F(DatapathTest, EnrollKeepsOpenConnectionsAndUnenrollStopsCapture) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  auto app = env->start_server(env->pod_ns, 9090);
+  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
+    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
+    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
+    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
+    auto p = std::make_unique<Peer>(argv, true);
+    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+    return p;
+  };
+  auto reply_to = [](Peer& p, const std::string& req) {
+    p.send_line(req);
+    return p.wait_for([&](const json& j) { return j.value("request", "") == req; });
+  };
+  auto out_session = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in_session = session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(reply_to(*out_session, "before").value("reply", "").find("got=before"), std::string::npos);
+  EXPECT_NE(reply_to(*in_session, "before").value("reply", "").find("got=before"), std::string::npos);
+
+  enroll();
+  auto o = reply_to(*out_session, "after");
+  EXPECT_NE(o.value("reply", "").find("got=after"), std::string::npos) << o;
+  auto i = reply_to(*in_session, "after");
+  EXPECT_NE(i.value("reply", "").find("got=after"), std::string::npos) << i;
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(accepts(*proxy), 0) << "existing connections must not move to the proxy";
+
+  auto through_proxy = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+
+  auto r = env->podsteer({"unenroll", "--netns", env->pod_ns});
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_TRUE(env->status()["pods"].empty());
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
+  auto in2 = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(in2.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << in2;
+  EXPECT_EQ(accepts(*proxy), 1) << "after unenroll, new connections go direct";
+  // the connection made through the proxy lives on
+  EXPECT_NE(reply_to(*through_proxy, "still").value("reply", "").find("got=still"), std::string::npos);
+}
+
+TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  enroll();
+  auto before = env->status();
+  ASSERT_EQ(before["cgroup_links"].size(), 10u);
+  // the remote namespace becomes a second pod, in a separate podsteer process
+  // (fail open: the remote pod has no proxy, and it still serves the first pod)
+  auto r = env->podsteer({"enroll", "--netns", env->remote_ns, "--pod", "default/other", "--fail-open"});
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto after = env->status();
+  EXPECT_EQ(after["cgroup_links"], before["cgroup_links"]) << "socket hooks were not re-attached";
+  EXPECT_EQ(after["tc_prog_id"], before["tc_prog_id"]) << "the TC program was not reloaded";
+  ASSERT_EQ(after["pods"].size(), 2u);
+  // enrolling the first pod again changes nothing
+  auto again = env->podsteer({"enroll", "--netns", env->pod_ns, "--pod", "default/web"});
+  EXPECT_EQ(again.rc, 0);
+  EXPECT_NE(again.out.find("unchanged"), std::string::npos) << again.out;
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+}
+
+TEST_F(DatapathTest, UninstallLeavesNothingBehindWithTcx) {
+  auto proxy = env->start_proxy();
+  enroll();
+  auto s = env->status();
+  auto tcx_pins = sh("ls " + env->state_dir + "/pods/*/");
+  EXPECT_NE(tcx_pins.out.find("tc_"), std::string::npos);
+  auto link_id = sh("bpftool link show pinned " + env->state_dir + "/pods/*/tc_* | head -1 | cut -d: -f1");
+  auto r = env->podsteer({"uninstall"});
+  ASSERT_EQ(r.rc, 0) << r.out;
+  struct stat st {};
+  EXPECT_NE(stat(env->state_dir.c_str(), &st), 0) << "state dir still exists";
+  for (const auto& l : s["cgroup_links"])
+    EXPECT_NE(sh("bpftool link show id " + std::to_string(l["link_id"].get<unsigned>())).rc, 0) << l;
+  EXPECT_NE(sh("bpftool prog show id " + std::to_string(s["tc_prog_id"].get<unsigned>())).rc, 0);
+  EXPECT_NE(sh("bpftool link show id " + link_id.out).rc, 0) << "tcx link " << link_id.out;
+  auto net = sh("nsenter --net=" + env->pod_ns + " bpftool net show");
+  EXPECT_EQ(net.out.find("podsteer"), std::string::npos) << net.out;
+}
+
+TEST_F(DatapathTest, ClsactModeCoexistsWithForeignFiltersAndUninstallsCleanly) {
+  // somebody else's filter at the priority we would pick first
+  auto foreign = sh("tc -n " + env->pod_ns_name + " qdisc add dev eth0 clsact && tc -n " + env->pod_ns_name +
+                    " filter add dev eth0 ingress pref 49152 protocol ip u32 match ip dst 192.0.2.99/32 classid 1:1");
+  ASSERT_EQ(foreign.rc, 0) << foreign.out;
+  auto proxy = env->start_proxy();
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll({"--tc-mode", "clsact"});
+  auto pod = env->status()["pods"][0];
+  EXPECT_EQ(pod["attach"], "clsact");
+  EXPECT_NE(pod["interfaces"][0]["tc_priority"], 49152);
+  auto c = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  EXPECT_FALSE(wait_accept(*proxy, env->pod_ip4 + ":9090").is_null());
+  auto filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
+  EXPECT_NE(filters.out.find("podsteer_tc_ing"), std::string::npos) << filters.out;  // kernel names stop at 15 chars
+
+  ASSERT_EQ(env->podsteer({"uninstall"}).rc, 0);
+  filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
+  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
+  EXPECT_NE(filters.out.find("u32"), std::string::npos) << "the foreign filter must survive: " << filters.out;
+}
+
+TEST_F(DatapathTest, BadInputGivesClearErrorAndChangesNothing) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+    std::vector<std::string> env = {};
+  };
+  std::string notbpf = "/tmp/podsteer-notbpf-" + env->id;
+  mkdir(notbpf.c_str(), 0700);
+  std::vector<Case> before_install = {
+      {{"enroll", "--netns", "/var/run/netns/does-not-exist-" + env->id}, "No such file or directory"},
+      {{"enroll", "--netns", "/etc/hostname"}, "not a network namespace"},
+      {{"enroll", "--netns", "/proc/self/ns/mnt"}, "not a network namespace"},
+      {{"enroll", "--netns", "/proc/self/ns/net"}, "host network namespace"},
+      {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs", "10.0.0.0/33"}, "prefix length"},
+      {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs", "10.0.0.0/8,banana"}, "not an IPv4 or IPv6"},
+      {{"enroll", "--netns", env->pod_ns, "--exclude-inbound-ports", "80,x"}, "bad port 'x'"},
+      {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-ports", "70000"}, "out of range"},
+      {{"enroll", "--netns", env->pod_ns, "--pod", "nonamespace"}, "NAMESPACE/NAME"},
+      {{"enroll", "--netns", env->pod_ns, "--interface", "nosuch0"}, "no interface 'nosuch0'"},
+      {{"enroll", "--netns", env->pod_ns, "--interface", "lo"}, "loopback"},
+      {{"enroll", "--netns", env->pod_ns}, "kernel feature missing: sk_assign", {"PODSTEER_PRETEND_MISSING=sk_assign"}},
+      {{"unenroll", "--netns", env->pod_ns}, "no podsteer datapath installed"},
+      {{"status"}, "no podsteer datapath installed"},
+  };
+  for (const auto& c : before_install) {
+    auto r = env->podsteer(c.args, c.env);
+    EXPECT_NE(r.rc, 0) << c.args[0] << " " << c.args.back();
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << "expected '" << c.message << "' in: " << r.out;
+    struct stat st {};
+    EXPECT_NE(stat(env->state_dir.c_str(), &st), 0) << "state dir created by a failed call: " << r.out;
+  }
+  auto r = run({podsteer_bin(), "--state-dir", notbpf + "/state", "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns});
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("not on a bpf filesystem"), std::string::npos) << r.out;
+  r = run({podsteer_bin(), "--state-dir", env->state_dir, "--hook-cgroup", "/tmp", "enroll", "--netns", env->pod_ns});
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("not a cgroup v2 directory"), std::string::npos) << r.out;
+  rmdir(notbpf.c_str());
+
+  enroll();
+  auto before = env->status();
+  std::vector<Case> after_install = {
+      {{"unenroll", "--netns", env->remote_ns}, "no pod is enrolled"},
+      {{"unenroll", "--netns", "/var/run/netns/gone-" + env->id}, "no pod is enrolled with this path"},
+      {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs", "1.2.3.4/40"}, "prefix length"},
+      {{"enroll", "--netns", env->remote_ns, "--interface", "nosuch0"}, "no interface"},
+      {{"dump", "nosuchmap"}, "unknown map"},
+  };
+  for (const auto& c : after_install) {
+    auto r2 = env->podsteer(c.args, c.env);
+    EXPECT_NE(r2.rc, 0) << r2.out;
+    EXPECT_NE(r2.out.find(c.message), std::string::npos) << "expected '" << c.message << "' in: " << r2.out;
+  }
+  // a different hook cgroup for an existing state dir is refused
+  auto other = run({podsteer_bin(), "--state-dir", env->state_dir, "--hook-cgroup", env->app_cgroup, "status"});
+  EXPECT_NE(other.rc, 0);
+  EXPECT_NE(other.out.find("hook cgroup is chosen when the state dir is made"), std::string::npos) << other.out;
+  auto after = env->status();
+  EXPECT_EQ(before["pods"].size(), after["pods"].size());
+  EXPECT_EQ(before["cgroup_links"], after["cgroup_links"]);
+  EXPECT_EQ(before["pods"][0]["excluded_outbound_cidrs"], after["pods"][0]["excluded_outbound_cidrs"]);
+}
+
+TEST_F(DatapathTest, DoctorPassesAndBpftoolShowsNamedFields) {
+  auto d = env->podsteer({"doctor"});
+  EXPECT_EQ(d.rc, 0) << d.out;
+  EXPECT_NE(d.out.find("this kernel can run podsteer"), std::string::npos);
+  enroll({"--exclude-outbound-cidrs", "192.0.2.0/24"});
+  auto pods = sh("bpftool map dump pinned " + env->state_dir + "/maps/podsteer_pods");
+  EXPECT_EQ(pods.rc, 0);
+  for (const char* field : {"\"flags\"", "\"ip4\"", "\"ip6\"", "\"enrolled_ns\""})
+    EXPECT_NE(pods.out.find(field), std::string::npos) << field << " missing from:\n" << pods.out;
+  auto by_name = sh("bpftool map dump name podsteer_meta");
+  EXPECT_NE(by_name.out.find("\"netns_path\""), std::string::npos) << by_name.out;
+  auto dump = env->podsteer({"dump", "cidrs"});
+  EXPECT_EQ(dump.rc, 0) << dump.out;
+  EXPECT_NE(dump.out.find("192.0.2.0/24"), std::string::npos) << dump.out;
+  EXPECT_NE(dump.out.find("bpftool map dump pinned"), std::string::npos);
+}
+
+}  // namespace

@@ -1,0 +1,41 @@
+// Pins every shared layout: the BPF side compiles the same header, so a change here
+// that is not deliberate (and not an ABI version bump) fails the build.
+#include <gtest/gtest.h>
+
+#include <cstddef>
+
+#include "podsteer_abi.h"
+
+static_assert(PODSTEER_ABI_VERSION == 1, "bump the layout checks with the ABI version");
+static_assert(sizeof(podsteer_pod) == 32);
+static_assert(offsetof(podsteer_pod, flags) == 0);
+static_assert(offsetof(podsteer_pod, ip4) == 4);
+static_assert(offsetof(podsteer_pod, ip6) == 8);
+static_assert(offsetof(podsteer_pod, enrolled_ns) == 24);
+static_assert(sizeof(podsteer_pod_meta) == 128 + 256 + 3 * 4 * 8 + 16);
+static_assert(offsetof(podsteer_pod_meta, netns_path) == 128);
+static_assert(offsetof(podsteer_pod_meta, ifindex) == 384);
+static_assert(offsetof(podsteer_pod_meta, n_ifaces) == 480);
+static_assert(sizeof(podsteer_ip_key) == 16);
+static_assert(sizeof(podsteer_port_key) == 16);
+static_assert(offsetof(podsteer_port_key, port) == 8);
+static_assert(offsetof(podsteer_port_key, direction) == 10);
+static_assert(sizeof(podsteer_cidr_key) == 28);
+static_assert(offsetof(podsteer_cidr_key, netns_cookie_hi) == 4);
+static_assert(offsetof(podsteer_cidr_key, addr) == 12);
+static_assert(sizeof(podsteer_counters) == 40);
+static_assert(sizeof(podsteer_addr) == 24);
+static_assert(offsetof(podsteer_addr, port) == 16);
+static_assert(offsetof(podsteer_addr, family) == 18);
+static_assert(sizeof(podsteer_origdst_key) == 32);
+static_assert(offsetof(podsteer_origdst_key, peer_addr) == 8);
+static_assert(offsetof(podsteer_origdst_key, peer_port) == 24);
+static_assert(offsetof(podsteer_origdst_key, local_port) == 26);
+static_assert(sizeof(podsteer_config) == 24 + 256);
+static_assert(offsetof(podsteer_config, hook_cgroup) == 24);
+
+TEST(AbiLayout, LpmKeyHasNoHoleBeforeData) {
+  // The LPM trie compares the bytes after prefixlen; a hole would hold garbage.
+  EXPECT_EQ(offsetof(podsteer_cidr_key, netns_cookie_hi), sizeof(__u32));
+  EXPECT_EQ(sizeof(podsteer_cidr_key), sizeof(__u32) + 8 + 16);
+}
