@@ -246,11 +246,10 @@ int podsteer_sendmsg6(struct bpf_sock_addr *ctx)
 	return steer6(ctx);
 }
 
-SEC("cgroup/recvmsg4")
-int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
+/* The application's socket sees its original destination: a reply from the DNS listener
+ * comes from the resolver, getpeername() returns what connect() was given. */
+static __always_inline int restore4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_dns_port))
-		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
@@ -260,6 +259,31 @@ int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
 	ctx->user_ip4 = ((__u32 *)o->addr)[3];
 	ctx->user_port = o->port;
 	return 1;
+}
+
+static __always_inline int restore6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+	if (!o)
+		return 1;
+	__u32 *w = (__u32 *)o->addr;
+	ctx->user_ip6[0] = w[0];
+	ctx->user_ip6[1] = w[1];
+	ctx->user_ip6[2] = w[2];
+	ctx->user_ip6[3] = w[3];
+	ctx->user_port = o->port;
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_dns_port))
+		return 1;
+	return restore4(ctx);
 }
 
 SEC("cgroup/recvmsg6")
@@ -268,52 +292,14 @@ int podsteer_recvmsg6(struct bpf_sock_addr *ctx)
 	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] != bpf_htonl(0xffff) ||
 	    ctx->user_ip6[3] != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_dns_port))
 		return 1;
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
-	if (!o)
-		return 1;
-	__u32 *w = (__u32 *)o->addr;
-	ctx->user_ip6[0] = w[0];
-	ctx->user_ip6[1] = w[1];
-	ctx->user_ip6[2] = w[2];
-	ctx->user_ip6[3] = w[3];
-	ctx->user_port = o->port;
-	return 1;
+	return restore6(ctx);
 }
 
 SEC("cgroup/getpeername4")
-int podsteer_getpeername4(struct bpf_sock_addr *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
-	if (!o || !is_mapped_v4(o->addr))
-		return 1;
-	ctx->user_ip4 = ((__u32 *)o->addr)[3];
-	ctx->user_port = o->port;
-	return 1;
-}
+int podsteer_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
 
 SEC("cgroup/getpeername6")
-int podsteer_getpeername6(struct bpf_sock_addr *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
-	if (!o)
-		return 1;
-	__u32 *w = (__u32 *)o->addr;
-	ctx->user_ip6[0] = w[0];
-	ctx->user_ip6[1] = w[1];
-	ctx->user_ip6[2] = w[2];
-	ctx->user_ip6[3] = w[3];
-	ctx->user_port = o->port;
-	return 1;
-}
+int podsteer_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
 
 SEC("sockops")
 int podsteer_sockops(struct bpf_sock_ops *ops)

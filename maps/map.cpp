@@ -22,4 +22,9 @@ Result<Fd> open_checked_map(const std::string& pin, size_t key_size, size_t valu
   return fd;
 }
 
+Status erase_elem(int fd, const void* key, const std::string& pin) {
+  if (bpf_map_delete_elem(fd, key) != 0 && errno != ENOENT) return sys_error("bpf_map_delete_elem", pin);
+  return {};
+}
+
 }  // namespace podsteer

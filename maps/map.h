@@ -30,6 +30,9 @@ Result<MapInfo> map_info(int fd);
 // Opens a pinned map and checks its sizes; shared by Map and PercpuMap.
 Result<Fd> open_checked_map(const std::string& pin, size_t key_size, size_t value_size);
 
+// Deleting an absent key is not an error: removal is idempotent.
+Status erase_elem(int fd, const void* key, const std::string& pin);
+
 template <typename K, typename V>
 class Map {
  public:
@@ -50,12 +53,7 @@ class Map {
       return sys_error("bpf_map_update_elem", pin_);
     return {};
   }
-  // Deleting an absent key is not an error: removal is idempotent.
-  Status erase(const K& key) {
-    if (bpf_map_delete_elem(fd_.get(), &key) != 0 && errno != ENOENT)
-      return sys_error("bpf_map_delete_elem", pin_);
-    return {};
-  }
+  Status erase(const K& key) { return erase_elem(fd_.get(), &key, pin_); }
   Result<std::vector<K>> keys() const {
     std::vector<K> out;
     K cur{}, next{};
@@ -101,11 +99,7 @@ class PercpuMap {
       return sys_error("bpf_map_update_elem", pin_);
     return {};
   }
-  Status erase(const K& key) {
-    if (bpf_map_delete_elem(fd_.get(), &key) != 0 && errno != ENOENT)
-      return sys_error("bpf_map_delete_elem", pin_);
-    return {};
-  }
+  Status erase(const K& key) { return erase_elem(fd_.get(), &key, pin_); }
   int fd() const { return fd_.get(); }
 
  private:
