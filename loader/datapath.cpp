@@ -551,6 +551,10 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
   if (opts.pod.size() >= PODSTEER_NAME_LEN) return invalid("pod name too long", opts.pod);
+  if (opts.uid.size() >= sizeof(podsteer_pod_meta::uid) ||
+      opts.service_account.size() >= sizeof(podsteer_pod_meta::service_account) ||
+      opts.container_id.size() >= sizeof(podsteer_pod_meta::container_id))
+    return invalid("pod uid, service account or container id too long", opts.pod);
   if (ns.path.size() >= PODSTEER_PATH_LEN) return invalid("netns path too long", ns.path);
 
   auto chosen_r = choose_interfaces(ns, opts);
@@ -608,6 +612,9 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   PODSTEER_TRY(stats_->reset(cookie));
 
   copy_str(meta.pod, sizeof(meta.pod), opts.pod);
+  copy_str(meta.uid, sizeof(meta.uid), opts.uid);
+  copy_str(meta.service_account, sizeof(meta.service_account), opts.service_account);
+  copy_str(meta.container_id, sizeof(meta.container_id), opts.container_id);
   copy_str(meta.netns_path, sizeof(meta.netns_path), ns.path);
   meta.n_excluded_cidrs = opts.exclude_outbound_cidrs.size();
   std::vector<unsigned> ifindexes;

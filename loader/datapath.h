@@ -46,6 +46,9 @@ Result<Cidr> parse_cidr(const std::string& text);
 
 struct PodOptions {
   std::string pod;                      // "namespace/name", may be empty
+  std::string uid;                      // Kubernetes pod UID (the agent's key), may be empty
+  std::string service_account;
+  std::string container_id;
   std::vector<std::string> interfaces;  // empty: every non-loopback interface
   std::vector<uint16_t> exclude_inbound_ports;
   std::vector<uint16_t> exclude_outbound_ports;

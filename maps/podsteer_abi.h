@@ -57,6 +57,9 @@ struct podsteer_pod_meta {
 	__u32 attach_mode;                   /* PODSTEER_ATTACH_* */
 	__u32 n_excluded_cidrs;
 	__u32 reserved_0;
+	char uid[64];             /* Kubernetes pod UID, the ZDS workload id */
+	char service_account[64];
+	char container_id[80];    /* the CNI container (sandbox) id */
 };
 
 /* podsteer_ips: a pod's address -> its netns cookie. TC ingress finds the pod by the

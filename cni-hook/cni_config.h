@@ -1,0 +1,29 @@
+// Installing podsteer-cni into the node's CNI configuration: the binary into the CNI bin
+// dir, our plugin at the end of the primary CNI's conflist (the first .conflist by name,
+// as the runtime picks it), and back out again.
+#pragma once
+
+#include <string>
+
+#include "result.h"
+
+namespace podsteer::cni {
+
+struct InstallOptions {
+  std::string bin_dir = "/opt/cni/bin";
+  std::string conf_dir = "/etc/cni/net.d";
+  std::string plugin_binary;  // the podsteer-cni to copy
+  std::string agent_socket = "/var/run/podsteer/cni.sock";
+};
+
+// The primary conflist in conf_dir, or an error when there is none.
+Result<std::string> primary_conflist(const std::string& conf_dir);
+
+// Adds our plugin to the primary conflist if it is missing; returns whether it changed
+// the file. Idempotent: safe to call whenever the primary CNI rewrote its file.
+Result<bool> ensure_chained(const InstallOptions& o);
+
+Status install(const InstallOptions& o);
+Status uninstall(const InstallOptions& o);
+
+}  // namespace podsteer::cni

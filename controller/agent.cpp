@@ -1,0 +1,269 @@
+#include "agent.h"
+
+#include <httplib.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include <condition_variable>
+
+#include "log.h"
+#include "netns.h"
+
+namespace podsteer {
+
+using json = nlohmann::json;
+
+struct Agent::Http {
+  httplib::Server server;
+  std::thread thread;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stopped = false;
+};
+
+Agent::Agent(AgentConfig cfg) : cfg_(std::move(cfg)), policy_(cfg_.enroll_namespaces) {}
+
+Agent::~Agent() { stop(); }
+
+static PodInfo pod_from_meta(const PodStatus& s) {
+  PodInfo p;
+  p.uid = s.meta.uid;
+  std::string full = s.meta.pod;
+  auto slash = full.find('/');
+  if (slash != std::string::npos) {
+    p.namespace_ = full.substr(0, slash);
+    p.name = full.substr(slash + 1);
+  } else {
+    p.name = full;
+  }
+  p.service_account = s.meta.service_account;
+  p.container_id = s.meta.container_id;
+  p.netns = s.meta.netns_path;
+  return p;
+}
+
+Status Agent::start() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto dp = Datapath::open(cfg_.state_dir, cfg_.node, true);
+    if (!dp) return dp.error();
+    dp_.emplace(std::move(*dp));
+    // Pods whose netns is gone were deleted while no agent ran: clean them up. Every
+    // other pinned pod stays captured; it is never detached because we restarted.
+    auto pods = dp_->pods();
+    if (!pods) return pods.error();
+    size_t kept = 0;
+    for (const auto& p : *pods) {
+      if (!p.netns_alive) {
+        spdlog::info("adopt: pod {} (netns {}) is gone, removing its entries", p.meta.pod, p.meta.netns_path);
+        auto st = dp_->unenroll(p.cookie);
+        if (!st) spdlog::warn("adopt: {}", st.error().message());
+      } else {
+        ++kept;
+      }
+    }
+    spdlog::info("adopted {} captured pod(s) from {}", kept, cfg_.state_dir);
+  }
+  adopted_ = true;
+  zds_ = std::make_unique<ZdsServer>(cfg_.zds_socket, cfg_.ack_timeout_ms, [this] { return snapshot(); });
+  PODSTEER_TRY(zds_->start());
+  cni_ = std::make_unique<CniServer>(cfg_.cni_socket, [this](const json& r) { return handle_cni(r); });
+  PODSTEER_TRY(cni_->start());
+
+  http_ = std::make_unique<Http>();
+  http_->server.Get("/healthz", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok\n", "text/plain"); });
+  http_->server.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
+    bool r = ready();
+    res.status = r ? 200 : 503;
+    res.set_content(r ? "ready\n" : (adopted_ ? "no node proxy connected\n" : "adopting state\n"), "text/plain");
+  });
+  http_->server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics(), "text/plain; version=0.0.4");
+  });
+  if (!http_->server.bind_to_port(cfg_.http_addr.c_str(), cfg_.http_port))
+    return invalid("cannot listen on " + cfg_.http_addr + ":" + std::to_string(cfg_.http_port));
+  http_->thread = std::thread([this] { http_->server.listen_after_bind(); });
+  spdlog::info("http: /metrics /healthz /readyz on {}:{}", cfg_.http_addr, cfg_.http_port);
+  return {};
+}
+
+void Agent::stop() {
+  if (stopping_.exchange(true)) return;
+  if (cni_) cni_->stop();
+  if (zds_) zds_->stop();
+  if (http_) {
+    http_->server.stop();
+    if (http_->thread.joinable()) http_->thread.join();
+    std::lock_guard<std::mutex> g(http_->mu);
+    http_->stopped = true;
+    http_->cv.notify_all();
+  }
+}
+
+void Agent::wait() {
+  if (!http_) return;
+  std::unique_lock<std::mutex> g(http_->mu);
+  http_->cv.wait(g, [this] { return http_->stopped; });
+}
+
+bool Agent::ready() { return adopted_ && zds_ && zds_->connected(); }
+
+std::vector<SnapshotEntry> Agent::snapshot() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<SnapshotEntry> out;
+  auto pods = dp_->pods();
+  if (!pods) return out;
+  for (const auto& p : *pods) {
+    if (!p.has_entry || p.meta.uid[0] == 0) continue;  // enrolled by hand, not a workload
+    auto ns = open_netns(p.meta.netns_path);
+    if (!ns || ns->cookie != p.cookie) continue;
+    out.push_back(SnapshotEntry{pod_from_meta(p), std::move(ns->fd)});
+  }
+  return out;
+}
+
+void Agent::count(const std::string& command, const std::string& result) {
+  std::lock_guard<std::mutex> g(count_mu_);
+  cni_requests_[{command, result}]++;
+}
+
+static PodInfo pod_from_request(const json& r) {
+  PodInfo p;
+  p.uid = r.value("pod_uid", "");
+  p.name = r.value("pod_name", "");
+  p.namespace_ = r.value("pod_namespace", "");
+  p.service_account = r.value("service_account", "");
+  p.container_id = r.value("container_id", "");
+  p.netns = r.value("netns", "");
+  p.ifname = r.value("ifname", "");
+  if (r.contains("ips") && r["ips"].is_array())
+    for (const auto& ip : r["ips"])
+      if (ip.is_string()) p.ips.push_back(ip);
+  if (r.contains("enroll") && r["enroll"].is_boolean()) p.enroll_hint = r["enroll"].get<bool>();
+  if (r.contains("enroll_namespaces") && r["enroll_namespaces"].is_array())
+    for (const auto& ns : r["enroll_namespaces"])
+      if (ns.is_string()) p.enroll_namespaces.push_back(ns);
+  return p;
+}
+
+json Agent::handle_cni(const json& req) {
+  std::string command = req.value("command", "");
+  PodInfo pod = pod_from_request(req);
+  json out;
+  if (command == "ADD") out = cni_add(pod);
+  else if (command == "DEL") out = cni_del(pod);
+  else if (command == "CHECK") out = cni_check(pod);
+  else out = {{"status", "error"}, {"message", "unknown command '" + command + "'"}};
+  count(command.empty() ? "unknown" : command, out.value("status", "error"));
+  spdlog::info("cni {} pod={} container={} -> {} {}", command, pod.full_name(), pod.container_id.substr(0, 12),
+               out.value("status", ""), out.value("message", ""));
+  return out;
+}
+
+std::optional<uint64_t> Agent::find_locked(const PodInfo& pod) {
+  auto pods = dp_->pods();
+  if (!pods) return std::nullopt;
+  for (const auto& p : *pods) {
+    if (!pod.container_id.empty() && pod.container_id == p.meta.container_id) return p.cookie;
+    if (!pod.uid.empty() && pod.uid == p.meta.uid && pod.netns == p.meta.netns_path) return p.cookie;
+  }
+  return std::nullopt;
+}
+
+json Agent::cni_add(const PodInfo& pod) {
+  if (pod.netns.empty() || pod.container_id.empty())
+    return {{"status", "error"}, {"message", "request lacks netns or container_id"}};
+  if (!policy_.enrolled(pod)) return {{"status", "not_enrolled"}};
+  if (pod.uid.empty() || pod.name.empty() || pod.namespace_.empty())
+    return {{"status", "error"}, {"message", "an enrolled pod needs K8S_POD_UID, K8S_POD_NAME and K8S_POD_NAMESPACE"}};
+  auto ns = open_netns(pod.netns);
+  if (!ns) return {{"status", "error"}, {"message", ns.error().message()}};
+  std::lock_guard<std::mutex> g(mu_);
+  PodOptions opts;
+  opts.pod = pod.full_name();
+  opts.uid = pod.uid;
+  opts.service_account = pod.service_account;
+  opts.container_id = pod.container_id;
+  opts.dns = cfg_.dns;
+  opts.fail_open = cfg_.fail_open;
+  if (!pod.ifname.empty()) opts.interfaces = {pod.ifname};
+  auto r = dp_->enroll(*ns, opts);
+  if (!r) return {{"status", "error"}, {"message", r.error().message()}};
+  auto st = zds_->add(pod, ns->fd.get());
+  if (!st) {
+    // Not captured with the proxy's ack: undo, so the runtime's retry starts clean and the
+    // application never runs half-captured.
+    if (*r == EnrollOutcome::Enrolled) (void)dp_->unenroll(ns->cookie);
+    return {{"status", "error"}, {"message", "node proxy did not take the pod: " + st.error().message()}};
+  }
+  return {{"status", "captured"}, {"netns_cookie", ns->cookie}};
+}
+
+json Agent::cni_del(const PodInfo& pod) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto cookie = find_locked(pod);
+  if (!cookie) return {{"status", "ok"}, {"message", "not captured"}};  // DEL is idempotent
+  std::string uid = pod.uid;
+  if (uid.empty()) {
+    if (auto pods = dp_->pods(); pods)
+      for (const auto& p : *pods)
+        if (p.cookie == *cookie) uid = p.meta.uid;
+  }
+  if (!uid.empty() && zds_->connected()) {
+    auto st = zds_->del(uid);
+    if (!st) spdlog::warn("zds del {}: {}", uid, st.error().message());
+  }
+  auto st = dp_->unenroll(*cookie);
+  if (!st) return {{"status", "error"}, {"message", st.error().message()}};
+  return {{"status", "ok"}, {"message", "removed"}};
+}
+
+json Agent::cni_check(const PodInfo& pod) {
+  if (!policy_.enrolled(pod)) return {{"status", "ok"}, {"message", "not enrolled"}};
+  std::lock_guard<std::mutex> g(mu_);
+  auto cookie = find_locked(pod);
+  if (!cookie) return {{"status", "error"}, {"message", "pod should be captured but is not"}};
+  auto pods = dp_->pods();
+  if (pods)
+    for (const auto& p : *pods)
+      if (p.cookie == *cookie && (!p.has_entry || !p.netns_alive))
+        return {{"status", "error"}, {"message", "pod capture is incomplete or its netns is gone"}};
+  return {{"status", "ok"}, {"message", "captured"}};
+}
+
+std::string Agent::metrics() {
+  prometheus::Registry reg;
+  auto& up = prometheus::BuildGauge().Name("podsteer_agent_ready").Help("1 when state is adopted and a proxy is connected").Register(reg);
+  up.Add({}).Set(ready() ? 1 : 0);
+  auto& conns = prometheus::BuildCounter().Name("podsteer_zds_connections_total").Help("node proxy connections accepted").Register(reg);
+  conns.Add({}).Increment(zds_ ? double(zds_->connections()) : 0);
+  auto& reqs = prometheus::BuildCounter().Name("podsteer_cni_requests_total").Help("CNI requests by command and result").Register(reg);
+  {
+    std::lock_guard<std::mutex> g(count_mu_);
+    for (const auto& [k, v] : cni_requests_) reqs.Add({{"command", k.first}, {"result", k.second}}).Increment(double(v));
+  }
+  auto& pods_g = prometheus::BuildGauge().Name("podsteer_pods_captured").Help("pods with a pod entry").Register(reg);
+  auto& traffic = prometheus::BuildCounter().Name("podsteer_pod_connections_total").Help("per-pod datapath counters").Register(reg);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto pods = dp_ ? dp_->pods() : Result<std::vector<PodStatus>>(invalid("no datapath"));
+    size_t n = 0;
+    if (pods) {
+      for (const auto& p : *pods) {
+        n += p.has_entry;
+        std::string name = p.meta.pod;
+        traffic.Add({{"pod", name}, {"kind", "redirected_out"}}).Increment(double(p.counters.redirected_out));
+        traffic.Add({{"pod", name}, {"kind", "redirected_in"}}).Increment(double(p.counters.redirected_in));
+        traffic.Add({{"pod", name}, {"kind", "dns_redirected"}}).Increment(double(p.counters.dns_redirected));
+        traffic.Add({{"pod", name}, {"kind", "bypassed"}}).Increment(double(p.counters.bypassed));
+        traffic.Add({{"pod", name}, {"kind", "proxy_missing"}}).Increment(double(p.counters.proxy_missing));
+      }
+    }
+    pods_g.Add({}).Set(double(n));
+  }
+  return prometheus::TextSerializer().Serialize(reg.Collect());
+}
+
+}  // namespace podsteer

@@ -1,0 +1,115 @@
+// podsteer-agent: the node agent. Serves the CNI hook and the node proxy (ZDS), keeps the
+// datapath in step with the pods, and exposes /metrics, /healthz and /readyz.
+#include <signal.h>
+#include <sys/inotify.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include "agent.h"
+#include "cni_config.h"
+#include "log.h"
+
+using namespace podsteer;
+
+namespace {
+
+// Keeps our plugin in the primary conflist when the primary CNI rewrites it.
+void watch_cni_config(const cni::InstallOptions& o, const std::atomic<bool>& stop) {
+  int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  if (in >= 0) inotify_add_watch(in, o.conf_dir.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
+  while (!stop) {
+    char buf[4096];
+    bool changed = false;
+    for (int i = 0; i < 10 && !stop; ++i) {  // wake at least every second
+      if (in >= 0 && read(in, buf, sizeof(buf)) > 0) {
+        changed = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (stop) break;
+    (void)changed;  // also re-checked on the timer: inotify may miss a replaced directory
+    auto r = cni::ensure_chained(o);
+    if (r && *r) spdlog::info("cni: re-added podsteer-cni to {}", cni::primary_conflist(o.conf_dir).value());
+  }
+  if (in >= 0) close(in);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"podsteer-agent: the podsteer node agent"};
+  AgentConfig cfg;
+  bool verbose = false, install_cni = false, uninstall_cni = false;
+  std::vector<std::string> enroll_namespaces;
+  cni::InstallOptions cni_opts;
+  app.add_option("--state-dir", cfg.state_dir, "bpffs directory of our pins")->capture_default_str();
+  app.add_option("--hook-cgroup", cfg.node.hook_cgroup, "cgroup v2 directory for the socket hooks (first start only)");
+  app.add_option("--cni-socket", cfg.cni_socket, "where podsteer-cni reaches the agent")->capture_default_str();
+  app.add_option("--zds-socket", cfg.zds_socket, "where the node proxy connects (ZDS)")->capture_default_str();
+  app.add_option("--http-addr", cfg.http_addr, "address of /metrics, /healthz, /readyz")->capture_default_str();
+  app.add_option("--http-port", cfg.http_port, "port of /metrics, /healthz, /readyz")->capture_default_str();
+  app.add_option("--ack-timeout-ms", cfg.ack_timeout_ms, "how long to wait for the proxy's ack")->capture_default_str();
+  app.add_option("--enroll-namespaces", enroll_namespaces, "namespaces whose pods the CNI source enrolls ('*' for all)")->delimiter(',');
+  app.add_flag("--dns", cfg.dns, "capture DNS of enrolled pods");
+  app.add_flag("--fail-open", cfg.fail_open, "enrolled pods go direct when the proxy is not listening");
+  app.add_flag("--install-cni", install_cni, "install podsteer-cni into the node's CNI config and keep it there");
+  app.add_flag("--uninstall-cni", uninstall_cni, "remove podsteer-cni from the node's CNI config and exit");
+  app.add_option("--cni-bin-dir", cni_opts.bin_dir)->capture_default_str();
+  app.add_option("--cni-conf-dir", cni_opts.conf_dir)->capture_default_str();
+  app.add_option("--cni-plugin", cni_opts.plugin_binary, "podsteer-cni binary to install (default: next to this agent)");
+  app.add_flag("-v,--verbose", verbose);
+  CLI11_PARSE(app, argc, argv);
+  init_logging(verbose);
+  cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
+  cni_opts.agent_socket = cfg.cni_socket;
+  if (cni_opts.plugin_binary.empty())
+    cni_opts.plugin_binary = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "podsteer-cni").string();
+
+  if (uninstall_cni) {
+    auto st = cni::uninstall(cni_opts);
+    if (!st) {
+      spdlog::error("{}", st.error().message());
+      return 1;
+    }
+    spdlog::info("removed podsteer-cni from {} and {}", cni_opts.conf_dir, cni_opts.bin_dir);
+    return 0;
+  }
+
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);  // threads inherit: only sigwait below sees them
+  signal(SIGPIPE, SIG_IGN);
+
+  Agent agent(cfg);
+  auto st = agent.start();
+  if (!st) {
+    spdlog::error("{}", st.error().message());
+    return 1;
+  }
+  std::atomic<bool> stop{false};
+  std::thread watcher;
+  if (install_cni) {
+    auto ist = cni::install(cni_opts);
+    if (!ist) {
+      spdlog::error("install CNI plugin: {}", ist.error().message());
+      return 1;
+    }
+    spdlog::info("cni: podsteer-cni installed in {} and chained in {}", cni_opts.bin_dir, cni_opts.conf_dir);
+    watcher = std::thread([&] { watch_cni_config(cni_opts, stop); });
+  }
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  spdlog::info("signal {}: stopping (the datapath stays in place)", sig);
+  stop = true;
+  if (watcher.joinable()) watcher.join();
+  agent.stop();
+  return 0;
+}

@@ -1,0 +1,54 @@
+// Pod sources and enrollment policy. A pod source tells the agent about pods (the CNI
+// hook on ADD/DEL; the Kubernetes watch comes as a second source) and an enrollment policy
+// decides which of them belong in the mesh.
+#pragma once
+
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace podsteer {
+
+struct PodInfo {
+  std::string uid;
+  std::string name;
+  std::string namespace_;
+  std::string service_account;
+  std::string container_id;
+  std::string netns;     // path of the pod's netns
+  std::string ifname;    // the interface the CNI made
+  std::vector<std::string> ips;
+  std::optional<bool> enroll_hint;  // an explicit yes/no from the source (e.g. CNI_ARGS)
+  std::vector<std::string> enroll_namespaces;  // from the CNI network config, if any
+
+  std::string full_name() const { return namespace_ + "/" + name; }
+};
+
+class EnrollmentPolicy {
+ public:
+  virtual ~EnrollmentPolicy() = default;
+  virtual bool enrolled(const PodInfo& pod) const = 0;
+};
+
+// The CNI source's policy: an explicit hint in CNI_ARGS (PODSTEER_ENROLL=true|false) wins;
+// otherwise the pod's namespace must be in the agent's --enroll-namespaces or the network
+// config's "enrollNamespaces" ("*" means every namespace).
+class CniEnrollmentPolicy : public EnrollmentPolicy {
+ public:
+  explicit CniEnrollmentPolicy(std::set<std::string> namespaces) : namespaces_(std::move(namespaces)) {}
+  bool enrolled(const PodInfo& pod) const override {
+    if (pod.enroll_hint) return *pod.enroll_hint;
+    auto match = [&](const std::string& ns) { return ns == "*" || ns == pod.namespace_; };
+    for (const auto& ns : namespaces_)
+      if (match(ns)) return true;
+    for (const auto& ns : pod.enroll_namespaces)
+      if (match(ns)) return true;
+    return false;
+  }
+
+ private:
+  std::set<std::string> namespaces_;
+};
+
+}  // namespace podsteer

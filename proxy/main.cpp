@@ -1,0 +1,35 @@
+// podsteer-proxy: the stand-in for ztunnel in demos, tests and benchmarks.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+
+#include <iostream>
+#include <thread>
+
+#include "proxy.h"
+#include "wire.h"
+
+using namespace podsteer;
+
+int main(int argc, char** argv) {
+  CLI::App app{"podsteer-proxy: a small L4 node proxy speaking ZDS"};
+  proxy::Config cfg;
+  std::string zds_socket = zds::kDefaultSocket;
+  app.add_option("--zds-socket", zds_socket, "the agent's ZDS socket")->capture_default_str();
+  app.add_option("--mark", cfg.mark, "SO_MARK of every proxy socket")->capture_default_str();
+  app.add_option("--outbound-port", cfg.outbound_port)->capture_default_str();
+  app.add_option("--inbound-port", cfg.inbound_port)->capture_default_str();
+  app.add_option("--hbone-port", cfg.hbone_port)->capture_default_str();
+  app.add_option("--dns-port", cfg.dns_port)->capture_default_str();
+  app.add_option("--dns-upstream", cfg.dns_upstream, "resolver for captured UDP DNS (default: /etc/resolv.conf's)");
+  CLI11_PARSE(app, argc, argv);
+  signal(SIGPIPE, SIG_IGN);
+  std::ios::sync_with_stdio(false);
+
+  proxy::Proxy p(cfg);
+  bool stop = false;
+  std::thread zds([&] { proxy::run_zds_client(p, zds_socket, stop); });
+  zds.detach();  // blocks in recv; the process exits with the loop
+  p.run();
+  return 0;
+}

@@ -1,0 +1,526 @@
+#include "proxy.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <iostream>
+#include <sstream>
+
+namespace podsteer::proxy {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+constexpr size_t kBuf = 64 * 1024;
+constexpr int kSoOriginalDst = 80;
+
+struct Proxy::Pod {
+  std::string uid, name, namespace_;
+  Fd netns;
+  ino_t netns_ino = 0;
+  std::vector<Fd> listeners;
+  sockaddr_storage dns_upstream{};
+  socklen_t dns_upstream_len = 0;
+};
+
+struct Proxy::Conn {
+  Pod* pod;
+  std::string direction, src, dst;
+  Fd down, up;
+  std::string to_up, to_down;
+  bool connecting = true, down_eof = false, up_eof = false, up_shut = false, down_shut = false;
+  uint64_t bytes_up = 0, bytes_down = 0;
+};
+
+struct Proxy::DnsQuery {
+  Pod* pod;
+  int listener;
+  sockaddr_storage client{};
+  socklen_t client_len = 0;
+  Fd upstream;
+  Clock::time_point deadline;
+};
+
+namespace {
+
+std::string addr_str(const sockaddr_storage& ss) {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  if (ss.ss_family == AF_INET) {
+    auto* s = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &s->sin_addr, buf, sizeof(buf));
+    return std::string(buf) + ":" + std::to_string(ntohs(s->sin_port));
+  }
+  auto* s6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+  if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+    inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], buf, sizeof(buf));
+    return std::string(buf) + ":" + std::to_string(ntohs(s6->sin6_port));
+  }
+  inet_ntop(AF_INET6, &s6->sin6_addr, buf, sizeof(buf));
+  return "[" + std::string(buf) + "]:" + std::to_string(ntohs(s6->sin6_port));
+}
+
+bool parse_hostport(const std::string& s, sockaddr_storage& out, socklen_t& len) {
+  std::memset(&out, 0, sizeof(out));
+  std::string host = s;
+  uint16_t port = 53;
+  if (!s.empty() && s[0] == '[') {
+    auto close = s.find(']');
+    if (close == std::string::npos) return false;
+    host = s.substr(1, close - 1);
+    if (close + 1 < s.size() && s[close + 1] == ':') port = std::stoi(s.substr(close + 2));
+  } else if (std::count(s.begin(), s.end(), ':') == 1) {
+    host = s.substr(0, s.find(':'));
+    port = std::stoi(s.substr(s.find(':') + 1));
+  }
+  auto* s4 = reinterpret_cast<sockaddr_in*>(&out);
+  if (inet_pton(AF_INET, host.c_str(), &s4->sin_addr) == 1) {
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(port);
+    len = sizeof(*s4);
+    return true;
+  }
+  auto* s6 = reinterpret_cast<sockaddr_in6*>(&out);
+  if (inet_pton(AF_INET6, host.c_str(), &s6->sin6_addr) == 1) {
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(port);
+    len = sizeof(*s6);
+    return true;
+  }
+  return false;
+}
+
+std::string resolv_conf_nameserver() {
+  std::ifstream in("/etc/resolv.conf");
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream ss(line);
+    std::string key, value;
+    ss >> key >> value;
+    if (key == "nameserver" && !value.empty()) return value;
+  }
+  return "";
+}
+
+// Listening socket inside the current thread's netns.
+Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint32_t mark) {
+  Fd fd(socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return sys_error("socket");
+  int one = 1, zero = 0;
+  setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+  if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) return sys_error("SO_MARK");
+  sockaddr_storage ss{};
+  socklen_t len;
+  if (family == AF_INET6) {
+    setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    auto* s6 = reinterpret_cast<sockaddr_in6*>(&ss);
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(port);
+    inet_pton(AF_INET6, addr, &s6->sin6_addr);
+    len = sizeof(*s6);
+  } else {
+    // CNI ADD runs before the runtime's loopback plugin may have brought lo up:
+    // 127.0.0.1 does not exist yet, so bind it anyway.
+    setsockopt(fd.get(), IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
+    auto* s4 = reinterpret_cast<sockaddr_in*>(&ss);
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(port);
+    inet_pton(AF_INET, addr, &s4->sin_addr);
+    len = sizeof(*s4);
+  }
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return sys_error("bind port " + std::to_string(port));
+  if (type == SOCK_STREAM && listen(fd.get(), 1024) != 0) return sys_error("listen");
+  return fd;
+}
+
+}  // namespace
+
+Proxy::Proxy(Config cfg) : cfg_(std::move(cfg)) {
+  epoll_ = Fd(epoll_create1(EPOLL_CLOEXEC));
+  wake_ = Fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  host_netns_ = Fd(open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC));
+  watch(wake_.get(), Kind::Wakeup, EPOLLIN, nullptr);
+}
+
+Proxy::~Proxy() = default;
+
+Proxy::Handle* Proxy::watch(int fd, Kind kind, uint32_t events, Pod* pod, Conn* conn, DnsQuery* dns) {
+  auto h = std::make_unique<Handle>(Handle{kind, pod, conn, dns, fd});
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;  // looked up on each event: a handle closed earlier in a batch is skipped
+  epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev);
+  Handle* raw = h.get();
+  handles_[fd] = std::move(h);
+  return raw;
+}
+
+void Proxy::unwatch(int fd) {
+  epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  handles_.erase(fd);
+}
+
+Result<Fd> Proxy::socket_in(Pod* pod, int family, int type) {
+  // Sockets belong to the netns they are created in: step into the pod's and back.
+  if (setns(pod->netns.get(), CLONE_NEWNET) != 0) return sys_error("setns into pod");
+  Fd fd(socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  int err = errno;
+  if (setns(host_netns_.get(), CLONE_NEWNET) != 0) {
+    perror("setns back to the proxy's netns");
+    abort();  // continuing in a pod's netns would be worse than dying
+  }
+  if (!fd.valid()) return Error{"socket", err, pod->namespace_ + "/" + pod->name};
+  if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &cfg_.mark, sizeof(cfg_.mark)) != 0) return sys_error("SO_MARK");
+  return fd;
+}
+
+template <typename F>
+static auto run_on_loop(std::mutex& mu, std::deque<std::function<void()>>& tasks, int wake, F f) {
+  auto p = std::make_shared<std::promise<decltype(f())>>();
+  auto fut = p->get_future();
+  {
+    std::lock_guard<std::mutex> g(mu);
+    tasks.push_back([p, f]() mutable { p->set_value(f()); });
+  }
+  uint64_t one = 1;
+  (void)!write(wake, &one, sizeof(one));
+  return fut.get();
+}
+
+Status Proxy::add_workload(Workload w) {
+  auto shared = std::make_shared<Workload>(std::move(w));
+  return run_on_loop(mu_, tasks_, wake_.get(), [this, shared]() { return do_add(*shared); });
+}
+
+Status Proxy::del_workload(const std::string& uid) {
+  return run_on_loop(mu_, tasks_, wake_.get(), [this, uid]() -> Status {
+    do_del(uid);
+    return {};
+  });
+}
+
+std::vector<std::string> Proxy::workloads() {
+  return run_on_loop(mu_, tasks_, wake_.get(), [this]() {
+    std::vector<std::string> out;
+    for (const auto& [uid, _] : pods_) out.push_back(uid);
+    return out;
+  });
+}
+
+void Proxy::stop() {
+  run_on_loop(mu_, tasks_, wake_.get(), [this]() -> int {
+    stopping_ = true;
+    return 0;
+  });
+}
+
+Status Proxy::do_add(Workload& w) {
+  struct stat st {};
+  if (!w.netns.valid() || fstat(w.netns.get(), &st) != 0) return invalid("AddWorkload without a usable netns fd", w.uid);
+  auto it = pods_.find(w.uid);
+  if (it != pods_.end()) {
+    if (it->second->netns_ino == st.st_ino) return {};  // the same pod again (a snapshot): keep it
+    do_del(w.uid);
+  }
+  auto pod = std::make_unique<Pod>();
+  pod->uid = w.uid;
+  pod->name = w.name;
+  pod->namespace_ = w.namespace_;
+  pod->netns = std::move(w.netns);
+  pod->netns_ino = st.st_ino;
+  std::string upstream = cfg_.dns_upstream.empty() ? resolv_conf_nameserver() : cfg_.dns_upstream;
+  if (!upstream.empty()) parse_hostport(upstream, pod->dns_upstream, pod->dns_upstream_len);
+
+  struct Want {
+    Kind kind;
+    int family, type;
+    const char* addr;
+    uint16_t port;
+  };
+  const Want wants[] = {
+      {Kind::OutboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.outbound_port},
+      {Kind::InboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.inbound_port},
+      {Kind::HboneListener, AF_INET6, SOCK_STREAM, "::", cfg_.hbone_port},
+      {Kind::DnsTcpListener, AF_INET, SOCK_STREAM, "127.0.0.1", cfg_.dns_port},
+      {Kind::DnsUdpListener, AF_INET, SOCK_DGRAM, "127.0.0.1", cfg_.dns_port},
+  };
+  if (setns(pod->netns.get(), CLONE_NEWNET) != 0) return sys_error("setns into pod", pod->uid);
+  Status result;
+  std::vector<std::pair<Fd, Kind>> made;
+  for (const auto& want : wants) {
+    auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark);
+    if (!fd) {
+      result = Error{fd.error().op, fd.error().err, pod->namespace_ + "/" + pod->name};
+      break;
+    }
+    made.emplace_back(std::move(*fd), want.kind);
+  }
+  if (setns(host_netns_.get(), CLONE_NEWNET) != 0) abort();
+  if (!result) return result;
+  Pod* raw = pod.get();
+  for (auto& [fd, kind] : made) {
+    watch(fd.get(), kind, EPOLLIN, raw);
+    raw->listeners.push_back(std::move(fd));
+  }
+  pods_[raw->uid] = std::move(pod);
+  std::cout << json{{"event", "pod_added"}, {"pod", raw->namespace_ + "/" + raw->name}, {"uid", raw->uid}}.dump() << std::endl;
+  return {};
+}
+
+void Proxy::do_del(const std::string& uid) {
+  auto it = pods_.find(uid);
+  if (it == pods_.end()) return;
+  for (auto& l : it->second->listeners) unwatch(l.get());
+  // Connections in flight finish on their own; they keep a pointer to the pod, so the pod
+  // record lives until they are gone: close them now instead, as ztunnel does.
+  std::vector<Conn*> doomed;
+  for (auto& [c, _] : conns_)
+    if (c->pod == it->second.get()) doomed.push_back(c);
+  for (auto* c : doomed) finish(c, "pod removed");
+  std::vector<DnsQuery*> queries;
+  for (auto& [q, _] : dns_)
+    if (q->pod == it->second.get()) queries.push_back(q);
+  for (auto* q : queries) {
+    unwatch(q->upstream.get());
+    dns_.erase(q);
+  }
+  std::cout << json{{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid}}.dump()
+            << std::endl;
+  pods_.erase(it);
+}
+
+void Proxy::log_conn(const Conn* c, const std::string& error) {
+  json j = {{"event", "connection"}, {"pod", c->pod->namespace_ + "/" + c->pod->name}, {"direction", c->direction},
+            {"src", c->src},         {"original_dst", c->dst}, {"bytes_up", c->bytes_up}, {"bytes_down", c->bytes_down}};
+  if (!error.empty()) j["error"] = error;
+  std::cout << j.dump() << std::endl;
+}
+
+void Proxy::on_accept(Handle* h) {
+  sockaddr_storage peer{};
+  socklen_t plen = sizeof(peer);
+  Fd down(accept4(h->fd, reinterpret_cast<sockaddr*>(&peer), &plen, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  if (!down.valid()) return;
+  auto c = std::make_unique<Conn>();
+  c->pod = h->pod;
+  c->src = addr_str(peer);
+  c->direction = h->kind == Kind::OutboundListener ? "outbound"
+                 : h->kind == Kind::InboundListener ? "inbound"
+                 : h->kind == Kind::HboneListener   ? "hbone"
+                                                    : "dns-tcp";
+  if (h->kind == Kind::HboneListener) {
+    // HBONE (mTLS + HTTP/2 CONNECT) is ztunnel's; this proxy does not speak it.
+    c->dst = "-";
+    log_conn(c.get(), "HBONE is not implemented by podsteer-proxy");
+    return;
+  }
+  sockaddr_storage local{};
+  socklen_t llen = sizeof(local);
+  getsockname(down.get(), reinterpret_cast<sockaddr*>(&local), &llen);
+  bool v4 = local.ss_family == AF_INET ||
+            IN6_IS_ADDR_V4MAPPED(&reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr);
+  sockaddr_storage orig{};
+  socklen_t olen = sizeof(orig);
+  int r = v4 ? getsockopt(down.get(), SOL_IP, kSoOriginalDst, &orig, &olen)
+             : getsockopt(down.get(), SOL_IPV6, kSoOriginalDst, &orig, &olen);
+  if (r != 0) {
+    c->dst = "?";
+    log_conn(c.get(), std::string("SO_ORIGINAL_DST: ") + std::strerror(errno));
+    return;
+  }
+  c->dst = addr_str(orig);
+  auto up = socket_in(h->pod, orig.ss_family, SOCK_STREAM);
+  if (!up) {
+    log_conn(c.get(), up.error().message());
+    return;
+  }
+  if (connect(up->get(), reinterpret_cast<sockaddr*>(&orig), olen) != 0 && errno != EINPROGRESS) {
+    log_conn(c.get(), std::string("connect upstream: ") + std::strerror(errno));
+    return;
+  }
+  c->down = std::move(down);
+  c->up = std::move(*up);
+  Conn* raw = c.get();
+  conns_[raw] = std::move(c);
+  watch(raw->down.get(), Kind::ConnDown, 0, raw->pod, raw);
+  watch(raw->up.get(), Kind::ConnUp, EPOLLOUT, raw->pod, raw);
+  update_interest(raw);
+}
+
+void Proxy::update_interest(Conn* c) {
+  auto set = [&](int fd, uint32_t ev) {
+    epoll_event e{};
+    e.events = ev;
+    e.data.fd = fd;
+    epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &e);
+  };
+  uint32_t down_ev = 0, up_ev = 0;
+  if (c->connecting) {
+    up_ev = EPOLLOUT;
+  } else {
+    if (!c->down_eof && c->to_up.size() < kBuf) down_ev |= EPOLLIN;
+    if (!c->up_eof && c->to_down.size() < kBuf) up_ev |= EPOLLIN;
+    if (!c->to_up.empty()) up_ev |= EPOLLOUT;
+    if (!c->to_down.empty()) down_ev |= EPOLLOUT;
+  }
+  set(c->down.get(), down_ev);
+  set(c->up.get(), up_ev);
+}
+
+void Proxy::finish(Conn* c, const std::string& error) {
+  log_conn(c, error);
+  unwatch(c->down.get());
+  unwatch(c->up.get());
+  conns_.erase(c);
+}
+
+void Proxy::on_conn(Handle* h, uint32_t events) {
+  Conn* c = h->conn;
+  bool is_up = h->kind == Kind::ConnUp;
+  if (is_up && c->connecting) {
+    int err = 0;
+    socklen_t el = sizeof(err);
+    getsockopt(c->up.get(), SOL_SOCKET, SO_ERROR, &err, &el);
+    if (err) return finish(c, std::string("connect upstream: ") + std::strerror(err));
+    if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+    c->connecting = false;
+  }
+  char buf[16384];
+  auto pump_in = [&](int from, std::string& into, bool& eof, uint64_t& counter) -> bool {
+    while (into.size() < kBuf) {
+      ssize_t n = read(from, buf, sizeof(buf));
+      if (n > 0) {
+        into.append(buf, n);
+        counter += n;
+        continue;
+      }
+      if (n == 0) eof = true;
+      else if (errno != EAGAIN && errno != EWOULDBLOCK) return false;
+      break;
+    }
+    return true;
+  };
+  auto flush = [&](int to, std::string& from) -> bool {
+    while (!from.empty()) {
+      ssize_t n = send(to, from.data(), from.size(), MSG_NOSIGNAL);
+      if (n > 0) {
+        from.erase(0, n);
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      return false;
+    }
+    return true;
+  };
+  if (!pump_in(c->down.get(), c->to_up, c->down_eof, c->bytes_up) ||
+      !pump_in(c->up.get(), c->to_down, c->up_eof, c->bytes_down))
+    return finish(c, std::string("read: ") + std::strerror(errno));
+  if (!flush(c->up.get(), c->to_up) || !flush(c->down.get(), c->to_down))
+    return finish(c, std::string("write: ") + std::strerror(errno));
+  if (c->down_eof && c->to_up.empty() && !c->up_shut) {
+    shutdown(c->up.get(), SHUT_WR);
+    c->up_shut = true;
+  }
+  if (c->up_eof && c->to_down.empty() && !c->down_shut) {
+    shutdown(c->down.get(), SHUT_WR);
+    c->down_shut = true;
+  }
+  if (c->up_shut && c->down_shut) return finish(c);
+  update_interest(c);
+}
+
+void Proxy::on_dns_query(Handle* h) {
+  char buf[4096];
+  auto q = std::make_unique<DnsQuery>();
+  q->pod = h->pod;
+  q->listener = h->fd;
+  q->client_len = sizeof(q->client);
+  ssize_t n = recvfrom(h->fd, buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&q->client), &q->client_len);
+  if (n < 0 || !h->pod->dns_upstream_len) return;
+  auto up = socket_in(h->pod, h->pod->dns_upstream.ss_family, SOCK_DGRAM);
+  if (!up) return;
+  if (sendto(up->get(), buf, n, 0, reinterpret_cast<sockaddr*>(&h->pod->dns_upstream), h->pod->dns_upstream_len) < 0)
+    return;
+  q->upstream = std::move(*up);
+  q->deadline = Clock::now() + std::chrono::seconds(5);
+  DnsQuery* raw = q.get();
+  dns_[raw] = std::move(q);
+  watch(raw->upstream.get(), Kind::DnsUpstream, EPOLLIN, raw->pod, nullptr, raw);
+  std::cout << json{{"event", "dns"}, {"pod", raw->pod->namespace_ + "/" + raw->pod->name}, {"src", addr_str(raw->client)},
+                    {"upstream", addr_str(raw->pod->dns_upstream)}}.dump()
+            << std::endl;
+}
+
+void Proxy::on_dns_reply(Handle* h) {
+  DnsQuery* q = h->dns;
+  char buf[4096];
+  ssize_t n = recv(q->upstream.get(), buf, sizeof(buf), 0);
+  if (n > 0) sendto(q->listener, buf, n, 0, reinterpret_cast<sockaddr*>(&q->client), q->client_len);
+  unwatch(q->upstream.get());
+  dns_.erase(q);
+}
+
+void Proxy::expire_dns() {
+  auto now = Clock::now();
+  std::vector<DnsQuery*> old;
+  for (auto& [q, _] : dns_)
+    if (q->deadline < now) old.push_back(q);
+  for (auto* q : old) {
+    unwatch(q->upstream.get());
+    dns_.erase(q);
+  }
+}
+
+void Proxy::run() {
+  epoll_event events[64];
+  while (!stopping_) {
+    int n = epoll_wait(epoll_.get(), events, 64, 1000);
+    for (int i = 0; i < n; ++i) {
+      auto it = handles_.find(events[i].data.fd);
+      if (it == handles_.end()) continue;  // removed by an earlier event in this batch
+      Handle* h = it->second.get();
+      switch (h->kind) {
+        case Kind::Wakeup: {
+          uint64_t v;
+          (void)!read(wake_.get(), &v, sizeof(v));
+          std::deque<std::function<void()>> todo;
+          {
+            std::lock_guard<std::mutex> g(mu_);
+            todo.swap(tasks_);
+          }
+          for (auto& t : todo) t();
+          break;
+        }
+        case Kind::OutboundListener:
+        case Kind::InboundListener:
+        case Kind::HboneListener:
+        case Kind::DnsTcpListener:
+          on_accept(h);
+          break;
+        case Kind::DnsUdpListener:
+          on_dns_query(h);
+          break;
+        case Kind::DnsUpstream:
+          on_dns_reply(h);
+          break;
+        case Kind::ConnDown:
+        case Kind::ConnUp:
+          on_conn(h, events[i].events);
+          break;
+      }
+    }
+    expire_dns();
+  }
+}
+
+}  // namespace podsteer::proxy

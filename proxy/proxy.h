@@ -1,0 +1,95 @@
+// podsteer-proxy: a small, real L4 node proxy. For every pod the ZDS server hands it, it
+// opens the in-pod listeners (outbound, inbound, HBONE, DNS) inside the pod's netns and
+// forwards connections to their original destinations, from inside the pod netns, with
+// the proxy mark. One epoll loop, no thread per connection.
+#pragma once
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "fd.h"
+#include "result.h"
+
+namespace podsteer::proxy {
+
+struct Config {
+  uint16_t outbound_port = 15001;
+  uint16_t inbound_port = 15006;
+  uint16_t hbone_port = 15008;
+  uint16_t dns_port = 15053;
+  uint32_t mark = 0x539;
+  std::string dns_upstream;  // "ip:port" for UDP DNS; empty: the pod's /etc/resolv.conf nameserver
+};
+
+struct Workload {
+  std::string uid, name, namespace_;
+  Fd netns;
+};
+
+class Proxy {
+ public:
+  explicit Proxy(Config cfg);
+  ~Proxy();
+  // Thread-safe: run on the event loop, and wait for the result.
+  Status add_workload(Workload w);
+  Status del_workload(const std::string& uid);
+  std::vector<std::string> workloads();
+  void run();  // the event loop; returns after stop()
+  void stop();
+
+ private:
+  struct Pod;
+  struct Conn;
+  struct DnsQuery;
+  enum class Kind { OutboundListener, InboundListener, HboneListener, DnsTcpListener, DnsUdpListener, ConnDown, ConnUp, DnsUpstream, Wakeup };
+  struct Handle {
+    Kind kind;
+    Pod* pod = nullptr;
+    Conn* conn = nullptr;
+    DnsQuery* dns = nullptr;
+    int fd = -1;
+  };
+
+  Status do_add(Workload& w);
+  void do_del(const std::string& uid);
+  void on_accept(Handle* h);
+  void on_dns_query(Handle* h);
+  void on_dns_reply(Handle* h);
+  void on_conn(Handle* h, uint32_t events);
+  void update_interest(Conn* c);
+  void finish(Conn* c, const std::string& error = "");
+  Result<Fd> socket_in(Pod* pod, int family, int type);
+  Handle* watch(int fd, Kind kind, uint32_t events, Pod* pod, Conn* conn = nullptr, DnsQuery* dns = nullptr);
+  void unwatch(int fd);
+  void expire_dns();
+  void log_conn(const Conn* c, const std::string& error);
+
+  Config cfg_;
+  Fd epoll_;
+  Fd wake_;
+  Fd host_netns_;
+  bool stopping_ = false;
+  std::mutex mu_;
+  std::deque<std::function<void()>> tasks_;
+  std::map<std::string, std::unique_ptr<Pod>> pods_;
+  std::map<int, std::unique_ptr<Handle>> handles_;
+  std::map<Conn*, std::unique_ptr<Conn>> conns_;
+  std::map<DnsQuery*, std::unique_ptr<DnsQuery>> dns_;
+};
+
+// The ZDS client: connects (and reconnects) to the agent, says hello, and applies each
+// request to the proxy, acking in lockstep. After a snapshot, pods it did not include are
+// closed.
+void run_zds_client(Proxy& proxy, const std::string& socket_path, const bool& stop);
+
+}  // namespace podsteer::proxy
