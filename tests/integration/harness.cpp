@@ -24,6 +24,10 @@ namespace {
 
 std::atomic<int> g_counter{0};
 
+}  // namespace
+
+std::string unique_id() { return fmt::format("{}x{}", getpid() % 100000, g_counter++); }
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -54,20 +58,23 @@ void kill_cgroup(const std::string& cg) {
   rmdir(cg.c_str());
 }
 
-}  // namespace
-
 std::string podsteer_bin() { return PODSTEER_BIN; }
 std::string testpeer_bin() { return TESTPEER_BIN; }
 
-CmdResult run(const std::vector<std::string>& argv, const std::vector<std::string>& env) {
-  int pipefd[2];
-  if (pipe2(pipefd, O_CLOEXEC) != 0) return {};
+CmdResult run(const std::vector<std::string>& argv, const std::vector<std::string>& env,
+              const std::string& stdin_data, bool split_stderr) {
+  int pipefd[2], in_pipe[2];
+  if (pipe2(pipefd, O_CLOEXEC) != 0 || pipe2(in_pipe, O_CLOEXEC) != 0) return {};
   pid_t pid = fork();
   if (pid == 0) {
     dup2(pipefd[1], 1);
-    dup2(pipefd[1], 2);
-    int devnull = open("/dev/null", O_RDONLY);
-    dup2(devnull, 0);
+    if (split_stderr) {
+      int devnull = open("/dev/null", O_WRONLY);
+      dup2(devnull, 2);
+    } else {
+      dup2(pipefd[1], 2);
+    }
+    dup2(in_pipe[0], 0);
     for (const auto& e : env) putenv(strdup(e.c_str()));
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -76,6 +83,9 @@ CmdResult run(const std::vector<std::string>& argv, const std::vector<std::strin
     _exit(127);
   }
   close(pipefd[1]);
+  close(in_pipe[0]);
+  if (!stdin_data.empty()) (void)!write(in_pipe[1], stdin_data.data(), stdin_data.size());
+  close(in_pipe[1]);
   CmdResult r;
   char buf[4096];
   ssize_t n;
@@ -89,7 +99,7 @@ CmdResult run(const std::vector<std::string>& argv, const std::vector<std::strin
 
 CmdResult sh(const std::string& line) { return run({"/bin/sh", "-c", line}); }
 
-Peer::Peer(const std::vector<std::string>& argv, bool with_stdin) {
+Peer::Peer(const std::vector<std::string>& argv, bool with_stdin, const std::string& cgroup) {
   char tmpl[] = "/tmp/podsteer-peer-XXXXXX";
   int out = mkstemp(tmpl);
   out_path_ = tmpl;
@@ -98,6 +108,10 @@ Peer::Peer(const std::vector<std::string>& argv, bool with_stdin) {
   pid_ = fork();
   if (pid_ == 0) {
     setpgid(0, 0);
+    if (!cgroup.empty()) {
+      std::ofstream procs(cgroup + "/cgroup.procs");
+      procs << getpid() << std::endl;
+    }
     dup2(out, 1);
     dup2(out, 2);
     if (with_stdin) {
@@ -136,6 +150,8 @@ void Peer::send_line(const std::string& s) {
   std::string l = s + "\n";
   if (write(stdin_fd_, l.data(), l.size()) < 0) ADD_FAILURE() << "write to peer stdin failed";
 }
+
+std::string Peer::output() { return read_file(out_path_); }
 
 std::vector<json> Peer::lines() {
   std::vector<json> out;
@@ -192,7 +208,7 @@ bool have_privileges(std::string& why) {
 }
 
 Env::Env() {
-  id = fmt::format("{}x{}", getpid() % 100000, g_counter++);
+  id = unique_id();
   pod_ns_name = "pst-" + id + "-pod";
   remote_ns_name = "pst-" + id + "-rem";
   pod_ns = "/var/run/netns/" + pod_ns_name;

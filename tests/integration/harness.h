@@ -21,8 +21,10 @@ struct CmdResult {
   std::string out;  // stdout and stderr together
 };
 
-// Runs argv (no shell) and waits; env entries are added to the environment.
-CmdResult run(const std::vector<std::string>& argv, const std::vector<std::string>& env = {});
+// Runs argv (no shell) and waits; env entries are added to the environment; stdin_data
+// is written to its standard input. With split_stderr, out holds stdout only.
+CmdResult run(const std::vector<std::string>& argv, const std::vector<std::string>& env = {},
+              const std::string& stdin_data = "", bool split_stderr = false);
 // Runs a shell line; for ip/tc/bpftool plumbing only.
 CmdResult sh(const std::string& line);
 
@@ -32,7 +34,7 @@ std::string testpeer_bin();
 // A background process (testpeer proxy/server/session) whose stdout lines are JSON.
 class Peer {
  public:
-  Peer(const std::vector<std::string>& argv, bool with_stdin = false);
+  Peer(const std::vector<std::string>& argv, bool with_stdin = false, const std::string& cgroup = "");
   ~Peer();
   Peer(const Peer&) = delete;
   Peer& operator=(const Peer&) = delete;
@@ -41,6 +43,7 @@ class Peer {
   // Waits until a line satisfying pred appears; returns it, or null json on timeout.
   json wait_for(const std::function<bool(const json&)>& pred, int timeout_ms = 5000);
   void send_line(const std::string& s);
+  std::string output();  // everything printed so far, JSON or not
   void stop();
   int pid() const { return pid_; }
 
@@ -54,6 +57,14 @@ class Peer {
 json peer_once(const std::vector<std::string>& argv);
 
 bool have_privileges(std::string& why);
+
+// A name unique to this test process and call: "<pid>x<n>". The residue check looks for
+// leftovers by the "<pid>x" prefix.
+std::string unique_id();
+std::string cgroup2_root();
+std::string read_file(const std::string& path);
+// Kills every process in cg and removes it.
+void kill_cgroup(const std::string& cg);
 
 class Env {
  public:

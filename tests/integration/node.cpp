@@ -1,0 +1,144 @@
+#include "node.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <thread>
+
+#include <fmt/format.h>
+
+namespace podsteer::test {
+
+namespace {
+const char* kCniDirs[] = {"/usr/lib/cni", CNI_PLUGIN_DIR};
+
+std::string plugin_path(const std::string& type) {
+  for (const char* d : kCniDirs) {
+    std::string p = std::string(d) + "/" + type;
+    if (access(p.c_str(), X_OK) == 0) return p;
+  }
+  return type;
+}
+}  // namespace
+
+Node::Node() {
+  id = unique_id();
+  dir = "/tmp/podsteer-test-" + id;
+  node_ns_name = "pst-" + id + "-node";
+  cgroup = cgroup2_root() + "/podsteer-test-" + id;
+  proxy_cgroup = cgroup + "/proxy";
+  app_cgroup = cgroup + "/app";
+  state_dir = "/sys/fs/bpf/podsteer-test-" + id;
+  cni_socket = dir + "/cni.sock";
+  zds_socket = dir + "/zds.sock";
+  http_port = 20000 + (getpid() * 7 + std::stoi(id.substr(id.find('x') + 1))) % 20000;
+  std::filesystem::create_directories(dir);
+  for (const auto& d : {cgroup, proxy_cgroup, app_cgroup}) mkdir(d.c_str(), 0755);
+  auto r = sh("ip netns add " + node_ns_name + " && ip -n " + node_ns_name + " link set lo up");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  conflist = {{"cniVersion", "1.0.0"},
+              {"name", "podnet"},
+              {"plugins",
+               {{{"type", "bridge"},
+                 {"bridge", "cni0"},
+                 {"isGateway", true},
+                 {"ipMasq", false},
+                 {"ipam", {{"type", "host-local"}, {"subnet", "10.211.0.0/24"}, {"dataDir", dir + "/ipam"}}}},
+                {{"type", "podsteer-cni"}, {"agentSocket", cni_socket}, {"enrollNamespaces", {"ambient"}}}}}};
+}
+
+Node::~Node() {
+  proxy.reset();
+  agent.reset();
+  auto r = run({podsteer_bin(), "--state-dir", state_dir, "uninstall"});
+  if (r.rc != 0) ADD_FAILURE() << "uninstall: " << r.out;
+  kill_cgroup(proxy_cgroup);
+  kill_cgroup(app_cgroup);
+  kill_cgroup(cgroup);
+  for (const auto& ns : netns_made_) sh("ip netns del " + ns + " 2>/dev/null");
+  sh("ip netns del " + node_ns_name + " 2>/dev/null");
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+void Node::start_agent(const std::vector<std::string>& extra) {
+  std::vector<std::string> argv = {AGENT_BIN, "--state-dir", state_dir, "--hook-cgroup", cgroup, "--cni-socket",
+                                   cni_socket, "--zds-socket", zds_socket, "--http-port", std::to_string(http_port),
+                                   "--enroll-namespaces", "ambient", "--ack-timeout-ms", "2000"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  agent = std::make_unique<Peer>(argv);
+  for (int i = 0; i < 250 && agent->output().find("http: /metrics") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_NE(agent->output().find("http: /metrics"), std::string::npos) << "agent did not start:\n" << agent->output();
+}
+
+void Node::start_proxy() {
+  proxy = std::make_unique<Peer>(std::vector<std::string>{PROXY_BIN, "--zds-socket", zds_socket}, false, proxy_cgroup);
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("event", "") == "snapshot_received"; }).is_null())
+      << "proxy never got a snapshot:\n" << proxy->output();
+}
+
+CmdResult Node::plugin(const std::string& type, const std::string& command, const Pod& pod, const std::string& stdin_data,
+                       const std::string& args_extra) {
+  std::string args = fmt::format("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID=uid-{}",
+                                 pod.namespace_, pod.name, pod.container_id, pod.name);
+  if (!args_extra.empty()) args += ";" + args_extra;
+  std::string cni_path = std::string(kCniDirs[0]) + ":" + kCniDirs[1];
+  return run({"nsenter", "--net=/var/run/netns/" + node_ns_name, plugin_path(type)},
+             {"CNI_COMMAND=" + command, "CNI_CONTAINERID=" + pod.container_id, "CNI_NETNS=" + pod.netns,
+              "CNI_IFNAME=eth0", "CNI_PATH=" + cni_path, "CNI_ARGS=" + args},
+             stdin_data, true);
+}
+
+ChainResult Node::chain(const std::string& command, const Pod& pod, const json& conflist_override,
+                        const std::string& args_extra) {
+  const json& list = conflist_override.is_null() ? conflist : conflist_override;
+  std::vector<json> plugins(list["plugins"].begin(), list["plugins"].end());
+  if (command == "DEL") std::reverse(plugins.begin(), plugins.end());
+  ChainResult out;
+  json prev = command == "ADD" ? json() : pod.result;
+  for (const auto& p : plugins) {
+    json conf = p;
+    conf["cniVersion"] = list["cniVersion"];
+    conf["name"] = list["name"];
+    if (!prev.is_null()) conf["prevResult"] = prev;
+    auto r = plugin(p["type"], command, pod, conf.dump(), args_extra);
+    out.rc = r.rc;
+    out.out = r.out;
+    out.result = json::parse(r.out, nullptr, false);
+    if (r.rc != 0) return out;
+    if (command == "ADD") prev = out.result;
+  }
+  return out;
+}
+
+ChainResult Node::add_pod(Pod& pod, const std::string& pod_namespace, const std::string& name) {
+  pod.name = name;
+  pod.namespace_ = pod_namespace;
+  pod.netns_name = "pst-" + id + "-" + name;
+  pod.netns = "/var/run/netns/" + pod.netns_name;
+  pod.container_id = "ctr-" + id + "-" + name;
+  if (std::find(netns_made_.begin(), netns_made_.end(), pod.netns_name) == netns_made_.end()) {
+    EXPECT_EQ(sh("ip netns add " + pod.netns_name + " && ip -n " + pod.netns_name + " link set lo up").rc, 0);
+    netns_made_.push_back(pod.netns_name);
+  }
+  auto r = chain("ADD", pod);
+  if (r.rc == 0) {
+    pod.result = r.result;
+    std::string cidr = r.result["ips"][0]["address"];
+    pod.ip = cidr.substr(0, cidr.find('/'));
+  }
+  return r;
+}
+
+json Node::status() {
+  auto r = run({podsteer_bin(), "--state-dir", state_dir, "status", "--json"});
+  return json::parse(r.out, nullptr, false);
+}
+
+std::string Node::http_get(const std::string& path) {
+  return run({"curl", "-s", "-i", fmt::format("http://127.0.0.1:{}{}", http_port, path)}).out;
+}
+
+}  // namespace podsteer::test

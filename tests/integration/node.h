@@ -1,0 +1,50 @@
+// A node on one machine for the agent tests: a "node" netns holding the bridge, pods made
+// by the real bridge + host-local CNI plugins with podsteer-cni chained (run the way a
+// runtime runs them), podsteer-agent and podsteer-proxy as real processes, and the
+// test's own cgroup, state dir and scratch dir, all removed in the destructor.
+#pragma once
+
+#include <map>
+
+#include "harness.h"
+
+namespace podsteer::test {
+
+struct Pod {
+  std::string name, namespace_, container_id, netns_name, netns, ip;
+  json result;  // the chain's ADD result, cached as a runtime does
+};
+
+struct ChainResult {
+  int rc = -1;
+  std::string out;  // the last plugin's stdout
+  json result;      // parsed out, when it is JSON
+};
+
+class Node {
+ public:
+  Node();
+  ~Node();
+  std::string id, dir, node_ns_name, cgroup, proxy_cgroup, app_cgroup, state_dir;
+  std::string cni_socket, zds_socket;
+  int http_port;
+  json conflist;
+  std::unique_ptr<Peer> agent, proxy;
+
+  void start_agent(const std::vector<std::string>& extra = {});
+  void start_proxy();
+  // Creates the pod's netns and runs the chain ADD; pod.result is set on success.
+  ChainResult add_pod(Pod& pod, const std::string& pod_namespace, const std::string& name);
+  ChainResult chain(const std::string& command, const Pod& pod, const json& conflist_override = nullptr,
+                    const std::string& args_extra = "");
+  // Runs one plugin binary as a runtime does (env + stdin) inside the node netns.
+  CmdResult plugin(const std::string& type, const std::string& command, const Pod& pod, const std::string& stdin_data,
+                   const std::string& args_extra = "");
+  json status();
+  std::string http_get(const std::string& path);
+
+ private:
+  std::vector<std::string> netns_made_;
+};
+
+}  // namespace podsteer::test

@@ -1,0 +1,350 @@
+// The node agent, CNI hook, ZDS handoff and podsteer-proxy, with the real CNI plugins run
+// the way a runtime runs them.
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <atomic>
+#include <thread>
+
+#include "node.h"
+#include "wire.h"
+#include "zds.pb.h"
+
+using namespace podsteer::test;
+namespace pb = istio::workload::zds;
+
+namespace {
+
+class NodeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_PRIVILEGES();
+    node = std::make_unique<Node>();
+  }
+  json connect_from(const Pod& pod, const std::string& to, int port, const std::string& text = "hello") {
+    return peer_once({testpeer_bin(), "--netns", pod.netns, "--cgroup", node->app_cgroup, "connect", "--to", to, "--port",
+                      std::to_string(port), "--send", text, "--timeout-ms", "2000"});
+  }
+  std::vector<json> proxy_connections() {
+    std::vector<json> out;
+    for (const auto& j : node->proxy->lines())
+      if (j.value("event", "") == "connection") out.push_back(j);
+    return out;
+  }
+  std::unique_ptr<Node> node;
+};
+
+bool got(const json& c, const std::string& text) {
+  return c.value("reply", "").find("got=" + text) != std::string::npos;
+}
+
+TEST_F(NodeTest, CniAddCapturesPodAndProxySeesOriginalDestinations) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web, other;
+  auto r = node->add_pod(web, "ambient", "web");
+  ASSERT_EQ(r.rc, 0) << r.out << "\nagent:\n" << node->agent->output();
+  auto r2 = node->add_pod(other, "default", "other");  // not enrolled: passes straight through
+  ASSERT_EQ(r2.rc, 0) << r2.out;
+
+  // prevResult is passed through unchanged: the chain's result equals the bridge's
+  EXPECT_EQ(r.result["ips"], web.result["ips"]);
+  EXPECT_EQ(r.result["interfaces"].size(), 3u);
+  auto st = node->status();
+  ASSERT_EQ(st["pods"].size(), 1u);
+  EXPECT_EQ(st["pods"][0]["pod"], "ambient/web");
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_added"; }).is_null());
+
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  Peer app({testpeer_bin(), "--netns", web.netns, "serve", "--port", "9090"});
+  ASSERT_FALSE(server.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  ASSERT_FALSE(app.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  auto out = connect_from(web, other.ip, 8080, "out");
+  EXPECT_TRUE(got(out, "out")) << out;
+  EXPECT_EQ(out["peer"], other.ip + ":8080");
+  auto in = connect_from(other, web.ip, 9090, "in");
+  EXPECT_TRUE(got(in, "in")) << in;
+  auto seen = node->proxy->wait_for([&](const json& j) { return j.value("direction", "") == "inbound"; });
+  ASSERT_FALSE(seen.is_null()) << node->proxy->output();
+  EXPECT_EQ(seen["original_dst"], web.ip + ":9090");
+  EXPECT_EQ(seen["src"], in["local"]);
+  auto conns = proxy_connections();
+  ASSERT_GE(conns.size(), 2u);
+  bool outbound_seen = false;
+  for (const auto& c : conns) {
+    if (c["direction"] != "outbound") continue;
+    outbound_seen = true;
+    EXPECT_EQ(c["original_dst"], other.ip + ":8080");
+    EXPECT_EQ(c["src"], out["local"]);
+    EXPECT_EQ(c["pod"], "ambient/web");
+    EXPECT_EQ(c["bytes_up"], 4);  // "out\n"
+  }
+  EXPECT_TRUE(outbound_seen);
+  // the pod that is not enrolled goes direct
+  auto conns_before = proxy_connections().size();
+  Peer other_app({testpeer_bin(), "--netns", other.netns, "serve", "--port", "9091"});
+  other_app.wait_for([](const json& j) { return j.value("event", "") == "ready"; });
+  auto plain = connect_from(other, other.ip, 9091, "plain");
+  EXPECT_TRUE(got(plain, "plain"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(proxy_connections().size(), conns_before) << "the other pod's own traffic is not captured";
+}
+
+TEST_F(NodeTest, CniDelTwiceCheckAndVersion) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  auto check = node->chain("CHECK", web);
+  EXPECT_EQ(check.rc, 0) << check.out;
+  EXPECT_EQ(check.out, "");
+
+  auto del = node->chain("DEL", web);
+  EXPECT_EQ(del.rc, 0) << del.out;
+  EXPECT_TRUE(node->status()["pods"].empty());
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_removed"; }).is_null());
+  auto del2 = node->chain("DEL", web);
+  EXPECT_EQ(del2.rc, 0) << "DEL is idempotent: " << del2.out;
+
+  // CHECK of an enrolled pod that is not captured fails with a CNI error
+  json conf = node->conflist["plugins"][1];
+  conf["cniVersion"] = "1.0.0";
+  conf["name"] = "podnet";
+  conf["prevResult"] = web.result;
+  auto bad_check = node->plugin("podsteer-cni", "CHECK", web, conf.dump());
+  EXPECT_NE(bad_check.rc, 0);
+  auto err = json::parse(bad_check.out, nullptr, false);
+  ASSERT_FALSE(err.is_discarded()) << bad_check.out;
+  EXPECT_EQ(err["code"], 100);
+  EXPECT_NE(err.value("details", "").find("should be captured"), std::string::npos) << err;
+
+  auto version = node->plugin("podsteer-cni", "VERSION", web, "");
+  EXPECT_EQ(version.rc, 0);
+  auto v = json::parse(version.out);
+  EXPECT_EQ(v["supportedVersions"], json({"0.3.0", "0.3.1", "0.4.0", "1.0.0"}));
+}
+
+TEST_F(NodeTest, CniBadInputGivesErrorJsonAndAttachesNothing) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web;
+  web.name = "web";
+  web.namespace_ = "ambient";
+  web.container_id = "ctr-" + node->id;
+  web.netns_name = "pst-" + node->id + "-web";
+  web.netns = "/var/run/netns/" + web.netns_name;
+  ASSERT_EQ(sh("ip netns add " + web.netns_name).rc, 0);
+  json prev = {{"cniVersion", "1.0.0"}, {"ips", {{{"address", "10.211.0.9/24"}}}}};
+  auto conf = [&](const std::string& version, const std::string& socket) {
+    return json{{"cniVersion", version}, {"name", "podnet"}, {"type", "podsteer-cni"}, {"agentSocket", socket},
+                {"enrollNamespaces", {"ambient"}}, {"prevResult", prev}}
+        .dump();
+  };
+  struct Case {
+    std::string name, stdin_data;
+    int code;
+    Pod pod;
+  };
+  Pod missing = web;
+  missing.netns = "/var/run/netns/does-not-exist-" + node->id;
+  std::vector<Case> cases = {
+      {"bad stdin", "{not json", 6, web},
+      {"unknown version", conf("9.9.9", node->cni_socket), 1, web},
+      {"missing netns", conf("1.0.0", node->cni_socket), 4, missing},
+      {"dead agent", conf("1.0.0", node->dir + "/nobody-listens.sock"), 11, web},
+      {"not chained", json{{"cniVersion", "1.0.0"}, {"name", "n"}, {"type", "podsteer-cni"}}.dump(), 7, web},
+  };
+  for (const auto& c : cases) {
+    auto r = node->plugin("podsteer-cni", "ADD", c.pod, c.stdin_data);
+    EXPECT_NE(r.rc, 0) << c.name;
+    auto j = json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << c.name << ": not a CNI error object: " << r.out;
+    EXPECT_EQ(j["code"], c.code) << c.name << ": " << j;
+    EXPECT_TRUE(j.contains("msg")) << c.name;
+    EXPECT_TRUE(node->status()["pods"].empty()) << c.name << " left a pod attached";
+  }
+  auto tc = sh("nsenter --net=" + web.netns + " bpftool net show");
+  EXPECT_EQ(tc.out.find("podsteer"), std::string::npos) << tc.out;
+  sh("ip netns del " + web.netns_name);
+}
+
+// Hand-encoded protobuf, independent of the protobuf library, pins the field numbers.
+std::string field(int number, const std::string& bytes) {
+  std::string out;
+  out += static_cast<char>((number << 3) | 2);
+  out += static_cast<char>(bytes.size());  // every test message is < 128 bytes
+  return out + bytes;
+}
+
+TEST_F(NodeTest, ZdsWireFormatAndNetnsFdPassing) {
+  node->start_agent();
+  Pod web;
+  // no proxy connected: an enrolled pod's ADD fails (the runtime retries) and nothing stays attached
+  auto early = node->add_pod(web, "ambient", "web");
+  EXPECT_NE(early.rc, 0);
+  EXPECT_NE(early.out.find("no node proxy"), std::string::npos) << early.out;
+  EXPECT_TRUE(node->status()["pods"].empty());
+
+  // A hand-written ZDS client in place of the proxy.
+  podsteer::Fd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  strncpy(addr.sun_path, node->zds_socket.c_str(), sizeof(addr.sun_path) - 1);
+  ASSERT_EQ(connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const std::string hello = {0x08, 0x01};  // ZdsHello{version: V1}
+  ASSERT_EQ(send(sock.get(), hello.data(), hello.size(), 0), 2);
+  auto snap = podsteer::zds::receive(sock.get(), 3000);
+  ASSERT_TRUE(snap.ok()) << snap.error().message();
+  EXPECT_EQ(snap->bytes, field(3, "")) << "empty snapshot: just SnapshotSent";
+  pb::WorkloadResponse ack;
+  ack.mutable_ack();
+  ASSERT_TRUE(podsteer::zds::send(sock.get(), ack).ok());
+
+  std::atomic<bool> done{false};
+  podsteer::zds::Packet add_pkt;
+  std::thread proxy_side([&] {
+    auto p = podsteer::zds::receive(sock.get(), 10000);
+    if (p) {
+      add_pkt = std::move(*p);
+      (void)podsteer::zds::send(sock.get(), ack);
+    }
+    done = true;
+  });
+  node->chain("DEL", web);  // the runtime cleans up the failed ADD before retrying
+  auto r = node->add_pod(web, "ambient", "web");
+  proxy_side.join();
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::string info = field(1, "web") + field(2, "ambient");
+  std::string expected = field(1, field(1, "uid-web") + field(2, info));
+  EXPECT_EQ(add_pkt.bytes, expected) << "AddWorkload on the wire";
+  // and the protobuf library reads the same message
+  auto req = podsteer::zds::parse<pb::WorkloadRequest>(add_pkt);
+  ASSERT_TRUE(req.ok());
+  EXPECT_EQ(req->add().uid(), "uid-web");
+  EXPECT_EQ(req->add().workload_info().namespace_(), "ambient");
+  // the fd that came with it is the pod's network namespace
+  ASSERT_TRUE(add_pkt.fd.valid());
+  struct stat passed {}, real {};
+  ASSERT_EQ(fstat(add_pkt.fd.get(), &passed), 0);
+  ASSERT_EQ(stat(web.netns.c_str(), &real), 0);
+  EXPECT_EQ(passed.st_ino, real.st_ino);
+
+  // a proxy that reconnects gets the pod in a snapshot, then SnapshotSent
+  sock.reset();
+  podsteer::Fd again(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(connect(again.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  pb::ZdsHello h;
+  h.set_version(pb::V1);
+  ASSERT_TRUE(podsteer::zds::send(again.get(), h).ok());
+  auto s1 = podsteer::zds::receive(again.get(), 3000);
+  ASSERT_TRUE(s1.ok());
+  EXPECT_EQ(s1->bytes, expected);
+  EXPECT_TRUE(s1->fd.valid());
+  ASSERT_TRUE(podsteer::zds::send(again.get(), ack).ok());
+  auto s2 = podsteer::zds::receive(again.get(), 3000);
+  ASSERT_TRUE(s2.ok());
+  EXPECT_EQ(s2->bytes, field(3, ""));
+  ASSERT_TRUE(podsteer::zds::send(again.get(), ack).ok());
+
+  // DEL reaches the proxy as DelWorkload{uid} (field 2 in DelWorkload, field 2 in the request)
+  podsteer::zds::Packet del_pkt;
+  std::thread proxy_del([&] {
+    auto p = podsteer::zds::receive(again.get(), 10000);
+    if (p) {
+      del_pkt = std::move(*p);
+      (void)podsteer::zds::send(again.get(), ack);
+    }
+  });
+  auto d = node->chain("DEL", web);
+  proxy_del.join();
+  EXPECT_EQ(d.rc, 0) << d.out;
+  EXPECT_EQ(del_pkt.bytes, field(2, field(2, "uid-web")));
+}
+
+TEST_F(NodeTest, AgentKilledUnderLoadLosesNoConnectionAndCatchesUp) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web, other, late;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::string first_failure;
+  std::thread client([&] {
+    while (!stop) {
+      auto c = connect_from(web, other.ip, 8080, "load");
+      if (got(c, "load")) ok++;
+      else if (failed++ == 0) first_failure = c.dump();
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  node->agent->stop();  // SIGKILL
+  // a pod created while the agent is down: ADD fails, it never runs uncaptured
+  auto down = node->add_pod(late, "ambient", "late");
+  EXPECT_NE(down.rc, 0);
+  EXPECT_EQ(json::parse(down.out, nullptr, false).value("code", 0), 11) << down.out;
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  node->start_agent();
+  // the runtime retries (DEL, then ADD) until the agent, with its proxy reconnected, says yes
+  ChainResult retried;
+  for (int attempt = 0; attempt < 25; ++attempt) {
+    node->chain("DEL", late);
+    retried = node->add_pod(late, "ambient", "late");
+    if (retried.rc == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_EQ(retried.rc, 0) << retried.out;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  client.join();
+  EXPECT_EQ(failed, 0) << "first failure: " << first_failure;
+  fprintf(stderr, "connections through the captured pod while the agent was killed and restarted: %d ok, %d failed\n",
+          ok.load(), failed.load());
+  EXPECT_GT(ok, 10);
+  auto st = node->status();
+  EXPECT_EQ(st["pods"].size(), 2u);
+  auto late_out = connect_from(late, other.ip, 8080, "late");
+  EXPECT_TRUE(got(late_out, "late"));
+  EXPECT_FALSE(node->proxy->wait_for([&](const json& j) { return j.value("pod", "") == "ambient/late" && j.value("event", "") == "connection"; }).is_null())
+      << "the late pod's traffic goes through the proxy";
+  auto ready = node->http_get("/readyz");
+  EXPECT_NE(ready.find("200 OK"), std::string::npos) << ready;
+  auto metrics = node->http_get("/metrics");
+  EXPECT_NE(metrics.find("podsteer_pods_captured 2"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("podsteer_pod_connections_total{kind=\"redirected_out\",pod=\"ambient/web\"}"), std::string::npos)
+      << metrics;
+}
+
+TEST_F(NodeTest, ProxyRestartNeverBypassesAndResumesAfterSnapshot) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  EXPECT_TRUE(got(connect_from(web, other.ip, 8080, "before"), "before"));
+  node->proxy->stop();
+  auto accepts_before = 0;
+  for (const auto& j : server.lines()) accepts_before += j.value("event", "") == "accept";
+  auto during = connect_from(web, other.ip, 8080, "during");
+  EXPECT_FALSE(during.value("connected", true)) << "fail closed: " << during;
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  int accepts_after = 0;
+  for (const auto& j : server.lines()) accepts_after += j.value("event", "") == "accept";
+  EXPECT_EQ(accepts_after, accepts_before) << "nothing reached the server around the proxy";
+  auto notready = node->http_get("/readyz");
+  EXPECT_NE(notready.find("503"), std::string::npos) << notready;
+
+  node->start_proxy();
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_added"; }).is_null());
+  auto after = connect_from(web, other.ip, 8080, "after");
+  EXPECT_TRUE(got(after, "after")) << after;
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("direction", "") == "outbound"; }).is_null());
+}
+
+}  // namespace
