@@ -1,90 +1,128 @@
 #!/usr/bin/env bash
-# podsteer on one machine: a small "node" of network namespaces, two pods (one enrolled,
-# one not) and a remote service, the capture datapath, a node proxy in the enrolled pod,
-# traffic, and what the proxy saw next to `podsteer status`. Cleans up on exit and Ctrl-C.
-#
-# The proxy here is tests/testpeer's L4 proxy (SO_ORIGINAL_DST, forwards, logs each
-# connection); podsteer-proxy and the agent replace it when they land.
+# podsteer on one machine, as a node runs it: a node in a network namespace, pods made by
+# the real bridge + host-local CNI plugins with podsteer-cni chained (driven the way a
+# container runtime drives them), podsteer-agent, podsteer-proxy as the node proxy,
+# traffic between the pods, and what the proxy captured next to `podsteer status`.
+# Leaves nothing behind, also on Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "demo: installing packages and building (scripts/setup.sh, scripts/build.sh) ..."
 scripts/setup.sh >/dev/null
 scripts/build.sh >/dev/null
 
-B=build
+B=$PWD/build
 TAG=demo$$
 STATE=/sys/fs/bpf/podsteer-$TAG
 CG2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
-CG=$CG2/podsteer-$TAG
-NODE=$TAG-node WEB=$TAG-web OTHER=$TAG-other REMOTE=$TAG-remote
+CG=$CG2/podsteer-$TAG               # the hook cgroup: the demo's "kubepods"
+WORK=$(mktemp -d /tmp/podsteer-$TAG.XXXX)
+NODE=$TAG-node
+CNI_PATH_DIRS=/usr/lib/cni:$B/cni-hook
 PIDS=()
+PODS=()
+
+cat >"$WORK/10-podnet.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "subnet": "10.250.0.0/24", "dataDir": "$WORK/ipam"}},
+  {"type": "podsteer-cni", "agentSocket": "$WORK/cni.sock"}]}
+JSON
+
+plugin_path() { local d; for d in ${CNI_PATH_DIRS//:/ }; do [ -x "$d/$1" ] && { echo "$d/$1"; return; }; done; }
+
+# Runs the conflist's plugins in order for ADD (each gets the previous result as
+# prevResult), in reverse for DEL, as libcni does. Prints the final result.
+cni() {
+  local cmd=$1 pod=$2 podns=$3 name=$4 prev="" out conf n i order
+  n=$(jq '.plugins | length' "$WORK/10-podnet.conflist")
+  order=$(seq 0 $((n - 1)))
+  [ "$cmd" = DEL ] && order=$(seq $((n - 1)) -1 0)
+  for i in $order; do
+    conf=$(jq -c --argjson i "$i" --arg prev "$prev" \
+      '.plugins[$i] + {cniVersion: .cniVersion, name: .name} + (if $prev == "" then {} else {prevResult: ($prev | fromjson)} end)' \
+      "$WORK/10-podnet.conflist")
+    out=$(echo "$conf" | nsenter --net=/var/run/netns/$NODE env CNI_COMMAND="$cmd" CNI_CONTAINERID="ctr-$pod" \
+      CNI_NETNS=/var/run/netns/$pod CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH_DIRS" \
+      CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=$podns;K8S_POD_NAME=$name;K8S_POD_INFRA_CONTAINER_ID=ctr-$pod;K8S_POD_UID=uid-$name" \
+      "$(plugin_path "$(jq -r .type <<<"$conf")")") || { echo "$out"; return 1; }
+    [ "$cmd" = ADD ] && prev=$out
+  done
+  echo "$prev"
+}
 
 cleanup() {
   set +e
+  echo
+  echo "demo: cleaning up"
+  for p in "${PODS[@]}"; do cni DEL "$TAG-$p" x "$p" >/dev/null 2>&1; done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  "$B/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null 2>&1
-  for ns in $WEB $OTHER $REMOTE $NODE; do ip netns del "$ns" 2>/dev/null; done
-  for d in "$CG"/proxy "$CG"/app "$CG"; do rmdir "$d" 2>/dev/null; done
-  echo "demo: cleaned up"
+  "$B/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null
+  for p in "${PODS[@]}"; do ip netns del "$TAG-$p" 2>/dev/null; done
+  ip netns del "$NODE" 2>/dev/null
+  for d in "$CG"/proxy "$CG"/app "$CG"; do
+    [ -d "$d" ] && { for pid in $(cat "$d/cgroup.procs"); do kill -9 "$pid"; done; sleep 0.1; rmdir "$d"; }
+  done
+  rm -rf "$WORK"
+  echo "demo: nothing left behind"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+in_cgroup() { local cg=$1; shift; sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"; }
 
-say "a node: bridge br0 in netns $NODE, pods $WEB (enrolled), $OTHER (not) and $REMOTE"
-ip netns add $NODE
-ip -n $NODE link add br0 type bridge
-ip -n $NODE addr add 10.88.0.1/24 dev br0
-ip -n $NODE link set br0 up
-ip -n $NODE link set lo up
-i=2
-for pod in $WEB $OTHER $REMOTE; do
-  ip netns add $pod
-  ip -n $NODE link add v$i type veth peer name eth0 netns $pod
-  ip -n $NODE link set v$i master br0 up
-  ip -n $pod addr add 10.88.0.$i/24 dev eth0
-  ip -n $pod link set eth0 up
-  ip -n $pod link set lo up
-  ip -n $pod route add default via 10.88.0.1
-  echo "   $pod  10.88.0.$i"
-  i=$((i + 1))
+say "node: netns $NODE; pods get their network from bridge + host-local, with podsteer-cni chained"
+ip netns add "$NODE"
+ip -n "$NODE" link set lo up
+mkdir -p "$CG/proxy" "$CG/app"
+
+say "podsteer-agent (enrolls namespace 'ambient') and podsteer-proxy (the node proxy, over ZDS)"
+"$B/controller/podsteer-agent" --state-dir "$STATE" --hook-cgroup "$CG" --cni-socket "$WORK/cni.sock" \
+  --zds-socket "$WORK/ztunnel.sock" --http-port 15099 --enroll-namespaces ambient >"$WORK/agent.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do [ -S "$WORK/cni.sock" ] && break; sleep 0.1; done
+in_cgroup "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/ztunnel.sock" >"$WORK/proxy.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do grep -q snapshot_received "$WORK/proxy.log" 2>/dev/null && break; sleep 0.1; done
+sed 's/^/   agent: /' "$WORK/agent.log"
+
+say "pods: CNI ADD through the chain (the runtime's view)"
+declare -A IP
+for spec in web:ambient db:ambient legacy:default; do
+  name=${spec%%:*} podns=${spec#*:}
+  ip netns add "$TAG-$name"
+  ip -n "$TAG-$name" link set lo up
+  PODS+=("$name")
+  start=$(date +%s%N)
+  result=$(cni ADD "$TAG-$name" "$podns" "$name")
+  ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  IP[$name]=$(jq -r '.ips[0].address' <<<"$result" | cut -d/ -f1)
+  printf '   %-7s %-8s %-12s CNI ADD %3d ms\n' "$name" "$podns" "${IP[$name]}" "$ms"
 done
-WEB_IP=10.88.0.2 OTHER_IP=10.88.0.3 REMOTE_IP=10.88.0.4
-mkdir -p "$CG"/proxy "$CG"/app
 
-say "services: remote:8080 and web:9090 (echo servers that report who they saw)"
-$B/tests/testpeer --netns /var/run/netns/$REMOTE serve --port 8080 >/dev/null & PIDS+=($!)
-$B/tests/testpeer --netns /var/run/netns/$WEB serve --port 9090 >/dev/null & PIDS+=($!)
-
-say "node proxy in $WEB: listens on 15001/15006/15008 and 127.0.0.1:15053, SO_MARK 0x539"
-PROXY_LOG=$(mktemp)
-$B/tests/testpeer --netns /var/run/netns/$WEB --cgroup "$CG"/proxy proxy --mark 0x539 >"$PROXY_LOG" 2>&1 & PIDS+=($!)
-sleep 0.5
-
-say "podsteer enroll (socket hooks at $CG, state in $STATE)"
-$B/cli/podsteer --state-dir "$STATE" --hook-cgroup "$CG" enroll --netns /var/run/netns/$WEB --pod default/web
-
-app() { $B/tests/testpeer --netns /var/run/netns/$1 --cgroup "$CG"/app connect --to "$2" --port "$3" --send "$4"; }
-say "traffic"
-echo "web -> remote:8080 (outbound, captured):"; app $WEB $REMOTE_IP 8080 hello-out
-echo "web -> [remote] over an AF_INET6 socket (v4-mapped, captured):"
-$B/tests/testpeer --netns /var/run/netns/$WEB --cgroup "$CG"/app connect --v6 --to $REMOTE_IP --port 8080 --send mapped
-echo "remote -> web:9090 (inbound, captured):"; app $REMOTE $WEB_IP 9090 hello-in
-echo "other -> remote:8080 (pod not enrolled, direct):"; app $OTHER $REMOTE_IP 8080 not-enrolled
-echo "web -> 127.0.0.1 is never captured; neither are the proxy's own marked connections."
-
-say "what the proxy captured (listener, peer it saw, original destination from SO_ORIGINAL_DST)"
+say "applications: web serves :8080, db serves :5432, both report who they saw"
+for spec in web:8080 db:5432; do
+  in_cgroup "$CG/app" "$B/tests/testpeer" --netns "/var/run/netns/$TAG-${spec%%:*}" serve --port "${spec#*:}" >/dev/null &
+  PIDS+=($!)
+done
 sleep 0.3
-grep '"accept"' "$PROXY_LOG" || true
-rm -f "$PROXY_LOG"
+
+client() { in_cgroup "$CG/app" "$B/tests/testpeer" --netns "/var/run/netns/$TAG-$1" connect --to "$2" --port "$3" --send "$4"; }
+say "traffic"
+printf '   web    -> db:5432      '; client web "${IP[db]}" 5432 "select 1" | jq -c '{peer, reply}'
+printf '   legacy -> web:8080     '; client legacy "${IP[web]}" 8080 "GET /" | jq -c '{peer, reply}'
+printf '   legacy -> db:5432      '; client legacy "${IP[db]}" 5432 "select 2" | jq -c '{peer, reply}'
+sleep 0.3
+
+say "what podsteer-proxy captured: pod, direction, source, original destination, bytes"
+grep '"connection"' "$WORK/proxy.log" | jq -r '"   \(.pod)  \(.direction)\t\(.src) -> \(.original_dst)  up \(.bytes_up)B down \(.bytes_down)B"'
+echo "   (legacy is not enrolled: its outbound connections go direct; what it sends to web and db is captured"
+echo "    inbound at those pods. web -> db is captured twice: outbound at web, inbound at db.)"
 
 say "podsteer status"
-$B/cli/podsteer --state-dir "$STATE" status
+"$B/cli/podsteer" --state-dir "$STATE" status | sed 's/^/   /'
 
-say "the same state through bpftool"
-echo "\$ bpftool map dump pinned $STATE/maps/podsteer_pods"
-bpftool map dump pinned "$STATE/maps/podsteer_pods"
-
-say "podsteer uninstall"
-$B/cli/podsteer --state-dir "$STATE" uninstall
+say "agent /readyz and /metrics"
+curl -s "http://127.0.0.1:15099/readyz" | sed 's/^/   /'
+curl -s "http://127.0.0.1:15099/metrics" | grep -E '^podsteer_(pods_captured|cni_requests_total|pod_connections_total\{kind="redirected)' | sed 's/^/   /'
