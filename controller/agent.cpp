@@ -151,14 +151,16 @@ static PodInfo pod_from_request(const json& r) {
 json Agent::handle_cni(const json& req) {
   std::string command = req.value("command", "");
   PodInfo pod = pod_from_request(req);
+  auto started = std::chrono::steady_clock::now();
   json out;
   if (command == "ADD") out = cni_add(pod);
   else if (command == "DEL") out = cni_del(pod);
   else if (command == "CHECK") out = cni_check(pod);
   else out = {{"status", "error"}, {"message", "unknown command '" + command + "'"}};
   count(command.empty() ? "unknown" : command, out.value("status", "error"));
-  spdlog::info("cni {} pod={} container={} -> {} {}", command, pod.full_name(), pod.container_id.substr(0, 12),
-               out.value("status", ""), out.value("message", ""));
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
+  spdlog::info("cni {} pod={} container={} -> {} {} ({} us)", command, pod.full_name(), pod.container_id.substr(0, 12),
+               out.value("status", ""), out.value("message", ""), us);
   return out;
 }
 

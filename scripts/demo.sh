@@ -28,27 +28,9 @@ cat >"$WORK/10-podnet.conflist" <<JSON
   {"type": "podsteer-cni", "agentSocket": "$WORK/cni.sock"}]}
 JSON
 
-plugin_path() { local d; for d in ${CNI_PATH_DIRS//:/ }; do [ -x "$d/$1" ] && { echo "$d/$1"; return; }; done; }
-
-# Runs the conflist's plugins in order for ADD (each gets the previous result as
-# prevResult), in reverse for DEL, as libcni does. Prints the final result.
-cni() {
-  local cmd=$1 pod=$2 podns=$3 name=$4 prev="" out conf n i order
-  n=$(jq '.plugins | length' "$WORK/10-podnet.conflist")
-  order=$(seq 0 $((n - 1)))
-  [ "$cmd" = DEL ] && order=$(seq $((n - 1)) -1 0)
-  for i in $order; do
-    conf=$(jq -c --argjson i "$i" --arg prev "$prev" \
-      '.plugins[$i] + {cniVersion: .cniVersion, name: .name} + (if $prev == "" then {} else {prevResult: ($prev | fromjson)} end)' \
-      "$WORK/10-podnet.conflist")
-    out=$(echo "$conf" | nsenter --net=/var/run/netns/$NODE env CNI_COMMAND="$cmd" CNI_CONTAINERID="ctr-$pod" \
-      CNI_NETNS=/var/run/netns/$pod CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH_DIRS" \
-      CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=$podns;K8S_POD_NAME=$name;K8S_POD_INFRA_CONTAINER_ID=ctr-$pod;K8S_POD_UID=uid-$name" \
-      "$(plugin_path "$(jq -r .type <<<"$conf")")") || { echo "$out"; return 1; }
-    [ "$cmd" = ADD ] && prev=$out
-  done
-  echo "$prev"
-}
+CONFLIST=$WORK/10-podnet.conflist
+# shellcheck source=lib/cni.sh
+source scripts/lib/cni.sh
 
 cleanup() {
   set +e

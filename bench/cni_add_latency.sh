@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# CNI ADD latency and agent memory: N pods (default 100) added through the real chain
+# (bridge + host-local, then podsteer-cni), the agent warm (a few pods first, not counted).
+# Times only the podsteer-cni call: agent round trip, TC attach in the pod netns, map
+# writes, and the proxy's AddWorkload ack. Prints p50/p90/p99/max and the agent's RSS
+# before and after, then removes everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100}
+WARM=5
+scripts/setup.sh >/dev/null
+scripts/build.sh >/dev/null
+B=$PWD/build
+TAG=bench$$
+STATE=/sys/fs/bpf/podsteer-$TAG
+CG2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+CG=$CG2/podsteer-$TAG
+WORK=$(mktemp -d /tmp/podsteer-$TAG.XXXX)
+NODE=$TAG-node
+CNI_PATH_DIRS=/usr/lib/cni:$B/cni-hook
+CONFLIST=$WORK/podnet.conflist
+source scripts/lib/cni.sh
+PIDS=()
+PODS=()
+cat >"$CONFLIST" <<JSON
+{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "subnet": "10.252.0.0/16", "dataDir": "$WORK/ipam"}},
+  {"type": "podsteer-cni", "agentSocket": "$WORK/cni.sock"}]}
+JSON
+
+cleanup() {
+  set +e
+  for p in "${PODS[@]}"; do cni DEL "$p" ambient "$p" >/dev/null 2>&1; ip netns del "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  "$B/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null
+  ip netns del "$NODE" 2>/dev/null
+  for d in "$CG"/proxy "$CG"; do [ -d "$d" ] && { for pid in $(cat "$d/cgroup.procs"); do kill -9 "$pid"; done; sleep 0.1; rmdir "$d"; }; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$NODE"
+mkdir -p "$CG/proxy"
+"$B/controller/podsteer-agent" --state-dir "$STATE" --hook-cgroup "$CG" --cni-socket "$WORK/cni.sock" \
+  --zds-socket "$WORK/zds.sock" --http-port 15098 --enroll-namespaces ambient >"$WORK/agent.log" 2>&1 &
+AGENT=$!
+PIDS+=($AGENT)
+for _ in $(seq 50); do [ -S "$WORK/cni.sock" ] && break; sleep 0.1; done
+sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/zds.sock" >"$WORK/proxy.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do grep -q snapshot_received "$WORK/proxy.log" 2>/dev/null && break; sleep 0.1; done
+rss() { awk '/VmRSS/ {print $2}' /proc/$AGENT/status; }
+RSS0=$(rss)
+
+LAT=()
+PLUGIN=$(plugin_path podsteer-cni)
+for i in $(seq 1 $((N + WARM))); do
+  pod=$TAG-p$i
+  ip netns add "$pod"
+  PODS+=("$pod")
+  prev=$(cni_plugin ADD "$pod" ambient "p$i" "$(cni_conf 0)")
+  conf=$(cni_conf 1 "$prev")
+  # exactly what the runtime runs for the chained plugin, timed around the exec alone
+  t0=$(date +%s%N)
+  echo "$conf" | nsenter --net=/var/run/netns/$NODE env CNI_COMMAND=ADD CNI_CONTAINERID="ctr-$pod" \
+    CNI_NETNS=/var/run/netns/$pod CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH_DIRS" \
+    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=ambient;K8S_POD_NAME=p$i;K8S_POD_UID=uid-p$i" "$PLUGIN" >/dev/null
+  t1=$(date +%s%N)
+  [ "$i" -gt "$WARM" ] && LAT+=($(( (t1 - t0) / 1000 )))
+done
+RSS1=$(rss)
+captured=$("$B/cli/podsteer" --state-dir "$STATE" status --json | jq '.pods | length')
+sorted=($(printf '%s\n' "${LAT[@]}" | sort -n))
+pct() { echo "${sorted[$(( ($1 * ${#sorted[@]} + 99) / 100 - 1 ))]}"; }
+echo "podsteer-cni ADD latency over $N pods (agent warm, proxy acking; microseconds):"
+echo "  p50 $(pct 50)  p90 $(pct 90)  p99 $(pct 99)  max ${sorted[-1]}"
+agent_us=($(grep -o 'captured  ([0-9]* us)' "$WORK/agent.log" | tr -dc '0-9\n' | tail -n "$N" | sort -n))
+echo "  of which inside the agent (enroll + proxy ack): p50 ${agent_us[$(( ${#agent_us[@]} / 2 ))]}  p99 ${agent_us[$(( ${#agent_us[@]} * 99 / 100 ))]}"
+echo "agent RSS: ${RSS0} KiB with 0 pods, ${RSS1} KiB with $((N + WARM)) pods captured ($captured in podsteer status)"
