@@ -81,6 +81,11 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  if (install_cni && access(cni_opts.plugin_binary.c_str(), X_OK) != 0) {
+    spdlog::error("--install-cni: no podsteer-cni binary at {} (use --cni-plugin)", cni_opts.plugin_binary);
+    return 1;
+  }
+
   sigset_t sigs;
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);

@@ -5,6 +5,7 @@
 #include <sys/un.h>
 
 #include <atomic>
+#include <fstream>
 #include <thread>
 
 #include "node.h"
@@ -345,6 +346,47 @@ TEST_F(NodeTest, ProxyRestartNeverBypassesAndResumesAfterSnapshot) {
   auto after = connect_from(web, other.ip, 8080, "after");
   EXPECT_TRUE(got(after, "after")) << after;
   EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("direction", "") == "outbound"; }).is_null());
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(NodeTest, CniInstallerChainsKeepsAndRemovesThePlugin) {
+  std::string bin = node->dir + "/opt-cni-bin", conf = node->dir + "/etc-cni-net.d";
+  ASSERT_EQ(sh("mkdir -p " + bin + " " + conf).rc, 0);
+  json primary = {{"cniVersion", "1.0.0"}, {"name", "kindnet"}, {"plugins", {{{"type", "ptp"}}, {{"type", "portmap"}}}}};
+  auto write_primary = [&] { std::ofstream(conf + "/10-kindnet.conflist") << primary.dump(2); };
+  write_primary();
+  std::ofstream(conf + "/99-other.conflist") << json{{"cniVersion", "1.0.0"}, {"name", "z"}, {"plugins", json::array()}}.dump();
+  auto read_primary = [&] { return json::parse(read_file(conf + "/10-kindnet.conflist"), nullptr, false); };
+  node->start_agent({"--install-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf, "--cni-plugin",
+                     std::string(CNI_PLUGIN_DIR) + "/podsteer-cni"});
+  auto has_ours = [&] {
+    auto j = read_primary();
+    return !j.is_discarded() && j["plugins"].size() == 3 && j["plugins"][2]["type"] == "podsteer-cni";
+  };
+  for (int i = 0; i < 100 && !has_ours(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_TRUE(has_ours()) << read_file(conf + "/10-kindnet.conflist");
+  EXPECT_EQ(read_primary()["plugins"][0]["type"], "ptp") << "the primary's plugins stay first and unchanged";
+  EXPECT_EQ(read_primary()["plugins"][2]["agentSocket"], node->cni_socket);
+  EXPECT_EQ(access((bin + "/podsteer-cni").c_str(), X_OK), 0);
+  EXPECT_EQ(json::parse(read_file(conf + "/99-other.conflist"))["plugins"].size(), 0u) << "only the primary is touched";
+
+  // the primary CNI rewrites its file: the agent puts us back
+  write_primary();
+  bool back = false;
+  for (int i = 0; i < 150 && !back; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    back = has_ours();
+  }
+  EXPECT_TRUE(back) << "not re-added after the primary CNI rewrote its conflist";
+
+  node->agent->stop();
+  auto r = run({AGENT_BIN, "--uninstall-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf});
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(read_primary()["plugins"].size(), 2u) << read_file(conf + "/10-kindnet.conflist");
+  EXPECT_NE(access((bin + "/podsteer-cni").c_str(), F_OK), 0);
 }
 
 }  // namespace
