@@ -22,6 +22,9 @@ int main(int argc, char** argv) {
   app.add_option("--hbone-port", cfg.hbone_port)->capture_default_str();
   app.add_option("--dns-port", cfg.dns_port)->capture_default_str();
   app.add_option("--dns-upstream", cfg.dns_upstream, "resolver for captured UDP DNS (default: /etc/resolv.conf's)");
+  app.add_option("--default-upstream", cfg.default_upstream,
+                 "IP:PORT for connections made straight to a listener (no original destination)");
+  app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
   signal(SIGPIPE, SIG_IGN);
   std::ios::sync_with_stdio(false);

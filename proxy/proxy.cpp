@@ -300,6 +300,7 @@ void Proxy::do_del(const std::string& uid) {
 }
 
 void Proxy::log_conn(const Conn* c, const std::string& error) {
+  if (cfg_.quiet && error.empty()) return;
   json j = {{"event", "connection"}, {"pod", c->pod->namespace_ + "/" + c->pod->name}, {"direction", c->direction},
             {"src", c->src},         {"original_dst", c->dst}, {"bytes_up", c->bytes_up}, {"bytes_down", c->bytes_down}};
   if (!error.empty()) j["error"] = error;
@@ -333,10 +334,13 @@ void Proxy::on_accept(Handle* h) {
   socklen_t olen = sizeof(orig);
   int r = v4 ? getsockopt(down.get(), SOL_IP, kSoOriginalDst, &orig, &olen)
              : getsockopt(down.get(), SOL_IPV6, kSoOriginalDst, &orig, &olen);
-  if (r != 0) {
-    c->dst = "?";
-    log_conn(c.get(), std::string("SO_ORIGINAL_DST: ") + std::strerror(errno));
-    return;
+  bool to_self = r == 0 && addr_str(orig) == addr_str(local);
+  if (r != 0 || to_self) {
+    if (cfg_.default_upstream.empty() || !parse_hostport(cfg_.default_upstream, orig, olen)) {
+      c->dst = "?";
+      log_conn(c.get(), r != 0 ? std::string("SO_ORIGINAL_DST: ") + std::strerror(errno) : "no original destination");
+      return;
+    }
   }
   c->dst = addr_str(orig);
   auto up = socket_in(h->pod, orig.ss_family, SOCK_STREAM);

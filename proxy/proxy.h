@@ -29,6 +29,11 @@ struct Config {
   uint16_t dns_port = 15053;
   uint32_t mark = 0x539;
   std::string dns_upstream;  // "ip:port" for UDP DNS; empty: the pod's /etc/resolv.conf nameserver
+  // Where a connection goes when it has no original destination (nothing redirected it:
+  // a client connected to the listener itself). Empty: such connections are closed.
+  // The benchmarks' "direct" mode uses it.
+  std::string default_upstream;
+  bool quiet = false;
 };
 
 struct Workload {

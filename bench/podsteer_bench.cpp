@@ -1,0 +1,642 @@
+// Side-by-side benchmark: the same forwarding proxy (podsteer-proxy) in a pod netns, and
+// three ways of getting the pod's connections to it, measured interleaved in one run:
+//   direct          the client connects to the proxy's port itself: the floor
+//   podsteer        the client connects to the server; our programs steer it
+//   istio-iptables  istio-cni's in-pod ambient rules (nat REDIRECT, marks, connmark,
+//                   probe accept, fwmark route) with the proxy reading SO_ORIGINAL_DST
+// Also: per-program BPF cost under that load (kernel.bpf_stats_enabled), the TC program
+// alone under BPF_PROG_TEST_RUN, and scaling with 1/100/10,000 outbound CIDR exclusions.
+// Writes results.json, RESULTS.md and a gnuplot PNG of connection rates.
+#include <arpa/inet.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <fcntl.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#ifndef TCP_NODELAY
+#define TCP_NODELAY 1  // netinet/tcp.h clashes with linux/tcp.h, needed for the test packet
+#endif
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "podsteer_abi.h"
+#include "podsteer_tc.skel.h"
+#include "wire.h"
+#include "zds.pb.h"
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Setup {
+  std::string id, pod_ns, srv_ns, cgroup, proxy_cg, app_cg, state_dir, dir;
+  std::string pod_ip = "10.230.0.2", srv_ip = "10.230.0.1";
+  uint16_t port = 8080;
+  std::string podsteer, proxy_bin;
+  pid_t server_pid = -1, proxy_pid = -1;
+};
+
+int sh(const std::string& cmd) {
+  int rc = system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 1;
+}
+
+void must(bool ok, const std::string& what) {
+  if (!ok) {
+    fprintf(stderr, "bench: %s failed\n", what.c_str());
+    exit(1);
+  }
+}
+
+std::string cg2_root() {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto d = line.find(" - cgroup2 ");
+    if (d == std::string::npos) continue;
+    std::istringstream h(line.substr(0, d));
+    std::string a, b, c, e, mp;
+    h >> a >> b >> c >> e >> mp;
+    return mp;
+  }
+  return "";
+}
+
+void enter(const std::string& netns, const std::string& cgroup) {
+  if (!cgroup.empty()) std::ofstream(cgroup + "/cgroup.procs") << getpid() << std::endl;
+  int fd = open(netns.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(3);
+  close(fd);
+}
+
+sockaddr_in addr4(const std::string& ip, uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  inet_pton(AF_INET, ip.c_str(), &a.sin_addr);
+  return a;
+}
+
+bool read_n(int fd, char* buf, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = read(fd, buf + got, n - got);
+    if (r <= 0) return false;
+    got += r;
+  }
+  return true;
+}
+
+// The server: each connection sends a mode byte: 'r' = 64-byte request/response until EOF,
+// 's' = sink until EOF, then an 8-byte count back.
+void run_server(const Setup& s) {
+  int l = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  auto a = addr4("0.0.0.0", s.port);
+  if (bind(l, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(l, 4096) != 0) _exit(4);
+  while (true) {
+    int c = accept(l, nullptr, nullptr);
+    if (c < 0) continue;
+    std::thread([c] {
+      int one = 1;
+      setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      char mode;
+      if (read(c, &mode, 1) == 1) {
+        if (mode == 'r') {
+          char buf[64];
+          while (read_n(c, buf, sizeof(buf)))
+            if (write(c, buf, sizeof(buf)) != sizeof(buf)) break;
+        } else {
+          static thread_local char big[1 << 16];
+          uint64_t total = 0;
+          ssize_t n;
+          while ((n = read(c, big, sizeof(big))) > 0) total += n;
+          (void)!write(c, &total, sizeof(total));
+        }
+      }
+      close(c);
+    }).detach();
+  }
+}
+
+struct LoadResult {
+  double conn_per_sec = 0, p50_us = 0, p99_us = 0, gbit_per_sec = 0;
+  uint64_t errors = 0;
+};
+
+int connect_to(const std::string& ip, uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  auto a = addr4(ip, port);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Runs in a child in the pod netns and app cgroup; the parent reads the result.
+LoadResult load(const std::string& kind, const std::string& ip, uint16_t port, double seconds, int threads, uint64_t bulk_bytes) {
+  LoadResult r;
+  std::atomic<uint64_t> count{0}, errors{0};
+  std::vector<std::vector<double>> lat(threads);
+  auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  std::vector<std::thread> ts;
+  auto t0 = Clock::now();
+  if (kind == "bulk") {
+    int fd = connect_to(ip, port);
+    if (fd < 0) {
+      r.errors = 1;
+      return r;
+    }
+    std::vector<char> buf(1 << 16, 'x');
+    (void)!write(fd, "s", 1);
+    uint64_t sent = 0;
+    while (sent < bulk_bytes) {
+      ssize_t n = write(fd, buf.data(), std::min<uint64_t>(buf.size(), bulk_bytes - sent));
+      if (n <= 0) break;
+      sent += n;
+    }
+    shutdown(fd, SHUT_WR);
+    uint64_t got = 0;
+    read_n(fd, reinterpret_cast<char*>(&got), sizeof(got));
+    close(fd);
+    double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    r.gbit_per_sec = got * 8 / secs / 1e9;
+    r.errors = got != bulk_bytes;
+    return r;
+  }
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      char buf[65] = "r";
+      if (kind == "short") {
+        while (Clock::now() < deadline) {
+          int fd = connect_to(ip, port);
+          if (fd < 0) {
+            errors++;
+            continue;
+          }
+          buf[0] = 'r';
+          bool ok = write(fd, buf, 65) == 65 && read_n(fd, buf + 1, 64);
+          close(fd);
+          ok ? count++ : errors++;
+        }
+      } else {  // rr: one kept-open connection per thread
+        int fd = connect_to(ip, port);
+        if (fd < 0 || write(fd, "r", 1) != 1) {
+          errors++;
+          return;
+        }
+        while (Clock::now() < deadline) {
+          auto s = Clock::now();
+          if (write(fd, buf + 1, 64) != 64 || !read_n(fd, buf + 1, 64)) {
+            errors++;
+            break;
+          }
+          lat[t].push_back(std::chrono::duration<double, std::micro>(Clock::now() - s).count());
+          count++;
+        }
+        close(fd);
+      }
+    });
+  }
+  for (auto& th : ts) th.join();
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  r.conn_per_sec = count / secs;
+  r.errors = errors;
+  std::vector<double> all;
+  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  if (!all.empty()) {
+    std::sort(all.begin(), all.end());
+    r.p50_us = all[all.size() / 2];
+    r.p99_us = all[std::min(all.size() - 1, all.size() * 99 / 100)];
+  }
+  return r;
+}
+
+LoadResult load_in_pod(const Setup& s, const std::string& kind, const std::string& ip, uint16_t port, double seconds,
+                       int threads, uint64_t bulk_bytes) {
+  int p[2];
+  must(pipe(p) == 0, "pipe");
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(p[0]);
+    enter(s.pod_ns, s.app_cg);
+    LoadResult r = load(kind, ip, port, seconds, threads, bulk_bytes);
+    (void)!write(p[1], &r, sizeof(r));
+    _exit(0);
+  }
+  close(p[1]);
+  LoadResult r;
+  if (read(p[0], &r, sizeof(r)) != sizeof(r)) r.errors = 1;
+  close(p[0]);
+  waitpid(pid, nullptr, 0);
+  return r;
+}
+
+// ---- modes ----
+
+std::string istio_rules(int exclusions) {
+  // istio-cni's in-pod rules for ambient (iptables-restore form), plus N exclusion RETURNs
+  std::string r =
+      "*mangle\n:ISTIO_PRERT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n"
+      "-A PREROUTING -j ISTIO_PRERT\n-A OUTPUT -j ISTIO_OUTPUT\n"
+      "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff\n"
+      "-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff\n"
+      "COMMIT\n"
+      "*nat\n:ISTIO_PRERT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n"
+      "-A PREROUTING -j ISTIO_PRERT\n-A OUTPUT -j ISTIO_OUTPUT\n"
+      "-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT\n"
+      "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006\n"
+      "-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT\n"
+      "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT\n"
+      "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT\n";
+  for (int i = 0; i < exclusions; ++i)
+    r += fmt::format("-A ISTIO_OUTPUT -d 100.{}.{}.{}/32 -j RETURN\n", 64 + i / 65536 % 64, i / 256 % 256, i % 256);
+  r += "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001\nCOMMIT\n";
+  return r;
+}
+
+std::string cidr_list(int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i)
+    out += fmt::format("{}100.{}.{}.{}/32", i ? "," : "", 64 + i / 65536 % 64, i / 256 % 256, i % 256);
+  return out;
+}
+
+void mode_on(const Setup& s, const std::string& mode, int exclusions) {
+  std::string ns = "nsenter --net=" + s.pod_ns + " ";
+  if (mode == "podsteer") {
+    std::string list = s.dir + "/cidrs";
+    std::ofstream(list) << cidr_list(exclusions);
+    must(sh(fmt::format("{} --state-dir {} --hook-cgroup {} enroll --netns {} --pod bench/client "
+                        "--exclude-outbound-cidrs \"$(cat {})\" >/dev/null",
+                        s.podsteer, s.state_dir, s.cgroup, s.pod_ns, list)) == 0,
+         "podsteer enroll");
+  } else if (mode == "istio-iptables") {
+    std::string rules = s.dir + "/rules";
+    std::ofstream(rules) << istio_rules(exclusions);
+    must(sh(ns + "iptables-restore < " + rules) == 0, "iptables-restore");
+    must(sh(ns + "ip rule add fwmark 0x111/0xfff pref 32764 lookup 100 && " + ns +
+            "ip route add local 0.0.0.0/0 dev lo table 100") == 0,
+         "istio fwmark route");
+  }
+}
+
+void mode_off(const Setup& s, const std::string& mode) {
+  std::string ns = "nsenter --net=" + s.pod_ns + " ";
+  if (mode == "podsteer") {
+    sh(fmt::format("{} --state-dir {} unenroll --netns {} >/dev/null", s.podsteer, s.state_dir, s.pod_ns));
+  } else if (mode == "istio-iptables") {
+    sh(ns + "iptables -t nat -F; " + ns + "iptables -t nat -X; " + ns + "iptables -t mangle -F; " + ns +
+       "iptables -t mangle -X; " + ns + "ip rule del fwmark 0x111/0xfff pref 32764 lookup 100; " + ns +
+       "ip route flush table 100");
+  }
+}
+
+std::pair<std::string, uint16_t> target(const Setup& s, const std::string& mode) {
+  if (mode == "direct") return {s.pod_ip, 15001};
+  return {s.srv_ip, s.port};
+}
+
+// ---- BPF costs ----
+
+struct ProgStat {
+  uint64_t ns = 0, cnt = 0;
+};
+
+std::map<std::string, ProgStat> prog_stats(const Setup& s) {
+  std::map<std::string, ProgStat> out;
+  auto read = [&](int fd, const std::string& name) {
+    bpf_prog_info info{};
+    __u32 len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) out[name] = {info.run_time_ns, info.run_cnt};
+  };
+  for (const auto& e : fs::directory_iterator(s.state_dir + "/links")) {
+    int fd = bpf_obj_get(e.path().c_str());
+    bpf_link_info li{};
+    __u32 len = sizeof(li);
+    if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &li, &len) == 0) {
+      int pfd = bpf_prog_get_fd_by_id(li.prog_id);
+      if (pfd >= 0) {
+        read(pfd, e.path().filename().string().substr(9));  // strip "podsteer_"
+        close(pfd);
+      }
+    }
+    if (fd >= 0) close(fd);
+  }
+  int tc = bpf_obj_get((s.state_dir + "/progs/tc_ingress").c_str());
+  if (tc >= 0) {
+    read(tc, "tc_ingress");
+    close(tc);
+  }
+  return out;
+}
+
+json tc_test_run(bool smoke) {
+  json out;
+  auto* skel = podsteer_tc__open_and_load();
+  if (!skel) return {{"error", "load"}};
+  // the pod at 10.1.0.2 in this thread's own netns
+  std::thread t([&] {
+    unshare(CLONE_NEWNET);
+    uint64_t cookie = 7;
+    podsteer_pod pod{};
+    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_pods), &cookie, &pod, BPF_ANY);
+    podsteer_ip_key k{};
+    k.addr[10] = k.addr[11] = 0xff;
+    inet_pton(AF_INET, "10.1.0.2", k.addr + 12);
+    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_ips), &k, &cookie, BPF_ANY);
+    std::vector<podsteer_counters> zero(libbpf_num_possible_cpus());
+    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_stats), &cookie, zero.data(), BPF_ANY);
+    struct __attribute__((packed)) {
+      ethhdr eth;
+      iphdr ip;
+      tcphdr tcp;
+    } p{};
+    p.eth.h_proto = htons(ETH_P_IP);
+    p.ip.version = 4;
+    p.ip.ihl = 5;
+    p.ip.protocol = IPPROTO_TCP;
+    p.ip.tot_len = htons(40);
+    inet_pton(AF_INET, "10.1.0.1", &p.ip.saddr);
+    inet_pton(AF_INET, "10.1.0.2", &p.ip.daddr);
+    p.tcp.source = htons(40000);
+    p.tcp.dest = htons(9090);
+    p.tcp.doff = 5;
+    auto run = [&](bool syn) {
+      p.tcp.syn = syn;
+      p.tcp.ack = !syn;
+      LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = &p, .data_size_in = sizeof(p), .repeat = static_cast<int>(smoke ? 1000 : 1000000));
+      bpf_prog_test_run_opts(bpf_program__fd(skel->progs.podsteer_tc_ingress), &o);
+      return o.duration;
+    };
+    out["packet_of_existing_connection_ns"] = run(false);
+    out["syn_to_enrolled_pod_ns"] = run(true);
+  });
+  t.join();
+  podsteer_tc__destroy(skel);
+  return out;
+}
+
+// ---- report ----
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::string spread(const std::vector<double>& v, int prec = 0) {
+  if (v.empty()) return "-";
+  auto [mn, mx] = std::minmax_element(v.begin(), v.end());
+  return fmt::format("{:.{}f} ({:.{}f}-{:.{}f})", median(v), prec, *mn, prec, *mx, prec);
+}
+
+std::string machine() {
+  utsname u{};
+  uname(&u);
+  std::ifstream in("/proc/cpuinfo");
+  std::string line, model = "?";
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) {
+      model = line.substr(line.find(':') + 2);
+      break;
+    }
+  return fmt::format("{}, {} CPUs, Linux {}", model, std::thread::hardware_concurrency(), u.release);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"podsteer side-by-side benchmark"};
+  int rounds = 3, threads = 4;
+  double seconds = 2;
+  bool smoke = false;
+  std::string out_dir = "bench";
+  std::vector<int> exclusions = {1, 100, 10000};
+  uint64_t bulk_mb = 512;
+  Setup s;
+  app.add_option("--rounds", rounds);
+  app.add_option("--seconds", seconds, "per measurement");
+  app.add_option("--threads", threads, "parallel clients");
+  app.add_option("--exclusions", exclusions)->delimiter(',');
+  app.add_option("--bulk-mb", bulk_mb);
+  app.add_option("--out-dir", out_dir);
+  app.add_flag("--smoke", smoke, "a few seconds in all, to keep the benchmark from rotting; no thresholds");
+  app.add_option("--podsteer", s.podsteer)->required();
+  app.add_option("--proxy", s.proxy_bin)->required();
+  CLI11_PARSE(app, argc, argv);
+  if (smoke) {
+    rounds = 1;
+    seconds = 0.3;
+    threads = 2;
+    exclusions = {1, 100};
+    bulk_mb = 16;
+  }
+  signal(SIGPIPE, SIG_IGN);
+
+  s.id = fmt::format("{}", getpid());
+  std::string pod = "psb-" + s.id + "-pod", srv = "psb-" + s.id + "-srv";
+  s.pod_ns = "/var/run/netns/" + pod;
+  s.srv_ns = "/var/run/netns/" + srv;
+  s.cgroup = cg2_root() + "/podsteer-bench-" + s.id;
+  s.proxy_cg = s.cgroup + "/proxy";
+  s.app_cg = s.cgroup + "/app";
+  s.state_dir = "/sys/fs/bpf/podsteer-bench-" + s.id;
+  s.dir = fs::temp_directory_path() / ("podsteer-bench-" + s.id);
+  fs::create_directories(s.dir);
+  auto cleanup = [&] {
+    if (s.proxy_pid > 0) kill(s.proxy_pid, SIGKILL);
+    if (s.server_pid > 0) kill(s.server_pid, SIGKILL);
+    while (waitpid(-1, nullptr, 0) > 0) {
+    }
+    sh(fmt::format("{} --state-dir {} uninstall >/dev/null 2>&1", s.podsteer, s.state_dir));
+    sh(fmt::format("ip netns del {} 2>/dev/null; ip netns del {} 2>/dev/null", pod, srv));
+    for (const auto& d : {s.proxy_cg, s.app_cg, s.cgroup}) rmdir(d.c_str());
+    fs::remove_all(s.dir);
+  };
+  must(sh(fmt::format("ip netns add {P} && ip netns add {S} && ip -n {P} link add eth0 type veth peer name eth0 netns {S} && "
+                      "ip -n {P} addr add {pi}/24 dev eth0 && ip -n {S} addr add {si}/24 dev eth0 && "
+                      "ip -n {P} link set eth0 up && ip -n {S} link set eth0 up && ip -n {P} link set lo up && ip -n {S} link set lo up",
+                      fmt::arg("P", pod), fmt::arg("S", srv), fmt::arg("pi", s.pod_ip), fmt::arg("si", s.srv_ip))) == 0,
+       "netns setup");
+  for (const auto& d : {s.cgroup, s.proxy_cg, s.app_cg}) fs::create_directories(d);
+
+  s.server_pid = fork();
+  if (s.server_pid == 0) {
+    enter(s.srv_ns, "");
+    run_server(s);
+  }
+  // the proxy, fed the pod over ZDS by a minimal in-process server
+  std::string zds_path = s.dir + "/zds.sock";
+  podsteer::Fd zl(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un ua{};
+  ua.sun_family = AF_UNIX;
+  strncpy(ua.sun_path, zds_path.c_str(), sizeof(ua.sun_path) - 1);
+  must(bind(zl.get(), reinterpret_cast<sockaddr*>(&ua), sizeof(ua)) == 0 && listen(zl.get(), 1) == 0, "zds listen");
+  s.proxy_pid = fork();
+  if (s.proxy_pid == 0) {
+    std::ofstream(s.proxy_cg + "/cgroup.procs") << getpid() << std::endl;
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    std::string up = s.srv_ip + ":" + std::to_string(s.port);
+    execl(s.proxy_bin.c_str(), s.proxy_bin.c_str(), "--zds-socket", zds_path.c_str(), "--default-upstream", up.c_str(),
+          "--quiet", nullptr);
+    _exit(127);
+  }
+  podsteer::Fd zc(accept(zl.get(), nullptr, nullptr));
+  must(podsteer::zds::receive(zc.get(), 5000).ok(), "zds hello");
+  istio::workload::zds::WorkloadRequest add;
+  add.mutable_add()->set_uid("bench-client");
+  add.mutable_add()->mutable_workload_info()->set_name("client");
+  add.mutable_add()->mutable_workload_info()->set_namespace_("bench");
+  podsteer::Fd nsfd(open(s.pod_ns.c_str(), O_RDONLY | O_CLOEXEC));
+  must(podsteer::zds::send(zc.get(), add, nsfd.get()).ok() && podsteer::zds::receive(zc.get(), 5000).ok(), "zds add");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+
+  const std::vector<std::string> modes = {"direct", "podsteer", "istio-iptables"};
+  std::map<std::string, std::map<std::string, std::vector<double>>> m;  // mode -> metric -> rounds
+  std::map<std::string, std::vector<double>> bpf_ns;                     // program -> ns/run per round
+  std::map<std::string, std::map<int, std::vector<double>>> scale;       // mode -> exclusions -> conn/s
+  uint64_t errors = 0;
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t k = 0; k < modes.size(); ++k) {
+      const std::string& mode = modes[(k + round) % modes.size()];  // rotate the order each round
+      mode_on(s, mode, 1);
+      auto [ip, port] = target(s, mode);
+      std::map<std::string, ProgStat> before;
+      if (mode == "podsteer") {
+        sh("sysctl -qw kernel.bpf_stats_enabled=1");
+        before = prog_stats(s);
+      }
+      auto shortr = load_in_pod(s, "short", ip, port, seconds, threads, 0);
+      if (mode == "podsteer") {
+        for (const auto& [name, st] : prog_stats(s)) {
+          auto b = before[name];
+          if (st.cnt > b.cnt) bpf_ns[name].push_back(double(st.ns - b.ns) / double(st.cnt - b.cnt));
+        }
+        sh("sysctl -qw kernel.bpf_stats_enabled=0");
+      }
+      auto rr = load_in_pod(s, "rr", ip, port, seconds, threads, 0);
+      auto bulk = load_in_pod(s, "bulk", ip, port, seconds, 1, bulk_mb << 20);
+      mode_off(s, mode);
+      errors += shortr.errors + rr.errors + bulk.errors;
+      m[mode]["conn_per_sec"].push_back(shortr.conn_per_sec);
+      m[mode]["rr_p50_us"].push_back(rr.p50_us);
+      m[mode]["rr_p99_us"].push_back(rr.p99_us);
+      m[mode]["bulk_gbit"].push_back(bulk.gbit_per_sec);
+      fprintf(stderr, "round %d %-15s %8.0f conn/s  rr p50 %6.1f us p99 %6.1f us  bulk %5.2f Gbit/s  errors %lu\n", round + 1,
+              mode.c_str(), shortr.conn_per_sec, rr.p50_us, rr.p99_us, bulk.gbit_per_sec,
+              (unsigned long)(shortr.errors + rr.errors + bulk.errors));
+    }
+    for (int n : exclusions) {
+      for (const std::string mode : {"podsteer", "istio-iptables"}) {
+        mode_on(s, mode, n);
+        auto [ip, port] = target(s, mode);
+        auto r = load_in_pod(s, "short", ip, port, seconds, threads, 0);
+        mode_off(s, mode);
+        errors += r.errors;
+        scale[mode][n].push_back(r.conn_per_sec);
+        fprintf(stderr, "round %d %-15s %5d exclusions %8.0f conn/s\n", round + 1, mode.c_str(), n, r.conn_per_sec);
+      }
+    }
+  }
+  json tc = tc_test_run(smoke);
+  cleanup();
+
+  // ---- write results ----
+  fs::create_directories(out_dir);
+  json j;
+  j["machine"] = machine();
+  j["rounds"] = rounds;
+  j["seconds_per_measurement"] = seconds;
+  j["parallel_clients"] = threads;
+  j["errors"] = errors;
+  j["modes"] = m;
+  j["bpf_ns_per_run"] = bpf_ns;
+  j["tc_prog_test_run"] = tc;
+  json js;
+  for (const auto& [mode, byn] : scale)
+    for (const auto& [n, v] : byn) js[mode][std::to_string(n)] = v;
+  j["exclusion_scaling_conn_per_sec"] = js;
+  std::ofstream(out_dir + "/results.json") << j.dump(2) << "\n";
+
+  auto med = [&](const std::string& mode, const std::string& metric) { return median(m[mode][metric]); };
+  std::string md;
+  md += "# podsteer benchmark results\n\n";
+  md += fmt::format("Machine: {}. {} round(s), modes interleaved (order rotated each round), {} s per measurement, "
+                    "{} parallel clients; the same podsteer-proxy in the pod netns in every mode. Errors: {}.\n"
+                    "Generated by `scripts/bench.sh`; values are medians with (min-max) over rounds.\n\n",
+                    j["machine"].get<std::string>(), rounds, seconds, threads, errors);
+  md += "## Connections through the proxy\n\n| mode | short connections/s | vs direct | vs istio-iptables | rr p50 us | rr p99 us | bulk Gbit/s |\n|---|---|---|---|---|---|---|\n";
+  for (const auto& mode : modes)
+    md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {} | {} | {} |\n", mode, spread(m[mode]["conn_per_sec"]),
+                      med(mode, "conn_per_sec") / med("direct", "conn_per_sec"),
+                      med(mode, "conn_per_sec") / med("istio-iptables", "conn_per_sec"), spread(m[mode]["rr_p50_us"], 1),
+                      spread(m[mode]["rr_p99_us"], 1), spread(m[mode]["bulk_gbit"], 2));
+  md += "\n## Outbound exclusion CIDRs (short connections/s)\n\n| exclusions | podsteer | istio-iptables | podsteer / istio |\n|---|---|---|---|\n";
+  for (int n : exclusions)
+    md += fmt::format("| {} | {} | {} | {:.2f}x |\n", n, spread(scale["podsteer"][n]), spread(scale["istio-iptables"][n]),
+                      median(scale["podsteer"][n]) / median(scale["istio-iptables"][n]));
+  md += "\n## BPF program cost under the short-connection load (kernel.bpf_stats_enabled: run_time_ns / run_cnt)\n\n| program | ns per run |\n|---|---|\n";
+  for (const auto& [name, v] : bpf_ns) md += fmt::format("| {} | {} |\n", name, spread(v));
+  md += fmt::format("\nTC program alone under BPF_PROG_TEST_RUN: {} ns for a packet of an existing connection, {} ns for a "
+                    "SYN to an enrolled pod (both socket lookups; the handoff itself cannot run under test_run).\n",
+                    tc.value("packet_of_existing_connection_ns", 0), tc.value("syn_to_enrolled_pod_ns", 0));
+  md += "\n![connection rate](connection_rate.png)\n";
+  std::ofstream(out_dir + "/RESULTS.md") << md;
+
+  // plot: connection rate per mode and exclusion count
+  std::ofstream dat(s.dir.empty() ? "/tmp/podsteer-bench.dat" : out_dir + "/connection_rate.dat");
+  dat << "# exclusions podsteer istio-iptables direct\n";
+  for (int n : exclusions)
+    dat << n << " " << median(scale["podsteer"][n]) << " " << median(scale["istio-iptables"][n]) << " "
+        << med("direct", "conn_per_sec") << "\n";
+  dat.close();
+  std::ofstream gp(out_dir + "/connection_rate.gp");
+  gp << "set terminal pngcairo size 800,450\nset output '" << out_dir << "/connection_rate.png'\n"
+     << "set title 'short connections per second through the same proxy'\nset logscale x\n"
+     << "set xlabel 'outbound exclusion CIDRs'\nset ylabel 'connections/s'\nset yrange [0:*]\nset key bottom left\n"
+     << "set xtics (" << [&] {
+          std::string t;
+          for (size_t i = 0; i < exclusions.size(); ++i) t += fmt::format("{}'{}' {}", i ? ", " : "", exclusions[i], exclusions[i]);
+          return t;
+        }() << ")\n"
+     << "plot '" << out_dir << "/connection_rate.dat' using 1:2 with linespoints lw 2 title 'podsteer', "
+     << "'' using 1:3 with linespoints lw 2 title 'istio-iptables', '' using 1:4 with lines dt 2 title 'direct (no redirect)'\n";
+  gp.close();
+  if (sh("command -v gnuplot >/dev/null") == 0) sh("gnuplot " + out_dir + "/connection_rate.gp");
+  fs::remove(out_dir + "/connection_rate.gp");
+  fs::remove(out_dir + "/connection_rate.dat");
+  printf("%s", md.c_str());
+  return 0;
+}
