@@ -334,7 +334,14 @@ void Proxy::on_accept(Handle* h) {
   socklen_t olen = sizeof(orig);
   int r = v4 ? getsockopt(down.get(), SOL_IP, kSoOriginalDst, &orig, &olen)
              : getsockopt(down.get(), SOL_IPV6, kSoOriginalDst, &orig, &olen);
-  bool to_self = r == 0 && addr_str(orig) == addr_str(local);
+  // A connection made straight to the listener has itself as "original destination"
+  // (inbound ones steered by TC keep the app's port as local address, so they differ).
+  uint16_t listen_port = h->kind == Kind::OutboundListener  ? cfg_.outbound_port
+                         : h->kind == Kind::InboundListener ? cfg_.inbound_port
+                                                            : cfg_.dns_port;
+  uint16_t local_port = ntohs(local.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&local)->sin_port
+                                                         : reinterpret_cast<sockaddr_in6*>(&local)->sin6_port);
+  bool to_self = r == 0 && local_port == listen_port && addr_str(orig) == addr_str(local);
   if (r != 0 || to_self) {
     if (cfg_.default_upstream.empty() || !parse_hostport(cfg_.default_upstream, orig, olen)) {
       c->dst = "?";
