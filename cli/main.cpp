@@ -3,7 +3,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 
 #include "datapath.h"
@@ -262,6 +264,10 @@ int main(int argc, char** argv) {
   enroll->add_option("--exclude-inbound-ports", in_ports, "P,P,...: inbound ports that go straight to the app");
   enroll->add_option("--exclude-outbound-ports", out_ports, "P,P,...: destination ports that bypass the proxy");
   enroll->add_option("--exclude-outbound-cidrs", out_cidrs, "CIDR,...: destinations that bypass the proxy");
+  std::string cidrs_file;
+  enroll->add_option("--exclude-outbound-cidrs-file", cidrs_file,
+                     "file of more CIDRs (commas or one per line), for lists too long for a command line")
+      ->check(CLI::ExistingFile);
   enroll->add_flag("--dns", dns, "redirect DNS (UDP and TCP 53) to 127.0.0.1:DNS port");
   enroll->add_flag("--fail-open", fail_open, "if the proxy is not listening, go direct instead of refusing");
   enroll->add_option("--tc-mode", tc_mode, "auto, tcx or clsact")->check(CLI::IsMember({"auto", "tcx", "clsact"}));
@@ -309,6 +315,15 @@ int main(int argc, char** argv) {
     if (!ip) return fail(Error{ip.error().op, 0, "--exclude-inbound-ports"});
     auto op = parse_ports(out_ports);
     if (!op) return fail(Error{op.error().op, 0, "--exclude-outbound-ports"});
+    if (!cidrs_file.empty()) {
+      std::ifstream in(cidrs_file);
+      std::string line;
+      while (std::getline(in, line)) {
+        line.erase(std::remove_if(line.begin(), line.end(), ::isspace), line.end());
+        if (line.empty() || line[0] == '#') continue;
+        out_cidrs += (out_cidrs.empty() ? "" : ",") + line;
+      }
+    }
     auto oc = parse_cidrs(out_cidrs);
     if (!oc) return fail(Error{oc.error().op, 0, "--exclude-outbound-cidrs"});
     opts.exclude_inbound_ports = *ip;
