@@ -3,6 +3,9 @@
 // 0x539, and the podsteer CLI run as a separate process for every step.
 #include <sys/stat.h>
 
+#include <fmt/format.h>
+
+#include <fstream>
 #include <thread>
 
 #include "harness.h"
@@ -402,6 +405,39 @@ TEST_F(DatapathTest, DoctorPassesAndBpftoolShowsNamedFields) {
   EXPECT_EQ(dump.rc, 0) << dump.out;
   EXPECT_NE(dump.out.find("192.0.2.0/24"), std::string::npos) << dump.out;
   EXPECT_NE(dump.out.find("bpftool map dump pinned"), std::string::npos);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(DatapathTest, FullMapIsAClearErrorAndLeavesNothingBehind) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  // more exclusion CIDRs than podsteer_cidrs holds (262,144), from a file as a user would
+  std::string file = "/tmp/podsteer-test-cidrs-" + env->id;
+  {
+    std::ofstream out(file);
+    for (int i = 0; i < 270000; ++i) out << fmt::format("100.{}.{}.{}/32\n", 64 + i / 65536, i / 256 % 256, i % 256);
+  }
+  auto r = env->podsteer({"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs-file", file});
+  unlink(file.c_str());
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("podsteer_cidrs"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("No space left on device"), std::string::npos) << r.out;
+  auto st = env->status();
+  EXPECT_TRUE(st["pods"].empty()) << st;
+  auto cidrs = env->podsteer({"dump", "cidrs"});
+  EXPECT_NE(cidrs.out.find("(0 entries)"), std::string::npos) << "rolled back: " << cidrs.out.substr(0, 300);
+  // and the pod still goes direct, then enrolls fine with a list that fits
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
+  std::string small = "/tmp/podsteer-test-cidrs-small-" + env->id;
+  std::ofstream(small) << "192.0.2.0/24\n# a comment\n198.51.100.0/24, 203.0.113.0/24\n";
+  auto ok = env->podsteer({"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs-file", small});
+  unlink(small.c_str());
+  ASSERT_EQ(ok.rc, 0) << ok.out;
+  EXPECT_EQ(env->status()["pods"][0]["excluded_outbound_cidrs"].size(), 3u);
 }
 
 }  // namespace
