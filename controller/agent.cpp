@@ -6,7 +6,13 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <dirent.h>
+#include <sys/stat.h>
+
 #include <condition_variable>
+#include <fstream>
+#include <set>
+#include <sstream>
 
 #include "log.h"
 #include "netns.h"
@@ -72,6 +78,21 @@ Status Agent::start() {
   cni_ = std::make_unique<CniServer>(cfg_.cni_socket, [this](const json& r) { return handle_cni(r); });
   PODSTEER_TRY(cni_->start());
 
+  if (!cfg_.kubeconfig.empty() || cfg_.in_cluster) {
+    auto kc = cfg_.kubeconfig.empty() ? kube::in_cluster_config() : kube::load_kubeconfig(cfg_.kubeconfig);
+    if (!kc) return kc.error();
+    if (cfg_.node_name.empty()) return invalid("the Kubernetes pod source needs --node-name or NODE_NAME");
+    kube_client_ = std::make_unique<kube::Client>(*kc);
+    kube_source_ = std::make_unique<kube::Source>(*kube_client_, cfg_.node_name, [this](const kube::Snapshot&) {
+      std::lock_guard<std::mutex> g(kube_mu_);
+      kube_dirty_ = true;
+      kube_cv_.notify_all();
+    });
+    kube_source_->start();
+    kube_thread_ = std::thread([this] { kube_worker(); });
+    spdlog::info("kube: watching pods of node {} at {}", cfg_.node_name, kc->server);
+  }
+
   http_ = std::make_unique<Http>();
   http_->server.Get("/healthz", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok\n", "text/plain"); });
   http_->server.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
@@ -91,6 +112,12 @@ Status Agent::start() {
 
 void Agent::stop() {
   if (stopping_.exchange(true)) return;
+  if (kube_source_) kube_source_->stop();
+  {
+    std::lock_guard<std::mutex> g(kube_mu_);
+    kube_cv_.notify_all();
+  }
+  if (kube_thread_.joinable()) kube_thread_.join();
   if (cni_) cni_->stop();
   if (zds_) zds_->stop();
   if (http_) {
@@ -174,10 +201,25 @@ std::optional<uint64_t> Agent::find_locked(const PodInfo& pod) {
   return std::nullopt;
 }
 
+// With the Kubernetes source, the pod's labels decide (the pod may take a moment to show
+// up in the watch); without it, the CNI policy does.
+bool Agent::kube_enrolled(const PodInfo& pod) {
+  for (int i = 0; i < 30; ++i) {
+    auto snap = kube_source_->snapshot();
+    auto it = snap.pods.find(pod.uid);
+    if (it != snap.pods.end()) {
+      auto ns = snap.namespaces.find(it->second.namespace_);
+      return cfg_.label_policy.enrolled(it->second, ns == snap.namespaces.end() ? nullptr : &ns->second);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return policy_.enrolled(pod);
+}
+
 json Agent::cni_add(const PodInfo& pod) {
   if (pod.netns.empty() || pod.container_id.empty())
     return {{"status", "error"}, {"message", "request lacks netns or container_id"}};
-  if (!policy_.enrolled(pod)) return {{"status", "not_enrolled"}};
+  if (!(kube_source_ ? kube_enrolled(pod) : policy_.enrolled(pod))) return {{"status", "not_enrolled"}};
   if (pod.uid.empty() || pod.name.empty() || pod.namespace_.empty())
     return {{"status", "error"}, {"message", "an enrolled pod needs K8S_POD_UID, K8S_POD_NAME and K8S_POD_NAMESPACE"}};
   auto ns = open_netns(pod.netns);
@@ -246,6 +288,12 @@ std::string Agent::metrics() {
     std::lock_guard<std::mutex> g(count_mu_);
     for (const auto& [k, v] : cni_requests_) reqs.Add({{"command", k.first}, {"result", k.second}}).Increment(double(v));
   }
+  if (kube_source_) {
+    auto& ke = prometheus::BuildCounter().Name("podsteer_kube_event_errors_total").Help("malformed or unexpected watch events").Register(reg);
+    ke.Add({}).Increment(double(kube_source_->event_errors()));
+    auto& kr = prometheus::BuildCounter().Name("podsteer_kube_relists_total").Help("relists after 410 Gone").Register(reg);
+    kr.Add({}).Increment(double(kube_source_->relists()));
+  }
   auto& pods_g = prometheus::BuildGauge().Name("podsteer_pods_captured").Help("pods with a pod entry").Register(reg);
   auto& traffic = prometheus::BuildCounter().Name("podsteer_pod_connections_total").Help("per-pod datapath counters").Register(reg);
   {
@@ -266,6 +314,129 @@ std::string Agent::metrics() {
     pods_g.Add({}).Set(double(n));
   }
   return prometheus::TextSerializer().Serialize(reg.Collect());
+}
+
+}  // namespace podsteer
+
+namespace podsteer {
+
+std::optional<std::string> find_pod_netns(const kube::Pod& pod, const std::string& proc_root) {
+  std::string uid_us = pod.uid;
+  std::replace(uid_us.begin(), uid_us.end(), '-', '_');  // systemd slice names
+  std::set<ino_t> tried;
+  DIR* d = opendir(proc_root.c_str());
+  if (!d) return std::nullopt;
+  std::optional<std::string> found;
+  while (dirent* e = readdir(d)) {
+    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0]))) continue;
+    std::string base = proc_root + "/" + e->d_name;
+    std::ifstream cg(base + "/cgroup");
+    std::stringstream ss;
+    ss << cg.rdbuf();
+    std::string text = ss.str();
+    if (text.find("pod" + pod.uid) == std::string::npos && text.find("pod" + uid_us) == std::string::npos) continue;
+    std::string ns_path = base + "/ns/net";
+    struct stat st {};
+    if (stat(ns_path.c_str(), &st) != 0 || !tried.insert(st.st_ino).second) continue;
+    auto ns = open_netns(ns_path);
+    if (!ns) continue;
+    auto ifaces = list_interfaces(ns->fd.get());
+    if (!ifaces) continue;
+    for (const auto& i : *ifaces) {
+      for (const auto& a : i.ip4)
+        if (std::find(pod.ips.begin(), pod.ips.end(), format_ip(a)) != pod.ips.end()) found = ns_path;
+      for (const auto& a : i.ip6)
+        if (std::find(pod.ips.begin(), pod.ips.end(), format_ip(a)) != pod.ips.end()) found = ns_path;
+    }
+    if (found) break;
+  }
+  closedir(d);
+  return found;
+}
+
+void Agent::annotate(const kube::Pod& pod, bool captured) {
+  const std::string key = "podsteer.io/captured";
+  bool has = pod.annotations.count(key) && pod.annotations.at(key) == "true";
+  if (has == captured) return;
+  json patch = {{"metadata", {{"annotations", {{key, captured ? json("true") : json(nullptr)}}}}}};
+  auto r = kube_client_->merge_patch("/api/v1/namespaces/" + pod.namespace_ + "/pods/" + pod.name, patch);
+  if (!r) spdlog::warn("kube: annotate {}/{}: {}", pod.namespace_, pod.name, r.error().message());
+}
+
+void Agent::kube_worker() {
+  while (!stopping_) {
+    {
+      std::unique_lock<std::mutex> g(kube_mu_);
+      // also on a timer: a pod whose netns was not found yet, or a proxy that was away
+      kube_cv_.wait_for(g, std::chrono::seconds(2), [this] { return kube_dirty_ || stopping_.load(); });
+      kube_dirty_ = false;
+    }
+    if (stopping_) break;
+    auto snap = kube_source_->snapshot();
+    if (snap.synced) reconcile_kube(snap);
+  }
+}
+
+void Agent::reconcile_kube(const kube::Snapshot& snap) {
+  std::vector<std::pair<kube::Pod, bool>> annotations;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto current = dp_->pods();
+    if (!current) return;
+    std::map<std::string, const PodStatus*> by_uid;
+    for (const auto& p : *current)
+      if (p.meta.uid[0]) by_uid[p.meta.uid] = &p;
+    for (const auto& [uid, pod] : snap.pods) {
+      auto ns = snap.namespaces.find(pod.namespace_);
+      bool want = cfg_.label_policy.enrolled(pod, ns == snap.namespaces.end() ? nullptr : &ns->second) &&
+                  (pod.phase == "Running" || pod.phase == "Pending") && !pod.ips.empty();
+      auto have = by_uid.find(uid);
+      PodInfo info;
+      info.uid = uid;
+      info.name = pod.name;
+      info.namespace_ = pod.namespace_;
+      info.service_account = pod.service_account;
+      if (want && have == by_uid.end()) {
+        if (!zds_->connected()) continue;  // captured only with a proxy to take it: retried on the timer
+        auto path = find_pod_netns(pod, cfg_.proc_root);
+        if (!path) {
+          spdlog::debug("kube: no netns found yet for {}/{}", pod.namespace_, pod.name);
+          continue;
+        }
+        auto nsr = open_netns(*path);
+        if (!nsr) continue;
+        PodOptions opts;
+        opts.pod = info.full_name();
+        opts.uid = uid;
+        opts.service_account = pod.service_account;
+        opts.dns = cfg_.dns;
+        opts.fail_open = cfg_.fail_open;
+        auto r = dp_->enroll(*nsr, opts);
+        if (!r) {
+          spdlog::warn("kube: capture {}: {}", info.full_name(), r.error().message());
+          continue;
+        }
+        info.netns = *path;
+        auto st = zds_->add(info, nsr->fd.get());
+        if (!st) {
+          (void)dp_->unenroll(nsr->cookie);
+          spdlog::warn("kube: proxy did not take {}: {}", info.full_name(), st.error().message());
+          continue;
+        }
+        spdlog::info("kube: captured running pod {} (netns {})", info.full_name(), *path);
+        annotations.push_back({pod, true});
+      } else if (!want && have != by_uid.end()) {
+        if (zds_->connected()) (void)zds_->del(uid);
+        auto st = dp_->unenroll(have->second->cookie);
+        if (!st) spdlog::warn("kube: release {}: {}", info.full_name(), st.error().message());
+        else spdlog::info("kube: released pod {} (new connections go direct)", info.full_name());
+        annotations.push_back({pod, false});
+      } else if (want) {
+        annotations.push_back({pod, true});
+      }
+    }
+  }
+  for (const auto& [pod, captured] : annotations) annotate(pod, captured);
 }
 
 }  // namespace podsteer

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <condition_variable>
+#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -12,6 +14,8 @@
 #include <string>
 
 #include "cni_server.h"
+#include "kube_client.h"
+#include "kube_source.h"
 #include "datapath.h"
 #include "pod_source.h"
 #include "zds_server.h"
@@ -29,7 +33,17 @@ struct AgentConfig {
   std::set<std::string> enroll_namespaces;
   bool dns = false;
   bool fail_open = false;
+  // Kubernetes pod source (off unless one of these is set)
+  std::string kubeconfig;
+  bool in_cluster = false;
+  std::string node_name;
+  kube::LabelPolicy label_policy;
+  std::string proc_root = "/proc";
 };
+
+// Finds a running pod's netns through /proc: a process whose cgroup path names the pod
+// UID, in a netns that holds one of the pod's IPs. Returns "/proc/PID/ns/net".
+std::optional<std::string> find_pod_netns(const kube::Pod& pod, const std::string& proc_root = "/proc");
 
 class Agent {
  public:
@@ -50,6 +64,10 @@ class Agent {
   nlohmann::json cni_del(const PodInfo& pod);
   nlohmann::json cni_check(const PodInfo& pod);
   std::vector<SnapshotEntry> snapshot();
+  void reconcile_kube(const kube::Snapshot& snap);
+  void kube_worker();
+  bool kube_enrolled(const PodInfo& pod);
+  void annotate(const kube::Pod& pod, bool captured);
   std::optional<uint64_t> find_locked(const PodInfo& pod);
   void count(const std::string& command, const std::string& result);
 
@@ -65,6 +83,12 @@ class Agent {
   std::atomic<bool> stopping_{false};
   std::mutex count_mu_;
   std::map<std::pair<std::string, std::string>, uint64_t> cni_requests_;
+  std::unique_ptr<kube::Client> kube_client_;
+  std::unique_ptr<kube::Source> kube_source_;
+  std::thread kube_thread_;
+  std::mutex kube_mu_;
+  std::condition_variable kube_cv_;
+  bool kube_dirty_ = false;
 };
 
 }  // namespace podsteer

@@ -63,10 +63,20 @@ int main(int argc, char** argv) {
   app.add_option("--cni-bin-dir", cni_opts.bin_dir)->capture_default_str();
   app.add_option("--cni-conf-dir", cni_opts.conf_dir)->capture_default_str();
   app.add_option("--cni-plugin", cni_opts.plugin_binary, "podsteer-cni binary to install (default: next to this agent)");
+  app.add_option("--kubeconfig", cfg.kubeconfig, "watch pods through this kubeconfig");
+  app.add_flag("--in-cluster", cfg.in_cluster, "watch pods with the in-cluster service account");
+  app.add_option("--node-name", cfg.node_name, "this node's name (default: $NODE_NAME)");
+  std::string label = "istio.io/dataplane-mode=ambient";
+  app.add_option("--enroll-label", label, "KEY=VALUE on a pod or its namespace that enrolls it")->capture_default_str();
   app.add_flag("-v,--verbose", verbose);
   CLI11_PARSE(app, argc, argv);
   init_logging(verbose);
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
+  if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");
+  if (auto eq = label.find('='); eq != std::string::npos) {
+    cfg.label_policy.key = label.substr(0, eq);
+    cfg.label_policy.value = label.substr(eq + 1);
+  }
   cni_opts.agent_socket = cfg.cni_socket;
   if (cni_opts.plugin_binary.empty())
     cni_opts.plugin_binary = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "podsteer-cni").string();

@@ -281,12 +281,11 @@ void Proxy::do_del(const std::string& uid) {
   auto it = pods_.find(uid);
   if (it == pods_.end()) return;
   for (auto& l : it->second->listeners) unwatch(l.get());
-  // Connections in flight finish on their own; they keep a pointer to the pod, so the pod
-  // record lives until they are gone: close them now instead, as ztunnel does.
-  std::vector<Conn*> doomed;
-  for (auto& [c, _] : conns_)
-    if (c->pod == it->second.get()) doomed.push_back(c);
-  for (auto* c : doomed) finish(c, "pod removed");
+  it->second->listeners.clear();  // no new connections
+  // Connections already open carry on (a pod leaving the mesh keeps its connections); the
+  // pod record stays until the last of them is done.
+  bool busy = false;
+  for (auto& [c, _] : conns_) busy |= c->pod == it->second.get();
   std::vector<DnsQuery*> queries;
   for (auto& [q, _] : dns_)
     if (q->pod == it->second.get()) queries.push_back(q);
@@ -296,6 +295,7 @@ void Proxy::do_del(const std::string& uid) {
   }
   std::cout << json{{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid}}.dump()
             << std::endl;
+  if (busy) draining_.push_back(std::move(it->second));
   pods_.erase(it);
 }
 
@@ -392,7 +392,15 @@ void Proxy::finish(Conn* c, const std::string& error) {
   log_conn(c, error);
   unwatch(c->down.get());
   unwatch(c->up.get());
+  Pod* pod = c->pod;
   conns_.erase(c);
+  for (auto it = draining_.begin(); it != draining_.end(); ++it) {
+    if (it->get() != pod) continue;
+    bool busy = false;
+    for (auto& [other, _] : conns_) busy |= other->pod == pod;
+    if (!busy) draining_.erase(it);
+    break;
+  }
 }
 
 void Proxy::on_conn(Handle* h, uint32_t events) {

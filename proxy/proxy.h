@@ -87,6 +87,8 @@ class Proxy {
   std::mutex mu_;
   std::deque<std::function<void()>> tasks_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
+  // removed pods whose connections are still open: they finish undisturbed
+  std::vector<std::unique_ptr<Pod>> draining_;
   std::map<int, std::unique_ptr<Handle>> handles_;
   std::map<Conn*, std::unique_ptr<Conn>> conns_;
   std::map<DnsQuery*, std::unique_ptr<DnsQuery>> dns_;

@@ -9,7 +9,7 @@ PACKAGES=(
   libfmt-dev libspdlog-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   iproute2 containernetworking-plugins iperf3 curl util-linux jq iptables nftables conntrack gnuplot-nox
-  protobuf-compiler libprotobuf-dev libcpp-httplib-dev prometheus-cpp-dev
+  protobuf-compiler libprotobuf-dev libcpp-httplib-dev prometheus-cpp-dev libcurl4-openssl-dev libyaml-cpp-dev
 )
 
 missing=()

@@ -1,0 +1,195 @@
+#include "kube_client.h"
+
+#include <curl/curl.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "log.h"
+
+namespace podsteer::kube {
+
+using json = nlohmann::json;
+
+namespace {
+
+std::once_flag curl_once;
+
+std::string read_first_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string s;
+  std::getline(in, s);
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+size_t collect(char* p, size_t size, size_t n, void* user) {
+  static_cast<std::string*>(user)->append(p, size * n);
+  return size * n;
+}
+
+struct Stream {
+  std::string buf;
+  const std::function<bool(const std::string&)>* on_line;
+  const std::atomic<bool>* stop;
+  bool aborted = false;
+};
+
+size_t stream_write(char* p, size_t size, size_t n, void* user) {
+  auto* s = static_cast<Stream*>(user);
+  s->buf.append(p, size * n);
+  size_t nl;
+  while ((nl = s->buf.find('\n')) != std::string::npos) {
+    std::string line = s->buf.substr(0, nl);
+    s->buf.erase(0, nl + 1);
+    if (!line.empty() && !(*s->on_line)(line)) {
+      s->aborted = true;
+      return 0;
+    }
+  }
+  return size * n;
+}
+
+int stream_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  return static_cast<Stream*>(user)->stop->load() ? 1 : 0;
+}
+
+}  // namespace
+
+Result<Config> load_kubeconfig(const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const std::exception& e) {
+    return invalid(std::string("cannot read kubeconfig: ") + e.what(), path);
+  }
+  try {
+    std::string current = root["current-context"].as<std::string>("");
+    YAML::Node ctx, cluster, user;
+    for (const auto& c : root["contexts"])
+      if (c["name"].as<std::string>("") == current) ctx = c["context"];
+    if (!ctx) return invalid("kubeconfig has no current context '" + current + "'", path);
+    for (const auto& c : root["clusters"])
+      if (c["name"].as<std::string>("") == ctx["cluster"].as<std::string>("")) cluster = c["cluster"];
+    for (const auto& u : root["users"])
+      if (u["name"].as<std::string>("") == ctx["user"].as<std::string>("")) user = u["user"];
+    if (!cluster) return invalid("kubeconfig context names no known cluster", path);
+    Config c;
+    c.server = cluster["server"].as<std::string>("");
+    c.ca_file = cluster["certificate-authority"].as<std::string>("");
+    c.insecure = cluster["insecure-skip-tls-verify"].as<bool>(false);
+    if (user) {
+      c.token = user["token"].as<std::string>("");
+      c.token_file = user["tokenFile"].as<std::string>("");
+    }
+    if (c.server.empty()) return invalid("kubeconfig cluster has no server", path);
+    return c;
+  } catch (const std::exception& e) {
+    return invalid(std::string("malformed kubeconfig: ") + e.what(), path);
+  }
+}
+
+Result<Config> in_cluster_config(const std::string& sa_dir) {
+  const char* host = std::getenv("KUBERNETES_SERVICE_HOST");
+  const char* port = std::getenv("KUBERNETES_SERVICE_PORT");
+  if (!host || !port) return invalid("not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set (use --kubeconfig)");
+  Config c;
+  std::string h = host;
+  if (h.find(':') != std::string::npos) h = "[" + h + "]";
+  c.server = "https://" + h + ":" + port;
+  c.token_file = sa_dir + "/token";
+  c.ca_file = sa_dir + "/ca.crt";
+  return c;
+}
+
+Client::Client(Config cfg) : cfg_(std::move(cfg)) {
+  std::call_once(curl_once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+}
+
+std::string Client::bearer() { return cfg_.token_file.empty() ? cfg_.token : read_first_line(cfg_.token_file); }
+
+static curl_slist* headers_for(const std::string& token, const char* content_type) {
+  curl_slist* h = nullptr;
+  h = curl_slist_append(h, "Accept: application/json");
+  if (!token.empty()) h = curl_slist_append(h, ("Authorization: Bearer " + token).c_str());
+  if (content_type) h = curl_slist_append(h, (std::string("Content-Type: ") + content_type).c_str());
+  return h;
+}
+
+static void common_opts(CURL* c, const Config& cfg) {
+  if (!cfg.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, cfg.ca_file.c_str());
+  if (cfg.insecure) {
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+}
+
+Result<json> Client::request(const std::string& method, const std::string& path, const std::string& body) {
+  CURL* c = curl_easy_init();
+  std::string url = cfg_.server + path, out;
+  curl_slist* h = headers_for(bearer(), method == "PATCH" ? "application/merge-patch+json" : nullptr);
+  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+  curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method.c_str());
+  if (!body.empty()) curl_easy_setopt(c, CURLOPT_POSTFIELDS, body.c_str());
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &out);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 15000L);
+  common_opts(c, cfg_);
+  CURLcode rc = curl_easy_perform(c);
+  long status = 0;
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  curl_slist_free_all(h);
+  curl_easy_cleanup(c);
+  if (rc != CURLE_OK) return Error{std::string(method) + " " + path + ": " + curl_easy_strerror(rc), 0, cfg_.server};
+  if (status < 200 || status > 299)
+    return Error{fmt::format("{} {}: HTTP {}: {}", method, path, status, out.substr(0, 200)), static_cast<int>(status), ""};
+  auto j = json::parse(out, nullptr, false);
+  if (j.is_discarded()) return invalid(method + " " + path + ": the answer is not JSON");
+  return j;
+}
+
+Result<json> Client::get(const std::string& path) { return request("GET", path, ""); }
+
+Result<json> Client::merge_patch(const std::string& path, const json& patch) {
+  return request("PATCH", path, patch.dump());
+}
+
+Result<long> Client::watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
+                           const std::atomic<bool>& stop) {
+  CURL* c = curl_easy_init();
+  std::string url = cfg_.server + path;
+  curl_slist* h = headers_for(bearer(), nullptr);
+  Stream s{"", &on_line, &stop};
+  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, stream_write);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
+  curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, stream_progress);
+  curl_easy_setopt(c, CURLOPT_XFERINFODATA, &s);
+  // a silent stream (no events, no bookmarks) for this long is treated as dead
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, 90L);
+  common_opts(c, cfg_);
+  CURLcode rc = curl_easy_perform(c);
+  long status = 0;
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  curl_slist_free_all(h);
+  curl_easy_cleanup(c);
+  if (status != 200 && status != 0) {
+    // the body of an error answer (e.g. 410 Gone) is a Status object
+    auto j = json::parse(s.buf, nullptr, false);
+    (void)j;
+    return status;
+  }
+  if (rc != CURLE_OK && !s.aborted && !stop) spdlog::debug("watch {}: {}", path, curl_easy_strerror(rc));
+  return status;
+}
+
+}  // namespace podsteer::kube

@@ -1,0 +1,50 @@
+// A small Kubernetes API client on libcurl: GET, streaming watch, merge PATCH. Config from
+// a kubeconfig or the in-cluster service account; the bearer token is re-read from its
+// file on every request, so a rotated token is picked up.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <functional>
+#include <string>
+
+#include "result.h"
+
+namespace podsteer::kube {
+
+struct Config {
+  std::string server;      // https://host:port or http://host:port
+  std::string token;       // static token (kubeconfig)
+  std::string token_file;  // re-read on every request (in-cluster, or kubeconfig tokenFile)
+  std::string ca_file;     // cluster CA to verify the server with
+  bool insecure = false;   // kubeconfig insecure-skip-tls-verify
+};
+
+Result<Config> load_kubeconfig(const std::string& path);
+// KUBERNETES_SERVICE_HOST/PORT and /var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt}
+Result<Config> in_cluster_config(const std::string& sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount");
+
+struct HttpError {
+  long status = 0;
+  std::string body;
+};
+
+class Client {
+ public:
+  explicit Client(Config cfg);
+  // GET path; a non-2xx answer is an Error whose err is the HTTP status.
+  Result<nlohmann::json> get(const std::string& path);
+  Result<nlohmann::json> merge_patch(const std::string& path, const nlohmann::json& patch);
+  // Streams a watch: on_line gets each complete line (one event); on_line returning false,
+  // or stop, ends it. Returns the HTTP status (0 when the connection failed).
+  Result<long> watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
+                     const std::atomic<bool>& stop);
+
+ private:
+  Result<nlohmann::json> request(const std::string& method, const std::string& path, const std::string& body);
+  std::string bearer();
+  Config cfg_;
+};
+
+}  // namespace podsteer::kube

@@ -1,0 +1,75 @@
+// The Kubernetes pod source: list then watch this node's pods (fieldSelector
+// spec.nodeName) and all namespaces, resuming from the last resourceVersion, relisting on
+// 410 Gone, accepting BOOKMARKs, reconnecting with backoff. Malformed or unexpected events
+// are logged and counted, never fatal. Every change calls on_change with a snapshot.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kube_client.h"
+#include "pod_source.h"
+
+namespace podsteer::kube {
+
+struct Pod {
+  std::string uid, name, namespace_, service_account, phase;
+  bool host_network = false;
+  std::map<std::string, std::string> labels, annotations;
+  std::vector<std::string> ips;
+};
+
+struct Snapshot {
+  std::map<std::string, Pod> pods;                                      // by uid
+  std::map<std::string, std::map<std::string, std::string>> namespaces;  // name -> labels
+  bool synced = false;  // both lists done at least once
+};
+
+// Istio's selectors by default: the pod label, or the namespace label with the pod not
+// labelled "none"; never hostNetwork pods.
+struct LabelPolicy {
+  std::string key = "istio.io/dataplane-mode";
+  std::string value = "ambient";
+  std::string opt_out = "none";
+  bool enrolled(const Pod& pod, const std::map<std::string, std::string>* ns_labels) const;
+};
+
+Result<Pod> parse_pod(const nlohmann::json& obj);
+
+class Source {
+ public:
+  using OnChange = std::function<void(const Snapshot&)>;
+  Source(Client& client, std::string node_name, OnChange on_change);
+  ~Source();
+  void start();
+  void stop();
+  Snapshot snapshot();
+  uint64_t event_errors() const { return event_errors_; }
+  uint64_t relists() const { return relists_; }
+
+ private:
+  enum class Kind { Pods, Namespaces };
+  void run(Kind kind);
+  bool list(Kind kind, std::string& rv);
+  bool apply(Kind kind, const std::string& type, const nlohmann::json& obj);
+  void notify();
+
+  Client& client_;
+  std::string node_;
+  OnChange on_change_;
+  std::mutex mu_;
+  Snapshot snap_;
+  bool pods_listed_ = false, ns_listed_ = false;
+  std::atomic<bool> stop_{false};
+  std::thread pods_thread_, ns_thread_;
+  std::atomic<uint64_t> event_errors_{0}, relists_{0};
+};
+
+}  // namespace podsteer::kube

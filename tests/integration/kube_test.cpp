@@ -1,0 +1,236 @@
+// The Kubernetes pod source against kube-testserver, driven with the real kubectl: label a
+// running pod and see it captured, label it none and see new connections go direct, find
+// running pods through /proc after a restart, and converge through watch-stream faults.
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "harness.h"
+
+using namespace podsteer::test;
+
+namespace {
+
+class KubeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_PRIVILEGES();
+    if (access("/usr/bin/kubectl", X_OK) != 0 && run({"sh", "-c", "command -v kubectl"}).rc != 0) {
+      fprintf(stderr, "\n*** SKIPPING KUBERNETES TEST: no kubectl on this machine ***\n\n");
+      GTEST_SKIP() << "kubectl missing";
+    }
+    env = std::make_unique<Env>();
+    dir = "/tmp/podsteer-test-" + env->id + "-kube";
+    std::filesystem::create_directories(dir);
+    node = "node-" + env->id;
+    uid = "0a1b2c3d-" + env->id + "-web";
+    std::ofstream(dir + "/token") << "token-one\n";
+    server = std::make_unique<Peer>(std::vector<std::string>{KUBE_SERVER_BIN, "--port-file", dir + "/port", "--token-file", dir + "/token",
+                                                             "--admin-token", "kubectl-admin"});
+    for (int i = 0; i < 100 && read_file(dir + "/port").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    port = read_file(dir + "/port");
+    port.erase(port.find_last_not_of("\n") + 1);
+    ASSERT_FALSE(port.empty()) << server->output();
+    std::ofstream(dir + "/kubeconfig") << fmt::format(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{}\n"
+        "contexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\n    namespace: shop\nusers:\n- name: agent\n"
+        "  user:\n    tokenFile: {}/token\n",
+        port, dir);
+    // kubectl, as the test's user: a static token (client-go sends no tokenFile token over http)
+    std::ofstream(dir + "/kubectl-config") << fmt::format(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{}\n"
+        "contexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: shop\nusers:\n- name: admin\n"
+        "  user:\n    token: kubectl-admin\n",
+        port);
+    api("POST", "/api/v1/namespaces", R"({"metadata":{"name":"shop"}})");
+    api("POST", "/api/v1/namespaces/shop/pods",
+        json{{"metadata", {{"name", "web"}, {"uid", uid}, {"labels", {{"app", "web"}}}}},
+             {"spec", {{"nodeName", node}, {"serviceAccountName", "web-sa"}}},
+             {"status", {{"phase", "Running"}, {"podIP", env->pod_ip4}, {"podIPs", {{{"ip", env->pod_ip4}}, {{"ip", env->pod_ip6}}}}}}}
+            .dump());
+    // another node's pod, which this agent must never touch
+    api("POST", "/api/v1/namespaces/shop/pods",
+        json{{"metadata", {{"name", "elsewhere"}, {"labels", {{"istio.io/dataplane-mode", "ambient"}}}}},
+             {"spec", {{"nodeName", "other-node"}}}, {"status", {{"phase", "Running"}, {"podIP", env->remote_ip4}}}}
+            .dump());
+    // the pod's "containers": a process in a kubelet-like cgroup that names the pod UID
+    pod_cgroup = env->cgroup + "/kubepods/pod" + uid;
+    std::filesystem::create_directories(pod_cgroup);
+    app = std::make_unique<Peer>(std::vector<std::string>{testpeer_bin(), "--netns", env->pod_ns, "serve", "--port", "9090"},
+                                 false, pod_cgroup);
+    ASSERT_FALSE(app->wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+    proxy_zds = dir + "/zds.sock";
+  }
+  void TearDown() override {
+    agent.reset();
+    proxy.reset();
+    app.reset();
+    server.reset();
+    if (!pod_cgroup.empty()) {
+      kill_cgroup(pod_cgroup);
+      rmdir((env->cgroup + "/kubepods").c_str());
+    }
+    std::error_code ec;
+    if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+  }
+  CmdResult api(const std::string& method, const std::string& path, const std::string& body = "") {
+    std::vector<std::string> argv = {"curl", "-s", "-X", method, "-H", "Authorization: Bearer " + token(), "-H",
+                                     "Content-Type: application/json", "http://127.0.0.1:" + port + path};
+    if (!body.empty()) argv.insert(argv.end() - 1, {"-d", body});
+    return run(argv);
+  }
+  std::string token() {
+    auto t = read_file(dir + "/token");
+    return t.substr(0, t.find('\n'));
+  }
+  CmdResult kubectl(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {"kubectl"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run(argv, {"KUBECONFIG=" + dir + "/kubectl-config"});
+  }
+  void start_agent() {
+    agent = std::make_unique<Peer>(std::vector<std::string>{
+        AGENT_BIN, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "--cni-socket", dir + "/cni.sock",
+        "--zds-socket", proxy_zds, "--http-port", std::to_string(21000 + getpid() % 20000), "--kubeconfig",
+        dir + "/kubeconfig", "--node-name", node});
+    if (!proxy) {
+      proxy = std::make_unique<Peer>(std::vector<std::string>{PROXY_BIN, "--zds-socket", proxy_zds}, false, env->proxy_cgroup);
+    }
+    EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("event", "") == "snapshot_received"; }, 8000).is_null())
+        << agent->output();
+  }
+  // Waits until podsteer status shows `want` pods captured.
+  bool captured(size_t want, int timeout_ms = 8000) {
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+      auto st = env->status();
+      if (st.is_object() && st["pods"].size() == want) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+  int proxy_inbound() {
+    int n = 0;
+    for (const auto& j : proxy->lines()) n += j.value("direction", "") == "inbound";
+    return n;
+  }
+  json remote_call() { return env->remote_connect(env->pod_ip4, 9090); }
+
+  std::unique_ptr<Env> env;
+  std::unique_ptr<Peer> server, agent, proxy, app;
+  std::string dir, node, uid, port, pod_cgroup, proxy_zds;
+};
+
+TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
+  start_agent();
+  auto before = remote_call();
+  EXPECT_NE(before.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << "not enrolled: direct";
+  EXPECT_TRUE(captured(0, 300));
+
+  auto l = kubectl({"label", "pod", "web", "istio.io/dataplane-mode=ambient"});
+  ASSERT_EQ(l.rc, 0) << l.out;
+  ASSERT_TRUE(captured(1)) << agent->output();
+  auto st = env->status();
+  EXPECT_EQ(st["pods"][0]["pod"], "shop/web");
+  auto c = remote_call();
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("direction", "") == "inbound"; }).is_null())
+      << "inbound now goes through the proxy";
+  std::string annotations;
+  for (int i = 0; i < 50; ++i) {
+    annotations = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
+    if (annotations.find("podsteer.io/captured") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(annotations.find("\"podsteer.io/captured\":\"true\""), std::string::npos) << annotations;
+
+  // a connection open through the proxy survives the opt-out
+  auto session = std::make_unique<Peer>(
+      std::vector<std::string>{testpeer_bin(), "--netns", env->remote_ns, "session", "--to", env->pod_ip4, "--port", "9090"}, true);
+  ASSERT_TRUE(session->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+  auto l2 = kubectl({"label", "--overwrite", "pod", "web", "istio.io/dataplane-mode=none"});
+  ASSERT_EQ(l2.rc, 0) << l2.out;
+  ASSERT_TRUE(captured(0)) << agent->output();
+  int through_proxy = proxy_inbound();
+  auto after = remote_call();
+  EXPECT_NE(after.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << "direct again: " << after;
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(proxy_inbound(), through_proxy);
+  session->send_line("still");
+  EXPECT_NE(session->wait_for([](const json& j) { return j.value("request", "") == "still"; }).value("reply", "").find("got=still"),
+            std::string::npos)
+      << "the open connection was not reset";
+  auto gone = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
+  for (int i = 0; i < 50 && gone.find("podsteer.io/captured") != std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
+  }
+  EXPECT_EQ(gone.find("podsteer.io/captured"), std::string::npos) << gone;
+}
+
+TEST_F(KubeTest, RestartedAgentFindsRunningPodsThroughProc) {
+  // enrolled through its namespace before any agent runs
+  auto l = kubectl({"label", "namespace", "shop", "istio.io/dataplane-mode=ambient"});
+  ASSERT_EQ(l.rc, 0) << l.out;
+  start_agent();
+  ASSERT_TRUE(captured(1)) << agent->output();
+  auto st = env->status();
+  EXPECT_EQ(st["pods"][0]["pod"], "shop/web");
+  EXPECT_NE(st["pods"][0]["netns"].get<std::string>().find("/proc/"), std::string::npos) << st;
+  // kill -9 and start again: nothing is detached, nothing is captured twice
+  agent->stop();
+  start_agent();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  EXPECT_TRUE(captured(1, 100));
+  auto c = remote_call();
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("direction", "") == "inbound"; }).is_null());
+  // the pod's own opt-out beats its namespace
+  ASSERT_EQ(kubectl({"label", "pod", "web", "istio.io/dataplane-mode=none"}).rc, 0);
+  EXPECT_TRUE(captured(0)) << agent->output();
+}
+
+TEST_F(KubeTest, WatchFaultsConverge) {
+  start_agent();
+  ASSERT_TRUE(captured(0, 300));
+  std::string base = "http://127.0.0.1:" + port;
+  auto flip = [&](const std::string& value) {
+    auto r = kubectl({"label", "--overwrite", "pod", "web", "istio.io/dataplane-mode=" + value});
+    EXPECT_EQ(r.rc, 0) << r.out;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // watches established
+
+  // the connection drops in the middle of an event
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/cut-watches?mid_event=true"}).rc, 0);
+  flip("ambient");
+  EXPECT_TRUE(captured(1)) << "after a watch cut mid-event\n" << agent->output();
+
+  // 410 Gone: history compacted past the agent's resourceVersion
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/compact"}).rc, 0);
+  flip("none");
+  EXPECT_TRUE(captured(0)) << "after 410 Gone\n" << agent->output();
+  EXPECT_NE(agent->output().find("410"), std::string::npos);
+
+  // events split across chunks at awkward places, and malformed events in the stream
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/split-chunks?on=true"}).rc, 0);
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/garbage"}).rc, 0);
+  flip("ambient");
+  EXPECT_TRUE(captured(1)) << "with split chunks and garbage\n" << agent->output();
+  EXPECT_NE(agent->output().find("malformed"), std::string::npos);
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/split-chunks?on=false"}).rc, 0);
+
+  // the token file is replaced: the old token stops working, the agent reads the new one
+  std::ofstream(dir + "/token.new") << "token-two\n";
+  std::filesystem::rename(dir + "/token.new", dir + "/token");
+  ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/cut-watches"}).rc, 0);
+  flip("none");
+  EXPECT_TRUE(captured(0)) << "after token rotation\n" << agent->output();
+  auto metrics = run({"curl", "-s", fmt::format("http://127.0.0.1:{}/metrics", 21000 + getpid() % 20000)}).out;
+  EXPECT_EQ(metrics.find("podsteer_kube_relists_total 0"), std::string::npos) << "410 made both watches relist: " << metrics;
+  EXPECT_EQ(metrics.find("podsteer_kube_event_errors_total 0"), std::string::npos) << "malformed events are counted";
+}
+
+}  // namespace
