@@ -234,3 +234,35 @@ TEST_F(KubeTest, WatchFaultsConverge) {
 }
 
 }  // namespace
+
+namespace {
+
+// The manifests in deploy/ pass kubectl's client-side apply (the offline check available
+// without a cluster; see scripts/kind-e2e.sh for the real one).
+TEST(Deploy, ManifestsPassKubectlClientDryRun) {
+  if (run({"sh", "-c", "command -v kubectl"}).rc != 0) GTEST_SKIP() << "no kubectl";
+  std::string dir = "/tmp/podsteer-deploy-" + unique_id();
+  std::filesystem::create_directories(dir);
+  Peer server({KUBE_SERVER_BIN, "--port-file", dir + "/port"});
+  std::string port;
+  for (int i = 0; i < 100 && port.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    port = read_file(dir + "/port");
+  }
+  port.erase(port.find_last_not_of("\n") + 1);
+  std::ofstream(dir + "/kubeconfig") << fmt::format(
+      "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters:\n- name: t\n  cluster:\n    server: http://127.0.0.1:{}\n"
+      "contexts:\n- name: t\n  context:\n    cluster: t\n    user: u\nusers:\n- name: u\n  user: {{}}\n",
+      port);
+  auto r = run({"kubectl", "apply", "--dry-run=client", "--validate=false", "-f", DEPLOY_DIR},
+               {"KUBECONFIG=" + dir + "/kubeconfig"});
+  EXPECT_EQ(r.rc, 0) << r.out;
+  for (const char* obj : {"daemonset.apps/podsteer-agent created", "clusterrole.rbac.authorization.k8s.io/podsteer-agent created",
+                          "serviceaccount/podsteer-agent created", "configmap/podsteer-config created"})
+    EXPECT_NE(r.out.find(obj), std::string::npos) << obj << " in:\n" << r.out;
+  server.stop();
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+}  // namespace

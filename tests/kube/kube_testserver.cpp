@@ -275,7 +275,12 @@ int main(int argc, char** argv) {
   });
   srv.Get("/apis", [](const httplib::Request& req, httplib::Response& res) {
     if (!authorized(req, res)) return;
-    reply(res, 200, {{"kind", "APIGroupList"}, {"apiVersion", "v1"}, {"groups", json::array()}});
+    auto group = [](const std::string& name) {
+      json v = {{"groupVersion", name + "/v1"}, {"version", "v1"}};
+      return json{{"name", name}, {"versions", {v}}, {"preferredVersion", v}};
+    };
+    reply(res, 200, {{"kind", "APIGroupList"}, {"apiVersion", "v1"},
+                     {"groups", {group("apps"), group("rbac.authorization.k8s.io")}}});
   });
   srv.Get("/api/v1", [](const httplib::Request& req, httplib::Response& res) {
     if (!authorized(req, res)) return;
@@ -284,7 +289,26 @@ int main(int argc, char** argv) {
                      {"resources", {{{"name", "pods"}, {"singularName", "pod"}, {"namespaced", true}, {"kind", "Pod"},
                                      {"verbs", verbs}, {"shortNames", {"po"}}},
                                     {{"name", "namespaces"}, {"singularName", "namespace"}, {"namespaced", false},
-                                     {"kind", "Namespace"}, {"verbs", verbs}, {"shortNames", {"ns"}}}}}});
+                                     {"kind", "Namespace"}, {"verbs", verbs}, {"shortNames", {"ns"}}},
+                                    {{"name", "serviceaccounts"}, {"singularName", "serviceaccount"}, {"namespaced", true},
+                                     {"kind", "ServiceAccount"}, {"verbs", verbs}},
+                                    {{"name", "configmaps"}, {"singularName", "configmap"}, {"namespaced", true},
+                                     {"kind", "ConfigMap"}, {"verbs", verbs}}}}});
+  });
+  // Discovery only, for `kubectl apply --dry-run=client` of deploy/: these kinds are known
+  // but not stored (a GET of one is 404, as for an object not created yet).
+  srv.Get("/apis/apps/v1", [](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, {{"kind", "APIResourceList"}, {"groupVersion", "apps/v1"},
+                     {"resources", {{{"name", "daemonsets"}, {"singularName", "daemonset"}, {"namespaced", true},
+                                     {"kind", "DaemonSet"}, {"verbs", {"get", "list", "create", "patch"}}}}}});
+  });
+  srv.Get("/apis/rbac.authorization.k8s.io/v1", [](const httplib::Request&, httplib::Response& res) {
+    json verbs = {"get", "list", "create", "patch"};
+    reply(res, 200, {{"kind", "APIResourceList"}, {"groupVersion", "rbac.authorization.k8s.io/v1"},
+                     {"resources", {{{"name", "clusterroles"}, {"singularName", "clusterrole"}, {"namespaced", false},
+                                     {"kind", "ClusterRole"}, {"verbs", verbs}},
+                                    {{"name", "clusterrolebindings"}, {"singularName", "clusterrolebinding"},
+                                     {"namespaced", false}, {"kind", "ClusterRoleBinding"}, {"verbs", verbs}}}}});
   });
   srv.Get("/api/v1/pods", [](const httplib::Request& req, httplib::Response& res) {
     if (authorized(req, res)) handle_list_or_watch(req, res, "pods", "");
@@ -356,6 +380,8 @@ int main(int argc, char** argv) {
     record("DELETED", o);
     reply(res, 200, o);
   });
+  srv.Get(R"(/apis/.*|/api/v1/namespaces/[^/]+/(serviceaccounts|configmaps)/.*)",
+          [](const httplib::Request&, httplib::Response& res) { reply(res, 404, status(404, "NotFound", "not found")); });
   // fault injection
   srv.Post("/testctl/compact", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
