@@ -15,42 +15,14 @@ namespace podsteer {
 CniServer::~CniServer() { stop(); }
 
 Status CniServer::start() {
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(path_).parent_path(), ec);
-  unlink(path_.c_str());
-  listener_ = Fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!listener_.valid()) return sys_error("socket(AF_UNIX)");
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path_.size() >= sizeof(addr.sun_path)) return invalid("CNI socket path too long", path_);
-  std::strncpy(addr.sun_path, path_.c_str(), sizeof(addr.sun_path) - 1);
-  mode_t old = umask(0177);  // created 0600: no window where others could connect
-  int r = bind(listener_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  umask(old);
-  if (r != 0) return sys_error("bind", path_);
-  if (listen(listener_.get(), 64) != 0) return sys_error("listen", path_);
-  acceptor_ = std::thread([this] { accept_loop(); });
+  PODSTEER_TRY(listener_.start(path_, SOCK_STREAM, [this](Fd conn) {
+    std::thread([this, c = std::move(conn)]() mutable { serve(std::move(c)); }).detach();
+  }));
   spdlog::info("cni: listening on {}", path_);
   return {};
 }
 
-void CniServer::stop() {
-  if (stopping_.exchange(true)) return;
-  if (listener_.valid()) shutdown(listener_.get(), SHUT_RDWR);
-  if (acceptor_.joinable()) acceptor_.join();
-  listener_.reset();
-  unlink(path_.c_str());
-}
-
-void CniServer::accept_loop() {
-  while (!stopping_) {
-    pollfd p{listener_.get(), POLLIN, 0};
-    if (poll(&p, 1, 200) <= 0) continue;
-    Fd conn(accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!conn.valid()) continue;
-    std::thread([this, c = std::move(conn)]() mutable { serve(std::move(c)); }).detach();
-  }
-}
+void CniServer::stop() { listener_.stop(); }
 
 void CniServer::serve(Fd conn) {
   auto reply = [&](const nlohmann::json& j) {

@@ -11,6 +11,7 @@
 
 #include "fd.h"
 #include "result.h"
+#include "unix_listener.h"
 
 namespace podsteer {
 
@@ -23,13 +24,10 @@ class CniServer {
   void stop();
 
  private:
-  void accept_loop();
   void serve(Fd conn);
   std::string path_;
   Handler handler_;
-  Fd listener_;
-  std::thread acceptor_;
-  std::atomic<bool> stopping_{false};
+  UnixListener listener_;
 };
 
 }  // namespace podsteer

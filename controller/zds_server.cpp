@@ -22,41 +22,15 @@ ZdsServer::ZdsServer(std::string path, int ack_timeout_ms, SnapshotFn snapshot)
 ZdsServer::~ZdsServer() { stop(); }
 
 Status ZdsServer::start() {
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(path_).parent_path(), ec);
-  unlink(path_.c_str());
-  listener_ = Fd(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  if (!listener_.valid()) return sys_error("socket(AF_UNIX, SOCK_SEQPACKET)");
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path_.size() >= sizeof(addr.sun_path)) return invalid("ZDS socket path too long", path_);
-  std::strncpy(addr.sun_path, path_.c_str(), sizeof(addr.sun_path) - 1);
-  if (bind(listener_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return sys_error("bind", path_);
-  chmod(path_.c_str(), 0600);
-  if (listen(listener_.get(), 8) != 0) return sys_error("listen", path_);
-  acceptor_ = std::thread([this] { accept_loop(); });
+  PODSTEER_TRY(listener_.start(path_, SOCK_SEQPACKET, [this](Fd conn) {
+    auto st = handshake(std::move(conn));
+    if (!st) spdlog::warn("zds: proxy connection rejected: {}", st.error().message());
+  }));
   spdlog::info("zds: listening on {}", path_);
   return {};
 }
 
-void ZdsServer::stop() {
-  if (stopping_.exchange(true)) return;
-  if (listener_.valid()) shutdown(listener_.get(), SHUT_RDWR);
-  if (acceptor_.joinable()) acceptor_.join();
-  listener_.reset();
-  unlink(path_.c_str());
-}
-
-void ZdsServer::accept_loop() {
-  while (!stopping_) {
-    pollfd p{listener_.get(), POLLIN, 0};
-    if (poll(&p, 1, 200) <= 0) continue;
-    Fd conn(accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!conn.valid()) continue;
-    auto st = handshake(std::move(conn));
-    if (!st) spdlog::warn("zds: proxy connection rejected: {}", st.error().message());
-  }
-}
+void ZdsServer::stop() { listener_.stop(); }
 
 Status ZdsServer::request_locked(const std::string& what, const google::protobuf::MessageLite& m, int fd) {
   if (!conn_.valid()) return invalid("no node proxy is connected to " + path_);

@@ -13,6 +13,7 @@
 #include "fd.h"
 #include "pod_source.h"
 #include "result.h"
+#include "unix_listener.h"
 
 namespace google::protobuf {
 class MessageLite;
@@ -40,16 +41,13 @@ class ZdsServer {
   uint64_t connections() const { return connections_; }
 
  private:
-  void accept_loop();
   Status handshake(Fd conn);
   Status request_locked(const std::string& what, const google::protobuf::MessageLite& m, int fd);
 
   std::string path_;
   int ack_timeout_ms_;
   SnapshotFn snapshot_;
-  Fd listener_;
-  std::thread acceptor_;
-  std::atomic<bool> stopping_{false};
+  UnixListener listener_;
   std::mutex mu_;  // one request in flight at a time
   Fd conn_;
   std::atomic<uint64_t> connections_{0};

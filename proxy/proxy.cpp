@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "sockaddr_text.h"
+
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
@@ -53,21 +55,7 @@ struct Proxy::DnsQuery {
 
 namespace {
 
-std::string addr_str(const sockaddr_storage& ss) {
-  char buf[INET6_ADDRSTRLEN] = "?";
-  if (ss.ss_family == AF_INET) {
-    auto* s = reinterpret_cast<const sockaddr_in*>(&ss);
-    inet_ntop(AF_INET, &s->sin_addr, buf, sizeof(buf));
-    return std::string(buf) + ":" + std::to_string(ntohs(s->sin_port));
-  }
-  auto* s6 = reinterpret_cast<const sockaddr_in6*>(&ss);
-  if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-    inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], buf, sizeof(buf));
-    return std::string(buf) + ":" + std::to_string(ntohs(s6->sin6_port));
-  }
-  inet_ntop(AF_INET6, &s6->sin6_addr, buf, sizeof(buf));
-  return "[" + std::string(buf) + "]:" + std::to_string(ntohs(s6->sin6_port));
-}
+std::string addr_str(const sockaddr_storage& ss) { return podsteer::sockaddr_text(ss); }
 
 bool parse_hostport(const std::string& s, sockaddr_storage& out, socklen_t& len) {
   std::memset(&out, 0, sizeof(out));

@@ -20,6 +20,8 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "sockaddr_text.h"
+
 #include <atomic>
 #include <cstring>
 #include <fstream>
@@ -44,21 +46,7 @@ void emit(const json& j) {
   _exit(2);
 }
 
-std::string addr_str(const sockaddr_storage& ss) {
-  char buf[INET6_ADDRSTRLEN] = "?";
-  if (ss.ss_family == AF_INET) {
-    auto* s = reinterpret_cast<const sockaddr_in*>(&ss);
-    inet_ntop(AF_INET, &s->sin_addr, buf, sizeof(buf));
-    return std::string(buf) + ":" + std::to_string(ntohs(s->sin_port));
-  }
-  auto* s6 = reinterpret_cast<const sockaddr_in6*>(&ss);
-  if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-    inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], buf, sizeof(buf));
-    return std::string(buf) + ":" + std::to_string(ntohs(s6->sin6_port));
-  }
-  inet_ntop(AF_INET6, &s6->sin6_addr, buf, sizeof(buf));
-  return "[" + std::string(buf) + "]:" + std::to_string(ntohs(s6->sin6_port));
-}
+std::string addr_str(const sockaddr_storage& ss) { return podsteer::sockaddr_text(ss); }
 
 bool make_addr(const std::string& host, uint16_t port, bool force_v6, sockaddr_storage& ss, socklen_t& len) {
   std::memset(&ss, 0, sizeof(ss));

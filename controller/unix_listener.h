@@ -1,0 +1,29 @@
+// A Unix socket the agent serves (the CNI hook's, the node proxy's): created mode 0600 with
+// no window where others could connect, accepted on a thread that stops on request.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <string>
+#include <thread>
+
+#include "fd.h"
+#include "result.h"
+
+namespace podsteer {
+
+class UnixListener {
+ public:
+  ~UnixListener() { stop(); }
+  // type: SOCK_STREAM or SOCK_SEQPACKET. on_conn runs on the accept thread.
+  Status start(const std::string& path, int type, std::function<void(Fd)> on_conn);
+  void stop();
+
+ private:
+  std::string path_;
+  Fd fd_;
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+};
+
+}  // namespace podsteer
