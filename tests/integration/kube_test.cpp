@@ -266,3 +266,55 @@ TEST(Deploy, ManifestsPassKubectlClientDryRun) {
 }
 
 }  // namespace
+
+namespace {
+
+// kubectl as a user runs it against the test API server: get -w streams the change a
+// label makes, annotate and label round-trip.
+TEST(KubeTestServer, KubectlGetWatchLabelAnnotate) {
+  if (run({"sh", "-c", "command -v kubectl"}).rc != 0) GTEST_SKIP() << "no kubectl";
+  std::string dir = "/tmp/podsteer-kubectl-" + unique_id();
+  std::filesystem::create_directories(dir);
+  Peer server({KUBE_SERVER_BIN, "--port-file", dir + "/port"});
+  std::string port;
+  for (int i = 0; i < 100 && port.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    port = read_file(dir + "/port");
+  }
+  port.erase(port.find_last_not_of("\n") + 1);
+  std::ofstream(dir + "/kubeconfig") << fmt::format(
+      "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters:\n- name: t\n  cluster:\n    server: http://127.0.0.1:{}\n"
+      "contexts:\n- name: t\n  context:\n    cluster: t\n    user: u\n    namespace: shop\nusers:\n- name: u\n  user: {{}}\n",
+      port);
+  std::vector<std::string> env = {"KUBECONFIG=" + dir + "/kubeconfig"};
+  run({"curl", "-s", "-d", R"({"metadata":{"name":"shop"}})", "http://127.0.0.1:" + port + "/api/v1/namespaces"});
+  run({"curl", "-s", "-d", R"({"metadata":{"name":"web"},"spec":{"nodeName":"n1"},"status":{"phase":"Running","podIP":"10.0.0.5"}})",
+       "http://127.0.0.1:" + port + "/api/v1/namespaces/shop/pods"});
+  std::ofstream(dir + "/watch.sh") << "export KUBECONFIG=" << dir << "/kubeconfig\nexec kubectl get pods -w\n";
+  Peer watch({"/bin/sh", dir + "/watch.sh"});
+  for (int i = 0; i < 100 && watch.output().find("web") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  auto label = run({"kubectl", "label", "pod", "web", "istio.io/dataplane-mode=ambient"}, env);
+  EXPECT_EQ(label.rc, 0) << label.out;
+  EXPECT_NE(label.out.find("pod/web labeled"), std::string::npos) << label.out;
+  auto annotate = run({"kubectl", "annotate", "pod", "web", "team=payments"}, env);
+  EXPECT_EQ(annotate.rc, 0) << annotate.out;
+  int rows = 0;
+  for (int i = 0; i < 100 && rows < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    auto out = watch.output();
+    rows = 0;
+    for (size_t at = out.find("web"); at != std::string::npos; at = out.find("web", at + 1)) rows++;
+  }
+  EXPECT_GE(rows, 3) << "get -w shows the pod, then each change:\n" << watch.output();
+  auto got = run({"kubectl", "get", "pod", "web", "-o", "jsonpath={.metadata.labels.istio\\.io/dataplane-mode} {.metadata.annotations.team}"}, env);
+  EXPECT_EQ(got.out, "ambient payments");
+  auto filtered = run({"kubectl", "get", "pods", "-l", "istio.io/dataplane-mode=ambient", "-o", "name"}, env);
+  EXPECT_EQ(filtered.out, "pod/web\n");
+  watch.stop();
+  server.stop();
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+}  // namespace
