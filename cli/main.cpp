@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "cni_config.h"
 #include "datapath.h"
 #include "kernel_features.h"
 #include "log.h"
@@ -286,6 +287,10 @@ int main(int argc, char** argv) {
 
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
+  cni::InstallOptions cni_opts;
+  std::string cni_conf_dir, cni_bin_dir;
+  uninstall->add_option("--cni-conf-dir", cni_conf_dir, "also remove podsteer-cni from the conflists here");
+  uninstall->add_option("--cni-bin-dir", cni_bin_dir, "also remove the podsteer-cni binary from here");
 
   CLI11_PARSE(app, argc, argv);
   init_logging(verbose);
@@ -294,6 +299,14 @@ int main(int argc, char** argv) {
   if (*uninstall) {
     auto st = Datapath::uninstall(state_dir);
     if (!st) return fail(st.error());
+    if (!cni_conf_dir.empty() || !cni_bin_dir.empty()) {
+      // only where asked: a test's state dir must not take the node's CNI config with it
+      cni_opts.conf_dir = cni_conf_dir.empty() ? "/nonexistent" : cni_conf_dir;
+      cni_opts.bin_dir = cni_bin_dir.empty() ? "/nonexistent" : cni_bin_dir;
+      auto c = cni::uninstall(cni_opts);
+      if (!c) return fail(c.error());
+      fmt::print("removed podsteer-cni from {} {}\n", cni_conf_dir, cni_bin_dir);
+    }
     fmt::print("removed {}\n", state_dir);
     return 0;
   }

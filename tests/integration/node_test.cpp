@@ -383,10 +383,39 @@ TEST_F(NodeTest, CniInstallerChainsKeepsAndRemovesThePlugin) {
   EXPECT_TRUE(back) << "not re-added after the primary CNI rewrote its conflist";
 
   node->agent->stop();
-  auto r = run({AGENT_BIN, "--uninstall-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf});
+  // podsteer uninstall takes the CNI entries with everything else, when told where they are
+  auto r = run({podsteer_bin(), "--state-dir", node->state_dir, "uninstall", "--cni-conf-dir", conf, "--cni-bin-dir", bin});
   EXPECT_EQ(r.rc, 0) << r.out;
+  auto again = run({AGENT_BIN, "--uninstall-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf});
+  EXPECT_EQ(again.rc, 0) << "and the agent's own --uninstall-cni is idempotent: " << again.out;
   EXPECT_EQ(read_primary()["plugins"].size(), 2u) << read_file(conf + "/10-kindnet.conflist");
   EXPECT_NE(access((bin + "/podsteer-cni").c_str(), F_OK), 0);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(NodeTest, DnsIsCapturedAndForwardedByTheProxy) {
+  node->start_agent({"--dns"});
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  // podsteer-proxy sends captured DNS to the real resolver (in the other pod); the pod asks an
+  // address where nothing listens, so only the capture can answer
+  node->proxy = std::make_unique<Peer>(
+      std::vector<std::string>{PROXY_BIN, "--zds-socket", node->zds_socket, "--dns-upstream", other.ip + ":53"}, false,
+      node->proxy_cgroup);
+  ASSERT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "snapshot_received"; }).is_null());
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  Peer resolver({testpeer_bin(), "--netns", other.netns, "serve-udp", "--port", "53"});
+  ASSERT_FALSE(resolver.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  std::string nowhere = "10.211.0.250";
+  auto q = peer_once({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "udp", "--to", nowhere, "--port",
+                      "53", "--send", "example.org?"});
+  EXPECT_EQ(q["reply"], "resolver:example.org?") << q;
+  EXPECT_EQ(q["from"], nowhere + ":53") << "the reply appears to come from the resolver the pod asked";
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "dns"; }).is_null());
+  EXPECT_EQ(node->status()["pods"][0]["counters"]["dns_redirected"], 1);
 }
 
 }  // namespace
