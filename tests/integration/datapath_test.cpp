@@ -198,6 +198,22 @@ TEST_F(DatapathTest, DnsOverUdpReachesDnsListenerAndReplyComesFromResolver) {
   EXPECT_EQ(counters()["dns_redirected"], 2);
 }
 
+TEST_F(DatapathTest, DnsOverTcpReachesDnsListenerWithOriginalDestination) {
+  auto proxy = env->start_proxy({"--ports", "15001,15006,15008,15053"});
+  auto resolver = env->start_server(env->remote_ns, 53);
+  enroll({"--dns"});
+  auto c = env->pod_connect(env->remote_ip4, 53);
+  ASSERT_TRUE(c.value("connected", false)) << c;
+  EXPECT_EQ(c["peer"], env->remote_ip4 + ":53") << "the app sees the resolver it asked";
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  auto a = proxy->wait_for([](const json& j) { return j.value("listener", 0) == 15053; });
+  ASSERT_FALSE(a.is_null()) << "TCP 53 did not reach the DNS listener";
+  EXPECT_EQ(a["orig_dst"], env->remote_ip4 + ":53");
+  EXPECT_EQ(a["local"], "127.0.0.1:15053");
+  EXPECT_EQ(counters()["dns_redirected"], 1);
+  EXPECT_EQ(counters()["redirected_out"], 0);
+}
+
 TEST_F(DatapathTest, ProxyMissingFailClosedRefusesAndFailOpenGoesDirect) {
   auto server = env->start_server(env->remote_ns, 8080);
   auto app = env->start_server(env->pod_ns, 9090);
