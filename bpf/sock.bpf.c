@@ -307,11 +307,14 @@ SEC("sockops")
 int podsteer_sockops(struct bpf_sock_ops *ops)
 {
 	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
-		/* a redirected connect that never got past SYN_SENT: nothing listened */
+		/* only redirected sockets get here, and only until they are established */
 		if (ops->args[0] == TCP_SYN_SENT_STATE && ops->args[1] == TCP_CLOSE_STATE) {
-			__u64 cookie = bpf_get_netns_cookie(ops);
-			struct podsteer_counters *c = pod_counters(cookie);
+			/* the connect never got past SYN_SENT: nothing listened */
+			struct podsteer_counters *c = pod_counters(bpf_get_netns_cookie(ops));
 			COUNT(c, proxy_missing);
+		} else if (ops->args[1] != TCP_CLOSE_STATE) {
+			/* it got an answer: no more state callbacks for this connection */
+			bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		}
 		return 1;
 	}
@@ -338,9 +341,8 @@ int podsteer_sockops(struct bpf_sock_ops *ops)
 		w[3] = ops->local_ip6[3];
 	}
 	bpf_map_update_elem(&podsteer_orig, &k, o, BPF_ANY);
-	/* only to count a proxy that was not listening (see BPF_SOCK_OPS_STATE_CB) */
-	if (o->port != bpf_htons(DNS_PORT))
-		bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* to count a listener that was missing (see BPF_SOCK_OPS_STATE_CB above) */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 }
 

@@ -301,8 +301,8 @@ int main(int argc, char** argv) {
     if (!st) return fail(st.error());
     if (!cni_conf_dir.empty() || !cni_bin_dir.empty()) {
       // only where asked: a test's state dir must not take the node's CNI config with it
-      cni_opts.conf_dir = cni_conf_dir.empty() ? "/nonexistent" : cni_conf_dir;
-      cni_opts.bin_dir = cni_bin_dir.empty() ? "/nonexistent" : cni_bin_dir;
+      cni_opts.conf_dir = cni_conf_dir;
+      cni_opts.bin_dir = cni_bin_dir;
       auto c = cni::uninstall(cni_opts);
       if (!c) return fail(c.error());
       fmt::print("removed podsteer-cni from {} {}\n", cni_conf_dir, cni_bin_dir);
@@ -344,10 +344,12 @@ int main(int argc, char** argv) {
     opts.exclude_outbound_cidrs = *oc;
     auto ns = open_netns(netns);
     if (!ns) return fail(ns.error());
-    if (auto chosen = choose_interfaces(*ns, opts); !chosen) return fail(chosen.error());
+    // chosen before anything is installed, so a wrong interface changes nothing
+    auto chosen = choose_interfaces(*ns, opts);
+    if (!chosen) return fail(chosen.error());
     auto dp = Datapath::open(state_dir, node, true);
     if (!dp) return fail(dp.error());
-    auto r = dp->enroll(*ns, opts);
+    auto r = dp->enroll(*ns, opts, &*chosen);
     if (!r) return fail(r.error());
     const char* what = *r == EnrollOutcome::Enrolled ? "enrolled" : *r == EnrollOutcome::Updated ? "updated" : "already enrolled, unchanged:";
     fmt::print("{} {} (netns {}, cookie {})\n", what, pod.empty() ? "pod" : pod, netns, ns->cookie);

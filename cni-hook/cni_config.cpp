@@ -93,6 +93,7 @@ Status install(const InstallOptions& o) {
 
 Status uninstall(const InstallOptions& o) {
   std::error_code ec;
+  // an empty conf_dir iterates nothing; an empty bin_dir removes nothing
   for (const auto& e : fs::directory_iterator(o.conf_dir, ec)) {
     if (e.path().extension() != ".conflist") continue;
     auto conf = read_json(e.path().string());
@@ -107,7 +108,7 @@ Status uninstall(const InstallOptions& o) {
     PODSTEER_TRY(write_atomic(e.path().string(), conf->dump(2) + "\n",
                               fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read));
   }
-  fs::remove(o.bin_dir + "/" + kType, ec);
+  if (!o.bin_dir.empty()) fs::remove(o.bin_dir + "/" + kType, ec);
   return {};
 }
 

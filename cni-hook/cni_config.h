@@ -24,6 +24,8 @@ Result<std::string> primary_conflist(const std::string& conf_dir);
 Result<bool> ensure_chained(const InstallOptions& o);
 
 Status install(const InstallOptions& o);
+// Removes our plugin from every conflist in conf_dir and the binary from bin_dir; an empty
+// dir is skipped.
 Status uninstall(const InstallOptions& o);
 
 }  // namespace podsteer::cni

@@ -24,9 +24,6 @@ using json = nlohmann::json;
 struct Agent::Http {
   httplib::Server server;
   std::thread thread;
-  std::mutex mu;
-  std::condition_variable cv;
-  bool stopped = false;
 };
 
 Agent::Agent(AgentConfig cfg) : cfg_(std::move(cfg)), policy_(cfg_.enroll_namespaces) {}
@@ -58,7 +55,7 @@ Status Agent::start() {
     dp_.emplace(std::move(*dp));
     // Pods whose netns is gone were deleted while no agent ran: clean them up. Every
     // other pinned pod stays captured; it is never detached because we restarted.
-    auto pods = dp_->pods();
+    auto pods = dp_->pods(Datapath::Detail::Summary);
     if (!pods) return pods.error();
     size_t kept = 0;
     for (const auto& p : *pods) {
@@ -83,7 +80,7 @@ Status Agent::start() {
     if (!kc) return kc.error();
     if (cfg_.node_name.empty()) return invalid("the Kubernetes pod source needs --node-name or NODE_NAME");
     kube_client_ = std::make_unique<kube::Client>(*kc);
-    kube_source_ = std::make_unique<kube::Source>(*kube_client_, cfg_.node_name, [this](const kube::Snapshot&) {
+    kube_source_ = std::make_unique<kube::Source>(*kube_client_, cfg_.node_name, [this] {
       std::lock_guard<std::mutex> g(kube_mu_);
       kube_dirty_ = true;
       kube_cv_.notify_all();
@@ -123,16 +120,7 @@ void Agent::stop() {
   if (http_) {
     http_->server.stop();
     if (http_->thread.joinable()) http_->thread.join();
-    std::lock_guard<std::mutex> g(http_->mu);
-    http_->stopped = true;
-    http_->cv.notify_all();
   }
-}
-
-void Agent::wait() {
-  if (!http_) return;
-  std::unique_lock<std::mutex> g(http_->mu);
-  http_->cv.wait(g, [this] { return http_->stopped; });
 }
 
 bool Agent::ready() { return adopted_ && zds_ && zds_->connected(); }
@@ -140,7 +128,7 @@ bool Agent::ready() { return adopted_ && zds_ && zds_->connected(); }
 std::vector<SnapshotEntry> Agent::snapshot() {
   std::lock_guard<std::mutex> g(mu_);
   std::vector<SnapshotEntry> out;
-  auto pods = dp_->pods();
+  auto pods = dp_->pods(Datapath::Detail::Summary);
   if (!pods) return out;
   for (const auto& p : *pods) {
     if (!p.has_entry || p.meta.uid[0] == 0) continue;  // enrolled by hand, not a workload
@@ -191,15 +179,18 @@ json Agent::handle_cni(const json& req) {
   return out;
 }
 
-std::optional<uint64_t> Agent::find_locked(const PodInfo& pod) {
-  auto pods = dp_->pods();
+std::optional<PodStatus> Agent::find_locked(const PodInfo& pod) {
+  auto pods = dp_->pods(Datapath::Detail::Summary);
   if (!pods) return std::nullopt;
-  for (const auto& p : *pods) {
-    if (!pod.container_id.empty() && pod.container_id == p.meta.container_id) return p.cookie;
-    if (!pod.uid.empty() && pod.uid == p.meta.uid && pod.netns == p.meta.netns_path) return p.cookie;
+  for (auto& p : *pods) {
+    if ((!pod.container_id.empty() && pod.container_id == p.meta.container_id) ||
+        (!pod.uid.empty() && pod.uid == p.meta.uid && pod.netns == p.meta.netns_path))
+      return std::move(p);
   }
   return std::nullopt;
 }
+
+bool Agent::enrolled(const PodInfo& pod) { return kube_source_ ? kube_enrolled(pod) : policy_.enrolled(pod); }
 
 // With the Kubernetes source, the pod's labels decide (the pod may take a moment to show
 // up in the watch); without it, the CNI policy does.
@@ -219,7 +210,7 @@ bool Agent::kube_enrolled(const PodInfo& pod) {
 json Agent::cni_add(const PodInfo& pod) {
   if (pod.netns.empty() || pod.container_id.empty())
     return {{"status", "error"}, {"message", "request lacks netns or container_id"}};
-  if (!(kube_source_ ? kube_enrolled(pod) : policy_.enrolled(pod))) return {{"status", "not_enrolled"}};
+  if (!enrolled(pod)) return {{"status", "not_enrolled"}};
   if (pod.uid.empty() || pod.name.empty() || pod.namespace_.empty())
     return {{"status", "error"}, {"message", "an enrolled pod needs K8S_POD_UID, K8S_POD_NAME and K8S_POD_NAMESPACE"}};
   auto ns = open_netns(pod.netns);
@@ -247,33 +238,25 @@ json Agent::cni_add(const PodInfo& pod) {
 
 json Agent::cni_del(const PodInfo& pod) {
   std::lock_guard<std::mutex> g(mu_);
-  auto cookie = find_locked(pod);
-  if (!cookie) return {{"status", "ok"}, {"message", "not captured"}};  // DEL is idempotent
-  std::string uid = pod.uid;
-  if (uid.empty()) {
-    if (auto pods = dp_->pods(); pods)
-      for (const auto& p : *pods)
-        if (p.cookie == *cookie) uid = p.meta.uid;
-  }
+  auto found = find_locked(pod);
+  if (!found) return {{"status", "ok"}, {"message", "not captured"}};  // DEL is idempotent
+  std::string uid = found->meta.uid;
   if (!uid.empty() && zds_->connected()) {
     auto st = zds_->del(uid);
     if (!st) spdlog::warn("zds del {}: {}", uid, st.error().message());
   }
-  auto st = dp_->unenroll(*cookie);
+  auto st = dp_->unenroll(found->cookie);
   if (!st) return {{"status", "error"}, {"message", st.error().message()}};
   return {{"status", "ok"}, {"message", "removed"}};
 }
 
 json Agent::cni_check(const PodInfo& pod) {
-  if (!policy_.enrolled(pod)) return {{"status", "ok"}, {"message", "not enrolled"}};
+  if (!enrolled(pod)) return {{"status", "ok"}, {"message", "not enrolled"}};
   std::lock_guard<std::mutex> g(mu_);
-  auto cookie = find_locked(pod);
-  if (!cookie) return {{"status", "error"}, {"message", "pod should be captured but is not"}};
-  auto pods = dp_->pods();
-  if (pods)
-    for (const auto& p : *pods)
-      if (p.cookie == *cookie && (!p.has_entry || !p.netns_alive))
-        return {{"status", "error"}, {"message", "pod capture is incomplete or its netns is gone"}};
+  auto found = find_locked(pod);
+  if (!found) return {{"status", "error"}, {"message", "pod should be captured but is not"}};
+  if (!found->has_entry || !found->netns_alive)
+    return {{"status", "error"}, {"message", "pod capture is incomplete or its netns is gone"}};
   return {{"status", "ok"}, {"message", "captured"}};
 }
 
@@ -298,7 +281,7 @@ std::string Agent::metrics() {
   auto& traffic = prometheus::BuildCounter().Name("podsteer_pod_connections_total").Help("per-pod datapath counters").Register(reg);
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto pods = dp_ ? dp_->pods() : Result<std::vector<PodStatus>>(invalid("no datapath"));
+    auto pods = dp_ ? dp_->pods(Datapath::Detail::Summary) : Result<std::vector<PodStatus>>(invalid("no datapath"));
     size_t n = 0;
     if (pods) {
       for (const auto& p : *pods) {
@@ -381,7 +364,7 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
   std::vector<std::pair<kube::Pod, bool>> annotations;
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto current = dp_->pods();
+    auto current = dp_->pods(Datapath::Detail::Summary);
     if (!current) return;
     std::map<std::string, const PodStatus*> by_uid;
     for (const auto& p : *current)

@@ -53,7 +53,6 @@ class Agent {
   // whose netns is gone, then serves CNI, ZDS and HTTP.
   Status start();
   void stop();
-  void wait();  // until stop()
 
   nlohmann::json handle_cni(const nlohmann::json& req);
   std::string metrics();
@@ -68,7 +67,8 @@ class Agent {
   void kube_worker();
   bool kube_enrolled(const PodInfo& pod);
   void annotate(const kube::Pod& pod, bool captured);
-  std::optional<uint64_t> find_locked(const PodInfo& pod);
+  std::optional<PodStatus> find_locked(const PodInfo& pod);
+  bool enrolled(const PodInfo& pod);
   void count(const std::string& command, const std::string& result);
 
   AgentConfig cfg_;

@@ -111,42 +111,55 @@ Client::Client(Config cfg) : cfg_(std::move(cfg)) {
 
 std::string Client::bearer() { return cfg_.token_file.empty() ? cfg_.token : read_first_line(cfg_.token_file); }
 
-static curl_slist* headers_for(const std::string& token, const char* content_type) {
-  curl_slist* h = nullptr;
-  h = curl_slist_append(h, "Accept: application/json");
-  if (!token.empty()) h = curl_slist_append(h, ("Authorization: Bearer " + token).c_str());
-  if (content_type) h = curl_slist_append(h, (std::string("Content-Type: ") + content_type).c_str());
-  return h;
-}
-
-static void common_opts(CURL* c, const Config& cfg) {
-  if (!cfg.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, cfg.ca_file.c_str());
-  if (cfg.insecure) {
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+// One HTTP exchange with the API server: headers, auth, TLS and timeouts are set here once.
+class Transfer {
+ public:
+  Transfer(const Config& cfg, const std::string& url, const std::string& token, const char* content_type)
+      : c_(curl_easy_init()), url_(url) {
+    h_ = curl_slist_append(h_, "Accept: application/json");
+    if (!token.empty()) h_ = curl_slist_append(h_, ("Authorization: Bearer " + token).c_str());
+    if (content_type) h_ = curl_slist_append(h_, (std::string("Content-Type: ") + content_type).c_str());
+    curl_easy_setopt(c_, CURLOPT_URL, url_.c_str());
+    curl_easy_setopt(c_, CURLOPT_HTTPHEADER, h_);
+    if (!cfg.ca_file.empty()) curl_easy_setopt(c_, CURLOPT_CAINFO, cfg.ca_file.c_str());
+    if (cfg.insecure) {
+      curl_easy_setopt(c_, CURLOPT_SSL_VERIFYPEER, 0L);
+      curl_easy_setopt(c_, CURLOPT_SSL_VERIFYHOST, 0L);
+    }
+    curl_easy_setopt(c_, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c_, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
   }
-  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
-}
+  Transfer(const Transfer&) = delete;
+  Transfer& operator=(const Transfer&) = delete;
+  ~Transfer() {
+    curl_slist_free_all(h_);
+    curl_easy_cleanup(c_);
+  }
+  CURL* get() { return c_; }
+  // The transfer's result and the HTTP status (0 when no answer came).
+  std::pair<CURLcode, long> perform() {
+    CURLcode rc = curl_easy_perform(c_);
+    long status = 0;
+    curl_easy_getinfo(c_, CURLINFO_RESPONSE_CODE, &status);
+    return {rc, status};
+  }
+
+ private:
+  CURL* c_;
+  curl_slist* h_ = nullptr;
+  std::string url_;
+};
 
 Result<json> Client::request(const std::string& method, const std::string& path, const std::string& body) {
-  CURL* c = curl_easy_init();
-  std::string url = cfg_.server + path, out;
-  curl_slist* h = headers_for(bearer(), method == "PATCH" ? "application/merge-patch+json" : nullptr);
-  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-  curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method.c_str());
-  if (!body.empty()) curl_easy_setopt(c, CURLOPT_POSTFIELDS, body.c_str());
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &out);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 15000L);
-  common_opts(c, cfg_);
-  CURLcode rc = curl_easy_perform(c);
-  long status = 0;
-  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-  curl_slist_free_all(h);
-  curl_easy_cleanup(c);
-  if (rc != CURLE_OK) return Error{std::string(method) + " " + path + ": " + curl_easy_strerror(rc), 0, cfg_.server};
+  std::string out;
+  Transfer t(cfg_, cfg_.server + path, bearer(), method == "PATCH" ? "application/merge-patch+json" : nullptr);
+  curl_easy_setopt(t.get(), CURLOPT_CUSTOMREQUEST, method.c_str());
+  if (!body.empty()) curl_easy_setopt(t.get(), CURLOPT_POSTFIELDS, body.c_str());
+  curl_easy_setopt(t.get(), CURLOPT_WRITEFUNCTION, collect);
+  curl_easy_setopt(t.get(), CURLOPT_WRITEDATA, &out);
+  curl_easy_setopt(t.get(), CURLOPT_TIMEOUT_MS, 15000L);
+  auto [rc, status] = t.perform();
+  if (rc != CURLE_OK) return Error{method + " " + path + ": " + curl_easy_strerror(rc), 0, cfg_.server};
   if (status < 200 || status > 299)
     return Error{fmt::format("{} {}: HTTP {}: {}", method, path, status, out.substr(0, 200)), static_cast<int>(status), ""};
   auto j = json::parse(out, nullptr, false);
@@ -160,34 +173,19 @@ Result<json> Client::merge_patch(const std::string& path, const json& patch) {
   return request("PATCH", path, patch.dump());
 }
 
-Result<long> Client::watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
-                           const std::atomic<bool>& stop) {
-  CURL* c = curl_easy_init();
-  std::string url = cfg_.server + path;
-  curl_slist* h = headers_for(bearer(), nullptr);
+long Client::watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
+                   const std::atomic<bool>& stop) {
   Stream s{"", &on_line, &stop};
-  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, stream_write);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
-  curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-  curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, stream_progress);
-  curl_easy_setopt(c, CURLOPT_XFERINFODATA, &s);
+  Transfer t(cfg_, cfg_.server + path, bearer(), nullptr);
+  curl_easy_setopt(t.get(), CURLOPT_WRITEFUNCTION, stream_write);
+  curl_easy_setopt(t.get(), CURLOPT_WRITEDATA, &s);
+  curl_easy_setopt(t.get(), CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(t.get(), CURLOPT_XFERINFOFUNCTION, stream_progress);
+  curl_easy_setopt(t.get(), CURLOPT_XFERINFODATA, &s);
   // a silent stream (no events, no bookmarks) for this long is treated as dead
-  curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
-  curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, 90L);
-  common_opts(c, cfg_);
-  CURLcode rc = curl_easy_perform(c);
-  long status = 0;
-  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-  curl_slist_free_all(h);
-  curl_easy_cleanup(c);
-  if (status != 200 && status != 0) {
-    // the body of an error answer (e.g. 410 Gone) is a Status object
-    auto j = json::parse(s.buf, nullptr, false);
-    (void)j;
-    return status;
-  }
+  curl_easy_setopt(t.get(), CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(t.get(), CURLOPT_LOW_SPEED_TIME, 90L);
+  auto [rc, status] = t.perform();
   if (rc != CURLE_OK && !s.aborted && !stop) spdlog::debug("watch {}: {}", path, curl_easy_strerror(rc));
   return status;
 }

@@ -25,11 +25,6 @@ Result<Config> load_kubeconfig(const std::string& path);
 // KUBERNETES_SERVICE_HOST/PORT and /var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt}
 Result<Config> in_cluster_config(const std::string& sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount");
 
-struct HttpError {
-  long status = 0;
-  std::string body;
-};
-
 class Client {
  public:
   explicit Client(Config cfg);
@@ -38,7 +33,7 @@ class Client {
   Result<nlohmann::json> merge_patch(const std::string& path, const nlohmann::json& patch);
   // Streams a watch: on_line gets each complete line (one event); on_line returning false,
   // or stop, ends it. Returns the HTTP status (0 when the connection failed).
-  Result<long> watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
+  long watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
                      const std::atomic<bool>& stop);
 
  private:

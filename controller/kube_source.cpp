@@ -74,13 +74,12 @@ Snapshot Source::snapshot() {
 }
 
 void Source::notify() {
-  Snapshot s;
+  bool synced;
   {
     std::lock_guard<std::mutex> g(mu_);
-    snap_.synced = pods_listed_ && ns_listed_;
-    s = snap_;
+    synced = snap_.synced = pods_listed_ && ns_listed_;
   }
-  if (s.synced) on_change_(s);
+  if (synced) on_change_();
 }
 
 static std::string path_for(const std::string& node, bool pods) {
@@ -202,22 +201,22 @@ void Source::run(Kind kind) {
         },
         stop_);
     if (stop_) break;
-    if (gone || (status && *status == 410)) {
+    if (gone || status == 410) {
       spdlog::info("kube: {} watch: resourceVersion {} is gone (410), relisting", what, rv);
       relists_++;
       need_list = true;
       continue;
     }
-    if (status && *status != 200) {
-      spdlog::warn("kube: {} watch answered HTTP {}", what, *status);
-      if (*status == 401 || *status == 403 || *status >= 500) need_list = *status >= 500;
+    if (status != 0 && status != 200) {
+      spdlog::warn("kube: {} watch answered HTTP {}", what, status);
+      need_list = status >= 500;
       std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
       backoff_ms = std::min(backoff_ms * 2, 5000);
       continue;
     }
     // stream ended (timeout, dropped connection): resume from the last resourceVersion
     std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-    backoff_ms = status && *status == 200 ? 100 : std::min(backoff_ms * 2, 5000);
+    backoff_ms = status == 200 ? 100 : std::min(backoff_ms * 2, 5000);
   }
 }
 

@@ -1,7 +1,8 @@
 // The Kubernetes pod source: list then watch this node's pods (fieldSelector
 // spec.nodeName) and all namespaces, resuming from the last resourceVersion, relisting on
 // 410 Gone, accepting BOOKMARKs, reconnecting with backoff. Malformed or unexpected events
-// are logged and counted, never fatal. Every change calls on_change with a snapshot.
+// are logged and counted, never fatal. Every change, once both lists are done, calls
+// on_change.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -45,7 +46,7 @@ Result<Pod> parse_pod(const nlohmann::json& obj);
 
 class Source {
  public:
-  using OnChange = std::function<void(const Snapshot&)>;
+  using OnChange = std::function<void()>;  // read snapshot() for the new state
   Source(Client& client, std::string node_name, OnChange on_change);
   ~Source();
   void start();

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -547,7 +548,8 @@ void Datapath::erase_pod_ips(uint64_t cookie) {
   }
 }
 
-Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) {
+Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts,
+                                       const std::vector<Interface>* given) {
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
   if (opts.pod.size() >= PODSTEER_NAME_LEN) return invalid("pod name too long", opts.pod);
@@ -557,21 +559,20 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
     return invalid("pod uid, service account or container id too long", opts.pod);
   if (ns.path.size() >= PODSTEER_PATH_LEN) return invalid("netns path too long", ns.path);
 
-  auto chosen_r = choose_interfaces(ns, opts);
-  if (!chosen_r) return chosen_r.error();
-  std::vector<const Interface*> chosen;
-  for (const auto& i : *chosen_r) chosen.push_back(&i);
+  Result<std::vector<Interface>> found = given ? Result<std::vector<Interface>>(*given) : choose_interfaces(ns, opts);
+  if (!found) return found.error();
+  const std::vector<Interface>& chosen = *found;
 
   podsteer_pod entry{};
   entry.flags = (opts.dns ? PODSTEER_POD_DNS : 0) | (opts.fail_open ? PODSTEER_POD_FAIL_OPEN : 0);
-  for (const auto* i : chosen) {
-    if (!(entry.flags & PODSTEER_POD_HAS_IP4) && !i->ip4.empty()) {
+  for (const auto& i : chosen) {
+    if (!(entry.flags & PODSTEER_POD_HAS_IP4) && !i.ip4.empty()) {
       entry.flags |= PODSTEER_POD_HAS_IP4;
-      entry.ip4 = i->ip4.front().s_addr;
+      entry.ip4 = i.ip4.front().s_addr;
     }
-    if (!(entry.flags & PODSTEER_POD_HAS_IP6) && !i->ip6.empty()) {
+    if (!(entry.flags & PODSTEER_POD_HAS_IP6) && !i.ip6.empty()) {
       entry.flags |= PODSTEER_POD_HAS_IP6;
-      std::memcpy(entry.ip6, &i->ip6.front(), 16);
+      std::memcpy(entry.ip6, &i.ip6.front(), 16);
     }
   }
   entry.enrolled_ns = now_ns();
@@ -585,7 +586,7 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
     std::set<unsigned> had, want;
     if (meta->has_value())
       for (size_t i = 0; i < (*meta)->n_ifaces && i < PODSTEER_MAX_IFACES; ++i) had.insert((*meta)->ifindex[i]);
-    for (const auto* i : chosen) want.insert(i->ifindex);
+    for (const auto& i : chosen) want.insert(i.ifindex);
     if (had != want)
       return invalid("already enrolled on other interfaces: unenroll it first to change interfaces", ns.path);
     const podsteer_pod& old = **existing;
@@ -618,16 +619,16 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   copy_str(meta.netns_path, sizeof(meta.netns_path), ns.path);
   meta.n_excluded_cidrs = opts.exclude_outbound_cidrs.size();
   std::vector<unsigned> ifindexes;
-  for (const auto* i : chosen) ifindexes.push_back(i->ifindex);
+  for (const auto& i : chosen) ifindexes.push_back(i.ifindex);
   undo.add([this, cookie] { erase_pod_ips(cookie); });
-  for (const auto* i : chosen) {
-    for (const auto& a : i->ip4) {
+  for (const auto& i : chosen) {
+    for (const auto& a : i.ip4) {
       podsteer_ip_key k{};
       k.addr[10] = k.addr[11] = 0xff;
       std::memcpy(k.addr + 12, &a, 4);
       PODSTEER_TRY(pod_ips_->update(k, cookie));
     }
-    for (const auto& a : i->ip6) {
+    for (const auto& a : i.ip6) {
       podsteer_ip_key k{};
       std::memcpy(k.addr, &a, 16);
       PODSTEER_TRY(pod_ips_->update(k, cookie));
@@ -679,7 +680,7 @@ Result<uint64_t> Datapath::find_pod(const std::string& netns_path) {
                0, netns_path};
 }
 
-Result<std::vector<PodStatus>> Datapath::pods() {
+Result<std::vector<PodStatus>> Datapath::pods(Detail detail) {
   std::set<uint64_t> cookies;
   auto a = meta_->keys();
   if (!a) return a.error();
@@ -687,12 +688,23 @@ Result<std::vector<PodStatus>> Datapath::pods() {
   if (!b) return b.error();
   cookies.insert(a->begin(), a->end());
   cookies.insert(b->begin(), b->end());
-  auto ports = ports_->keys();
-  if (!ports) return ports.error();
-  auto ips = pod_ips_->keys();
-  if (!ips) return ips.error();
-  auto cidrs = cidrs_->keys();
-  if (!cidrs) return cidrs.error();
+  std::vector<podsteer_port_key> ports;
+  std::vector<podsteer_cidr_key> cidrs;
+  std::map<uint64_t, std::vector<std::string>> addresses;  // one lookup per address, not per pod
+  if (detail == Detail::Full) {
+    auto p = ports_->keys();
+    if (!p) return p.error();
+    ports = std::move(*p);
+    auto c = cidrs_->keys();
+    if (!c) return c.error();
+    cidrs = std::move(*c);
+    auto ips = pod_ips_->keys();
+    if (!ips) return ips.error();
+    for (const auto& k : *ips) {
+      auto v = pod_ips_->lookup(k);
+      if (v && v->has_value()) addresses[**v].push_back(format_ip16(k.addr));
+    }
+  }
   std::vector<PodStatus> out;
   for (auto cookie : cookies) {
     PodStatus s;
@@ -715,14 +727,14 @@ Result<std::vector<PodStatus>> Datapath::pods() {
       auto ns = open_netns(s.meta.netns_path);
       s.netns_alive = ns.ok() && ns->cookie == cookie;
     }
-    for (const auto& k : *ports) {
+    for (const auto& k : ports) {
       if (k.netns_cookie != cookie) continue;
       (k.direction == PODSTEER_DIR_INBOUND ? s.excluded_inbound_ports : s.excluded_outbound_ports).push_back(k.port);
     }
     std::sort(s.excluded_inbound_ports.begin(), s.excluded_inbound_ports.end());
     std::sort(s.excluded_outbound_ports.begin(), s.excluded_outbound_ports.end());
     uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
-    for (const auto& k : *cidrs) {
+    for (const auto& k : cidrs) {
       if (k.netns_cookie_hi != hi || k.netns_cookie_lo != lo) continue;
       unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
       in6_addr a6;
@@ -731,10 +743,7 @@ Result<std::vector<PodStatus>> Datapath::pods() {
       s.excluded_cidrs.push_back(fmt::format("{}/{}", format_ip16(k.addr), v4 ? plen - 96 : plen));
     }
     std::sort(s.excluded_cidrs.begin(), s.excluded_cidrs.end());
-    for (const auto& k : *ips) {
-      auto v = pod_ips_->lookup(k);
-      if (v && v->has_value() && **v == cookie) s.addresses.push_back(format_ip16(k.addr));
-    }
+    s.addresses = addresses[cookie];
     out.push_back(std::move(s));
   }
   return out;

@@ -92,13 +92,19 @@ class Datapath {
 
   // Attaches TC in the pod's netns and writes its entries; the pod entry is written
   // last, so a failure at any step leaves nothing half-attached.
-  Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts);
+  // chosen: the interfaces, when the caller already ran choose_interfaces (to validate
+  // before anything was installed); otherwise enroll chooses them.
+  Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts,
+                               const std::vector<Interface>* chosen = nullptr);
   Status unenroll(uint64_t cookie);
   // The cookie of an enrolled pod by the netns path it was enrolled with, or by the
   // namespace itself when it still exists.
   Result<uint64_t> find_pod(const std::string& netns_path);
 
-  Result<std::vector<PodStatus>> pods();
+  // Full also reads each pod's exclusions and addresses: every key of those maps, which
+  // with thousands of CIDRs is too much for the agent's per-request lookups.
+  enum class Detail { Summary, Full };
+  Result<std::vector<PodStatus>> pods(Detail detail = Detail::Full);
   Result<std::vector<CgroupLink>> cgroup_links();
   const podsteer_config& config() const { return config_; }
   const std::string& state_dir() const { return state_dir_; }

@@ -30,9 +30,8 @@ int main(int argc, char** argv) {
   std::ios::sync_with_stdio(false);
 
   proxy::Proxy p(cfg);
-  bool stop = false;
-  std::thread zds([&] { proxy::run_zds_client(p, zds_socket, stop); });
-  zds.detach();  // blocks in recv; the process exits with the loop
+  std::thread zds([&] { proxy::run_zds_client(p, zds_socket); });
+  zds.detach();
   p.run();
   return 0;
 }

@@ -22,6 +22,13 @@
 namespace podsteer::proxy {
 
 using json = nlohmann::json;
+
+void log_line(const json& j) {
+  static std::mutex mu;
+  std::string line = j.dump() + "\n";
+  std::lock_guard<std::mutex> g(mu);
+  std::cout << line << std::flush;
+}
 using Clock = std::chrono::steady_clock;
 constexpr size_t kBuf = 64 * 1024;
 constexpr int kSoOriginalDst = 80;
@@ -205,13 +212,6 @@ std::vector<std::string> Proxy::workloads() {
   });
 }
 
-void Proxy::stop() {
-  run_on_loop(mu_, tasks_, wake_.get(), [this]() -> int {
-    stopping_ = true;
-    return 0;
-  });
-}
-
 Status Proxy::do_add(Workload& w) {
   struct stat st {};
   if (!w.netns.valid() || fstat(w.netns.get(), &st) != 0) return invalid("AddWorkload without a usable netns fd", w.uid);
@@ -261,7 +261,7 @@ Status Proxy::do_add(Workload& w) {
     raw->listeners.push_back(std::move(fd));
   }
   pods_[raw->uid] = std::move(pod);
-  std::cout << json{{"event", "pod_added"}, {"pod", raw->namespace_ + "/" + raw->name}, {"uid", raw->uid}}.dump() << std::endl;
+  log_line({{"event", "pod_added"}, {"pod", raw->namespace_ + "/" + raw->name}, {"uid", raw->uid}});
   return {};
 }
 
@@ -281,8 +281,7 @@ void Proxy::do_del(const std::string& uid) {
     unwatch(q->upstream.get());
     dns_.erase(q);
   }
-  std::cout << json{{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid}}.dump()
-            << std::endl;
+  log_line({{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid}});
   if (busy) draining_.push_back(std::move(it->second));
   pods_.erase(it);
 }
@@ -292,7 +291,7 @@ void Proxy::log_conn(const Conn* c, const std::string& error) {
   json j = {{"event", "connection"}, {"pod", c->pod->namespace_ + "/" + c->pod->name}, {"direction", c->direction},
             {"src", c->src},         {"original_dst", c->dst}, {"bytes_up", c->bytes_up}, {"bytes_down", c->bytes_down}};
   if (!error.empty()) j["error"] = error;
-  std::cout << j.dump() << std::endl;
+  log_line(j);
 }
 
 void Proxy::on_accept(Handle* h) {
@@ -463,9 +462,8 @@ void Proxy::on_dns_query(Handle* h) {
   DnsQuery* raw = q.get();
   dns_[raw] = std::move(q);
   watch(raw->upstream.get(), Kind::DnsUpstream, EPOLLIN, raw->pod, nullptr, raw);
-  std::cout << json{{"event", "dns"}, {"pod", raw->pod->namespace_ + "/" + raw->pod->name}, {"src", addr_str(raw->client)},
-                    {"upstream", addr_str(raw->pod->dns_upstream)}}.dump()
-            << std::endl;
+  log_line({{"event", "dns"}, {"pod", raw->pod->namespace_ + "/" + raw->pod->name}, {"src", addr_str(raw->client)},
+                    {"upstream", addr_str(raw->pod->dns_upstream)}});
 }
 
 void Proxy::on_dns_reply(Handle* h) {
@@ -490,7 +488,7 @@ void Proxy::expire_dns() {
 
 void Proxy::run() {
   epoll_event events[64];
-  while (!stopping_) {
+  for (;;) {
     int n = epoll_wait(epoll_.get(), events, 64, 1000);
     for (int i = 0; i < n; ++i) {
       auto it = handles_.find(events[i].data.fd);

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "fd.h"
 #include "result.h"
 
@@ -49,8 +51,7 @@ class Proxy {
   Status add_workload(Workload w);
   Status del_workload(const std::string& uid);
   std::vector<std::string> workloads();
-  void run();  // the event loop; returns after stop()
-  void stop();
+  void run();  // the event loop; runs until the process ends
 
  private:
   struct Pod;
@@ -83,7 +84,6 @@ class Proxy {
   Fd epoll_;
   Fd wake_;
   Fd host_netns_;
-  bool stopping_ = false;
   std::mutex mu_;
   std::deque<std::function<void()>> tasks_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
@@ -97,6 +97,9 @@ class Proxy {
 // The ZDS client: connects (and reconnects) to the agent, says hello, and applies each
 // request to the proxy, acking in lockstep. After a snapshot, pods it did not include are
 // closed.
-void run_zds_client(Proxy& proxy, const std::string& socket_path, const bool& stop);
+void run_zds_client(Proxy& proxy, const std::string& socket_path);
+
+// One JSON line on stdout; the ZDS thread and the event loop both log, whole lines only.
+void log_line(const nlohmann::json& j);
 
 }  // namespace podsteer::proxy

@@ -18,7 +18,7 @@ namespace podsteer::proxy {
 namespace pb = istio::workload::zds;
 
 static void log_event(const std::string& event, const std::string& detail) {
-  std::cout << nlohmann::json{{"event", event}, {"detail", detail}}.dump() << std::endl;
+  log_line({{"event", event}, {"detail", detail}});
 }
 
 static Status serve(Proxy& proxy, int sock) {
@@ -58,9 +58,9 @@ static Status serve(Proxy& proxy, int sock) {
   }
 }
 
-void run_zds_client(Proxy& proxy, const std::string& path, const bool& stop) {
+void run_zds_client(Proxy& proxy, const std::string& path) {
   int backoff_ms = 100;
-  while (!stop) {
+  for (;;) {
     Fd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;

@@ -8,7 +8,7 @@ PACKAGES=(
   clang-14 llvm-14 libbpf-dev bpftool libelf-dev zlib1g-dev
   libfmt-dev libspdlog-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  iproute2 containernetworking-plugins iperf3 curl util-linux jq iptables nftables conntrack gnuplot-nox
+  iproute2 procps containernetworking-plugins iperf3 curl util-linux jq iptables nftables conntrack gnuplot-nox
   protobuf-compiler libprotobuf-dev libcpp-httplib-dev prometheus-cpp-dev libcurl4-openssl-dev libyaml-cpp-dev
 )
 

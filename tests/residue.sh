@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Fails when a test run left anything of ours behind: test state dirs, netns, cgroups, or
-# podsteer programs with no state dir holding them.
+# Fails when a test run, the demo or the benchmark left anything of ours behind: state
+# dirs, netns, cgroups, scratch dirs, or podsteer programs with no state dir holding them.
 set -uo pipefail
 cg2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
-left=$(ls -d /sys/fs/bpf/podsteer-test-* /var/run/netns/pst-* "$cg2"/podsteer-test-* 2>/dev/null)
-if [ -z "$(ls -d /sys/fs/bpf/podsteer* 2>/dev/null)" ]; then
+shopt -s nullglob
+left=(
+  /sys/fs/bpf/podsteer-test-* /sys/fs/bpf/podsteer-bench-* /sys/fs/bpf/podsteer-demo*
+  /var/run/netns/pst-* /var/run/netns/psb-* /var/run/netns/demo*-* /var/run/netns/bench*-*
+  "$cg2"/podsteer-test-* "$cg2"/podsteer-bench-* "$cg2"/podsteer-demo*
+  /tmp/podsteer-test-* /tmp/podsteer-bench-* /tmp/podsteer-demo* /tmp/podsteer-peer-*
+  /tmp/podsteer-deploy-* /tmp/podsteer-kubectl-*
+)
+if [ ${#left[@]} -eq 0 ] && [ -z "$(ls -d /sys/fs/bpf/podsteer* 2>/dev/null)" ]; then
   progs=$(bpftool prog show 2>/dev/null | grep -E 'name podsteer_' || true)
-  [ -n "$progs" ] && left="$left"$'\n'"programs: $progs"
+  [ -n "$progs" ] && left+=("programs: $progs")
 fi
-if [ -n "${left//[$'\n ']/}" ]; then
+if [ ${#left[@]} -gt 0 ]; then
   echo "residue check: FAILED, left behind:"
-  echo "$left"
+  printf '  %s\n' "${left[@]}"
   exit 1
 fi
 echo "residue check: nothing left behind"

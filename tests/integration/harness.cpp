@@ -303,7 +303,8 @@ class ResidueCheck : public ::testing::Environment {
   void TearDown() override {
     std::string tag = fmt::format("{}x", getpid() % 100000);
     auto r = sh("ls -d /sys/fs/bpf/podsteer-test-" + tag + "* /var/run/netns/pst-" + tag + "* " + cgroup2_root() +
-                "/podsteer-test-" + tag + "* 2>/dev/null");
+                "/podsteer-test-" + tag + "* /tmp/podsteer-test-" + tag + "* /tmp/podsteer-deploy-" + tag +
+                "* /tmp/podsteer-kubectl-" + tag + "* 2>/dev/null");
     EXPECT_TRUE(r.out.empty()) << "left behind:\n" << r.out;
   }
 };

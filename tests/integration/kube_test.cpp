@@ -15,6 +15,30 @@ using namespace podsteer::test;
 
 namespace {
 
+// Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
+std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
+                              const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {KUBE_SERVER_BIN, "--port-file", dir + "/port"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  server = std::make_unique<Peer>(argv);
+  std::string port;
+  for (int i = 0; i < 100 && port.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    port = read_file(dir + "/port");
+  }
+  port.erase(port.find_last_not_of("\n") + 1);
+  return port;
+}
+
+// A kubeconfig for the test server; user is the YAML of the user entry (e.g. "{}").
+void write_kubeconfig(const std::string& path, const std::string& port, const std::string& user) {
+  std::ofstream(path) << fmt::format(
+      "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n"
+      "    server: http://127.0.0.1:{}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: u\n"
+      "    namespace: shop\nusers:\n- name: u\n  user: {}\n",
+      port, user);
+}
+
 class KubeTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -29,23 +53,12 @@ class KubeTest : public ::testing::Test {
     node = "node-" + env->id;
     uid = "0a1b2c3d-" + env->id + "-web";
     std::ofstream(dir + "/token") << "token-one\n";
-    server = std::make_unique<Peer>(std::vector<std::string>{KUBE_SERVER_BIN, "--port-file", dir + "/port", "--token-file", dir + "/token",
-                                                             "--admin-token", "kubectl-admin"});
-    for (int i = 0; i < 100 && read_file(dir + "/port").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    port = read_file(dir + "/port");
-    port.erase(port.find_last_not_of("\n") + 1);
+    port = start_kube_server(server, dir, {"--token-file", dir + "/token"});
     ASSERT_FALSE(port.empty()) << server->output();
-    std::ofstream(dir + "/kubeconfig") << fmt::format(
-        "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{}\n"
-        "contexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\n    namespace: shop\nusers:\n- name: agent\n"
-        "  user:\n    tokenFile: {}/token\n",
-        port, dir);
-    // kubectl, as the test's user: a static token (client-go sends no tokenFile token over http)
-    std::ofstream(dir + "/kubectl-config") << fmt::format(
-        "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{}\n"
-        "contexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: shop\nusers:\n- name: admin\n"
-        "  user:\n    token: kubectl-admin\n",
-        port);
+    write_kubeconfig(dir + "/kubeconfig", port, "{tokenFile: " + dir + "/token}");
+    // kubectl, as the test's user: client-go sends no token over plain http, and the test
+    // server lets anonymous requests in
+    write_kubeconfig(dir + "/kubectl-config", port, "{}");
     api("POST", "/api/v1/namespaces", R"({"metadata":{"name":"shop"}})");
     api("POST", "/api/v1/namespaces/shop/pods",
         json{{"metadata", {{"name", "web"}, {"uid", uid}, {"labels", {{"app", "web"}}}}},
@@ -243,24 +256,17 @@ TEST(Deploy, ManifestsPassKubectlClientDryRun) {
   if (run({"sh", "-c", "command -v kubectl"}).rc != 0) GTEST_SKIP() << "no kubectl";
   std::string dir = "/tmp/podsteer-deploy-" + unique_id();
   std::filesystem::create_directories(dir);
-  Peer server({KUBE_SERVER_BIN, "--port-file", dir + "/port"});
-  std::string port;
-  for (int i = 0; i < 100 && port.empty(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    port = read_file(dir + "/port");
-  }
-  port.erase(port.find_last_not_of("\n") + 1);
-  std::ofstream(dir + "/kubeconfig") << fmt::format(
-      "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters:\n- name: t\n  cluster:\n    server: http://127.0.0.1:{}\n"
-      "contexts:\n- name: t\n  context:\n    cluster: t\n    user: u\nusers:\n- name: u\n  user: {{}}\n",
-      port);
+  std::unique_ptr<Peer> server;
+  std::string port = start_kube_server(server, dir);
+  ASSERT_FALSE(port.empty()) << server->output();
+  write_kubeconfig(dir + "/kubeconfig", port, "{}");
   auto r = run({"kubectl", "apply", "--dry-run=client", "--validate=false", "-f", DEPLOY_DIR},
                {"KUBECONFIG=" + dir + "/kubeconfig"});
   EXPECT_EQ(r.rc, 0) << r.out;
   for (const char* obj : {"daemonset.apps/podsteer-agent created", "clusterrole.rbac.authorization.k8s.io/podsteer-agent created",
                           "serviceaccount/podsteer-agent created", "configmap/podsteer-config created"})
     EXPECT_NE(r.out.find(obj), std::string::npos) << obj << " in:\n" << r.out;
-  server.stop();
+  server.reset();
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
@@ -275,17 +281,10 @@ TEST(KubeTestServer, KubectlGetWatchLabelAnnotate) {
   if (run({"sh", "-c", "command -v kubectl"}).rc != 0) GTEST_SKIP() << "no kubectl";
   std::string dir = "/tmp/podsteer-kubectl-" + unique_id();
   std::filesystem::create_directories(dir);
-  Peer server({KUBE_SERVER_BIN, "--port-file", dir + "/port"});
-  std::string port;
-  for (int i = 0; i < 100 && port.empty(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    port = read_file(dir + "/port");
-  }
-  port.erase(port.find_last_not_of("\n") + 1);
-  std::ofstream(dir + "/kubeconfig") << fmt::format(
-      "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters:\n- name: t\n  cluster:\n    server: http://127.0.0.1:{}\n"
-      "contexts:\n- name: t\n  context:\n    cluster: t\n    user: u\n    namespace: shop\nusers:\n- name: u\n  user: {{}}\n",
-      port);
+  std::unique_ptr<Peer> server;
+  std::string port = start_kube_server(server, dir);
+  ASSERT_FALSE(port.empty()) << server->output();
+  write_kubeconfig(dir + "/kubeconfig", port, "{}");
   std::vector<std::string> env = {"KUBECONFIG=" + dir + "/kubeconfig"};
   run({"curl", "-s", "-d", R"({"metadata":{"name":"shop"}})", "http://127.0.0.1:" + port + "/api/v1/namespaces"});
   run({"curl", "-s", "-d", R"({"metadata":{"name":"web"},"spec":{"nodeName":"n1"},"status":{"phase":"Running","podIP":"10.0.0.5"}})",
@@ -312,7 +311,7 @@ TEST(KubeTestServer, KubectlGetWatchLabelAnnotate) {
   auto filtered = run({"kubectl", "get", "pods", "-l", "istio.io/dataplane-mode=ambient", "-o", "name"}, env);
   EXPECT_EQ(filtered.out, "pod/web\n");
   watch.stop();
-  server.stop();
+  server.reset();
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }

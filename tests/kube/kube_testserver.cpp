@@ -38,7 +38,6 @@ bool cut_mid_event = false;             // the next cut stops a stream halfway t
 uint64_t garbage_generation = 0;        // bumped to send every open watch a malformed line
 uint64_t gone_generation = 0;           // bumped to expire every open watch (ERROR 410)
 std::string token_file;
-std::string admin_token;  // always accepted (the test's kubectl), besides the rotating one
 
 std::string now_rfc3339() {
   auto t = std::time(nullptr);
@@ -67,7 +66,7 @@ bool authorized(const httplib::Request& req, httplib::Response& res) {
   // allowed (the test's kubectl over http sends none), wrong credentials are not - so a
   // client still holding a rotated-out token is refused.
   if (got.empty()) return true;
-  if (got == "Bearer " + token || (!admin_token.empty() && got == "Bearer " + admin_token)) return true;
+  if (got == "Bearer " + token) return true;
   reply(res, 401, status(401, "Unauthorized", "Unauthorized"));
   return false;
 }
@@ -261,7 +260,6 @@ int main(int argc, char** argv) {
   app.add_option("--port", port);
   app.add_option("--port-file", port_file, "write the chosen port here");
   app.add_option("--token-file", token_file, "require Authorization: Bearer <first line of this file>");
-  app.add_option("--admin-token", admin_token, "a token that is always accepted");
   CLI11_PARSE(app, argc, argv);
 
   httplib::Server srv;
