@@ -10,6 +10,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   iproute2 procps containernetworking-plugins iperf3 curl util-linux jq iptables nftables conntrack gnuplot-nox
   protobuf-compiler libprotobuf-dev libcpp-httplib-dev prometheus-cpp-dev libcurl4-openssl-dev libyaml-cpp-dev
+  libnl-3-dev libnl-route-3-dev
+  # scripts/test-kernels.sh: other kernels under qemu
+  qemu-system-x86 busybox-static cpio kmod xz-utils
 )
 
 missing=()

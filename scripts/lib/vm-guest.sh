@@ -1,0 +1,54 @@
+#!/bin/bash
+# PID 1 of a scripts/test-kernels.sh guest: this machine's root, read-only, under a tmpfs
+# overlay. Mounts what the tests need, makes the guest kernel's modules loadable, runs the
+# privileged tests (or PODSTEER_VM_COMMAND) and reports the exit code on the console.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+exec </dev/null >/dev/hvc0 2>&1
+
+finish() {
+  echo "PODSTEER_VM_EXIT=$1"
+  sync
+  echo o >/proc/sysrq-trigger
+  sleep 5
+  busybox poweroff -f
+}
+
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+
+# Read before /tmp is mounted over: the env file lives in the host's /tmp.
+envfile=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^podsteer.env=//p')
+# shellcheck disable=SC1090
+. "$envfile" || finish 96
+
+mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mkdir -p /run/netns /run/lock
+
+# The guest kernel's modules, where modprobe (and the kernel's request_module) look.
+kver=$(uname -r)
+mkdir -p "/usr/lib/modules/$kver"
+mount --bind "$PODSTEER_VM_KERNEL_DIR/lib/modules/$kver" "/usr/lib/modules/$kver" || finish 95
+echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
+ip link set lo up
+hostname "podsteer-vm-${kver%%-*}"
+
+echo "guest: kernel $kver, $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo)"
+cd "$PODSTEER_VM_BUILD_DIR" || finish 94
+rc=0
+if [ -n "$PODSTEER_VM_COMMAND" ]; then
+  bash -c "$PODSTEER_VM_COMMAND" || rc=$?
+else
+  args=(-L privileged -E '^bench_smoke$' --output-on-failure --timeout 600)
+  [ -n "$PODSTEER_VM_TESTS" ] && args+=(-R "$PODSTEER_VM_TESTS")
+  ctest "${args[@]}" || rc=$?
+  "$PODSTEER_VM_REPO/tests/residue.sh" || rc=1
+fi
+finish "$rc"
