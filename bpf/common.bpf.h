@@ -31,6 +31,7 @@ const volatile __u16 cfg_hbone_port = PODSTEER_DEFAULT_HBONE_PORT;
 const volatile __u16 cfg_dns_port = PODSTEER_DEFAULT_DNS_PORT;
 const volatile __u32 cfg_proxy_mark = PODSTEER_DEFAULT_PROXY_MARK;
 const volatile __u32 cfg_proxy_mark_mask = PODSTEER_DEFAULT_PROXY_MARK_MASK;
+const volatile __u32 cfg_app_mark = PODSTEER_DEFAULT_APP_MARK;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -39,19 +40,14 @@ struct {
 	__type(value, struct podsteer_pod);
 } podsteer_pods SEC(".maps");
 
+/* userspace only; not preallocated, so it costs memory per pod, not per slot */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct podsteer_pod_meta);
 } podsteer_meta SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct podsteer_ip_key);
-	__type(value, __u64);
-} podsteer_ips SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -75,9 +71,12 @@ struct {
 	__type(value, struct podsteer_counters);
 } podsteer_stats SEC(".maps");
 
+/* A plain hash, not an LRU: an entry lives exactly as long as its connection, and a full
+ * table is counted rather than making room by evicting a live connection's entry. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct podsteer_origdst_key);
 	__type(value, struct podsteer_addr);
 } podsteer_orig SEC(".maps");
@@ -92,6 +91,21 @@ struct {
 } podsteer_skorig SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 8192);
+	__type(key, struct podsteer_listener_key);
+	__type(value, __u64);
+} podsteer_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct podsteer_tuple_key);
+	__type(value, __u8);
+} podsteer_transit SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -102,6 +116,40 @@ static __always_inline struct podsteer_counters *pod_counters(__u64 cookie)
 {
 	return bpf_map_lookup_elem(&podsteer_stats, &cookie);
 }
+
+static __always_inline int is_mapped_v4(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void map_v4(__u8 *dst16, __be32 v4)
+{
+	__u32 *w = (__u32 *)dst16;
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = bpf_htonl(0xffff);
+	w[3] = v4;
+}
+
+static __always_inline int same_addr(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* 127.0.0.0/8 (v4-mapped) or ::1 */
+static __always_inline int is_loopback(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_mapped_v4(a))
+		return (bpf_ntohl(w[3]) >> 24) == 127;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+/* Keeps clang from merging per-branch loads of context fields into one load through a
+ * computed pointer, which the verifier rejects for sock_ops, sk_lookup and bpf_sock. */
+#define CTX_BARRIER() asm volatile("" ::: "memory")
 
 #define COUNT(c, field)                  \
 	do {                                 \

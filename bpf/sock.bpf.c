@@ -1,15 +1,21 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Outbound and DNS capture: cgroup socket hooks attached once per node at the hook
- * cgroup. They act only for sockets whose netns cookie has a podsteer_pods entry.
+/* Socket hooks, attached once per node at the hook cgroup. They act only for sockets
+ * whose netns cookie has a podsteer_pods entry (the proxy's listeners excepted, below).
  *
  *  connect4/6     TCP connect -> the outbound listener in the same netns (dst = the pod's own
  *                 address, so the proxy sees the pod as peer); TCP/UDP 53 -> DNS listener
- *  sock_ops       when the SYN leaves, record (pod addr, port) -> original destination for
- *                 the proxy's SO_ORIGINAL_DST
- *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6
+ *  sock_ops       the app's SYN leaves: record (pod addr, port) -> original destination for
+ *                 the proxy's SO_ORIGINAL_DST, removed when the app's socket closes;
+ *                 the proxy listens on its inbound port: remember the listener for
+ *                 sk_lookup; the proxy connects from a client's address: remember the tuple
+ *                 until the SYN is answered, so sk_lookup lets it reach the app
+ *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 when the kernel could not
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
- *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver */
+ *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver
+ *  cgroup_skb     packets from the proxy to an app in its pod (the proxy mark) get the app
+ *                 mark, which tcp_fwmark_accept copies onto the app's new socket: its replies
+ *                 then follow the pod's policy rule back to the proxy */
 #include <linux/tcp.h>
 #include "common.bpf.h"
 
@@ -20,38 +26,9 @@
 
 enum verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
 
-static __always_inline void map_v4(__u8 *dst16, __be32 v4)
+static __always_inline int marked_by_proxy(__u32 mark)
 {
-	__u32 *w = (__u32 *)dst16;
-	w[0] = 0;
-	w[1] = 0;
-	w[2] = bpf_htonl(0xffff);
-	w[3] = v4;
-}
-
-static __always_inline int is_mapped_v4(const __u8 *a)
-{
-	const __u32 *w = (const __u32 *)a;
-	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
-}
-
-static __always_inline int is_loopback(const __u8 *a)
-{
-	const __u32 *w = (const __u32 *)a;
-	if (is_mapped_v4(a))
-		return (bpf_ntohl(w[3]) >> 24) == 127;
-	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
-}
-
-static __always_inline int same_addr(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
-static __always_inline int marked_by_proxy(struct bpf_sock *sk)
-{
-	return (sk->mark & cfg_proxy_mark_mask) == (cfg_proxy_mark & cfg_proxy_mark_mask);
+	return (mark & cfg_proxy_mark_mask) == (cfg_proxy_mark & cfg_proxy_mark_mask);
 }
 
 static __always_inline int own_address(const struct podsteer_pod *pod, const __u8 *a)
@@ -76,27 +53,32 @@ static __always_inline int excluded(__u64 cookie, const __u8 *a, __u16 port)
 	return bpf_map_lookup_elem(&podsteer_cidrs, &ck) != NULL;
 }
 
-/* What to do with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port. */
+/* What to do with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port, as under
+ * Istio's nat OUTPUT chain: the proxy's own sockets are left alone; UDP 53 goes to the
+ * DNS listener unless it stays in the pod (loopback, its own address: "! -o lo"); TCP 53
+ * unless it goes to loopback ("! -d 127.0.0.1"); other TCP to the outbound listener
+ * unless it stays in the pod. Excluded destinations go direct, DNS included. */
 static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 cookie,
 					     struct podsteer_pod *pod, const __u8 *addr16,
 					     __u16 port, struct podsteer_counters *c)
 {
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || marked_by_proxy(sk))
+	if (!sk || marked_by_proxy(sk->mark))
 		return LEAVE;
-	if (ctx->type == SOCK_DGRAM)
-		return (port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS)) ? TO_DNS : LEAVE;
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
+	if (ctx->type == SOCK_DGRAM) {
+		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
+			return LEAVE;
+	} else if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
 		return LEAVE;
-	if (port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS))
-		return TO_DNS;
-	if (is_loopback(addr16) || own_address(pod, addr16))
+	} else if (is_loopback(addr16) || (!dns && own_address(pod, addr16))) {
 		return LEAVE;
+	}
 	if (excluded(cookie, addr16, port)) {
 		COUNT(c, bypassed);
 		return LEAVE;
 	}
-	return TO_OUTBOUND;
+	return dns ? TO_DNS : TO_OUTBOUND;
 }
 
 static __always_inline int remember(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 port,
@@ -114,18 +96,20 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const __u8 *addr1
 }
 
 /* Is anything listening on target (v4-mapped or v6):port in this netns? */
-static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *target, __u16 port)
+static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *target, __u16 port, int udp)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;
 	if (is_mapped_v4(target)) {
 		t.ipv4.daddr = ((const __u32 *)target)[3];
 		t.ipv4.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		sk = udp ? bpf_sk_lookup_udp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0)
+			 : bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	} else {
 		__builtin_memcpy(t.ipv6.daddr, target, 16);
 		t.ipv6.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+		sk = udp ? bpf_sk_lookup_udp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0)
+			 : bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
 	}
 	if (!sk)
 		return 0;
@@ -151,6 +135,20 @@ static __always_inline void outbound_target(const struct podsteer_pod *pod, int 
 	}
 }
 
+/* The DNS listener: 127.0.0.1, or [::1] for an IPv6 resolver (ztunnel listens on both) */
+static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
+{
+	if (is_mapped_v4(resolver)) {
+		map_v4(target, bpf_htonl(0x7f000001));
+	} else {
+		__u32 *w = (__u32 *)target;
+		w[0] = 0;
+		w[1] = 0;
+		w[2] = 0;
+		w[3] = bpf_htonl(1);
+	}
+}
+
 /* Shared by connect4/connect6/sendmsg4/sendmsg6. addr16 is the destination, v4-mapped
  * for IPv4. On redirect, target receives the new destination and the new port is
  * returned; 0 means leave the call alone, -1 means refuse it. */
@@ -165,26 +163,28 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, 
 	enum verdict v = classify(ctx, cookie, pod, addr16, bpf_ntohs(nport), c);
 	if (v == LEAVE)
 		return 0;
+	__u16 port;
 	if (v == TO_DNS) {
-		/* DESIGN.md: the DNS listener is on 127.0.0.1 */
-		map_v4(target, bpf_htonl(0x7f000001));
-		if (remember(ctx, addr16, nport, family))
-			return -1;
-		COUNT(c, dns_redirected);
-		return cfg_dns_port;
+		dns_target(addr16, target);
+		port = cfg_dns_port;
+	} else {
+		outbound_target(pod, is_mapped_v4(addr16), target);
+		port = cfg_outbound_port;
 	}
-	outbound_target(pod, is_mapped_v4(addr16), target);
 	/* Only a fail-open pod needs to know now whether the proxy listens (a socket lookup
 	 * costs about a quarter of this program). Fail closed, the connection is sent to the
 	 * listener regardless: without one the kernel refuses it, and sock_ops counts that. */
-	if ((pod->flags & PODSTEER_POD_FAIL_OPEN) && !listening(ctx, target, cfg_outbound_port)) {
+	if ((pod->flags & PODSTEER_POD_FAIL_OPEN) && !listening(ctx, target, port, ctx->type == SOCK_DGRAM)) {
 		COUNT(c, proxy_missing);
 		return 0;
 	}
-	COUNT(c, redirected_out);
 	if (remember(ctx, addr16, nport, family))
 		return -1;
-	return cfg_outbound_port;
+	if (v == TO_DNS)
+		COUNT(c, dns_redirected);
+	else
+		COUNT(c, redirected_out);
+	return port;
 }
 
 static __always_inline int steer4(struct bpf_sock_addr *ctx)
@@ -288,8 +288,11 @@ int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg6")
 int podsteer_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] != bpf_htonl(0xffff) ||
-	    ctx->user_ip6[3] != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_dns_port))
+	/* from [::1] or, on a dual-stack socket, ::ffff:127.0.0.1 */
+	if (ctx->user_port != bpf_htons(cfg_dns_port) || ctx->user_ip6[0] || ctx->user_ip6[1])
+		return 1;
+	__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+	if (!(w2 == 0 && w3 == bpf_htonl(1)) && !(w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001)))
 		return 1;
 	return restore6(ctx);
 }
@@ -303,47 +306,141 @@ int podsteer_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
 #define TCP_SYN_SENT_STATE 2 /* BPF_TCP_SYN_SENT */
 #define TCP_CLOSE_STATE 7    /* BPF_TCP_CLOSE */
 
+/* The connection's two addresses as sock_ops sees them (local = this socket's side) */
+static __always_inline void sockops_addrs(struct bpf_sock_ops *ops, __u8 *local, __u8 *remote)
+{
+	if (ops->family == AF_INET) {
+		__u32 l = ops->local_ip4;
+		CTX_BARRIER();
+		__u32 r = ops->remote_ip4;
+		CTX_BARRIER();
+		map_v4(local, l);
+		map_v4(remote, r);
+		return;
+	}
+	__u32 *l = (__u32 *)local, *r = (__u32 *)remote;
+	l[0] = ops->local_ip6[0];
+	CTX_BARRIER();
+	l[1] = ops->local_ip6[1];
+	CTX_BARRIER();
+	l[2] = ops->local_ip6[2];
+	CTX_BARRIER();
+	l[3] = ops->local_ip6[3];
+	CTX_BARRIER();
+	r[0] = ops->remote_ip6[0];
+	CTX_BARRIER();
+	r[1] = ops->remote_ip6[1];
+	CTX_BARRIER();
+	r[2] = ops->remote_ip6[2];
+	CTX_BARRIER();
+	r[3] = ops->remote_ip6[3];
+	CTX_BARRIER();
+}
+
+/* podsteer_transit key of a proxy socket connecting to an app: the app is the remote */
+static __always_inline void transit_key(struct bpf_sock_ops *ops, __u64 cookie, struct podsteer_tuple_key *t)
+{
+	t->netns_cookie = cookie;
+	sockops_addrs(ops, t->src_addr, t->dst_addr);
+	t->dst_port = (__u16)bpf_ntohl(ops->remote_port);
+	t->src_port = (__u16)ops->local_port;
+	t->pad = 0;
+}
+
+/* podsteer_orig key of an app socket redirected to the outbound listener */
+static __always_inline void orig_key(struct bpf_sock_ops *ops, __u64 cookie, struct podsteer_origdst_key *k)
+{
+	__u8 remote[16];
+	k->netns_cookie = cookie;
+	sockops_addrs(ops, k->peer_addr, remote);
+	k->peer_port = (__u16)ops->local_port;
+	k->local_port = (__u16)bpf_ntohl(ops->remote_port);
+	k->pad = 0;
+}
+
+static __always_inline int on_listen(struct bpf_sock_ops *ops, struct bpf_sock *sk)
+{
+	/* Every proxy listener on the inbound port, enrolled netns or not: the proxy may
+	 * listen before enroll writes the pod entry, and sk_lookup only ever asks for its
+	 * own pod's. A closed listener leaves the map by itself. */
+	if (ops->local_port != cfg_inbound_port)
+		return 1;
+	struct podsteer_listener_key k = {.netns_cookie = bpf_get_netns_cookie(ops),
+					  .port = cfg_inbound_port, .family = (__u16)ops->family};
+	bpf_sock_hash_update(ops, &podsteer_listeners, &k, BPF_ANY);
+	return 1;
+}
+
+static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock *sk)
+{
+	__u64 cookie = bpf_get_netns_cookie(ops);
+	if (marked_by_proxy(sk->mark)) {
+		/* the proxy connecting from an address that is not its pod's own: to an app in
+		 * the pod, from a client's address (IP_TRANSPARENT) */
+		struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
+		if (!pod)
+			return 1;
+		struct podsteer_tuple_key t;
+		transit_key(ops, cookie, &t);
+		if (own_address(pod, t.src_addr))
+			return 1;
+		__u8 one = 1;
+		bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY);
+		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	}
+	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+	if (!o)
+		return 1;
+	struct podsteer_origdst_key k;
+	orig_key(ops, cookie, &k);
+	bpf_map_update_elem(&podsteer_orig, &k, o, BPF_ANY);
+	/* for the entry's removal at close, and to count a listener that was missing */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+/* Only sockets on_connect turned the state callback on for get here. */
+static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *sk)
+{
+	__u32 from = ops->args[0], to = ops->args[1];
+	__u64 cookie = bpf_get_netns_cookie(ops);
+	if (marked_by_proxy(sk->mark)) {
+		if (from != TCP_SYN_SENT_STATE)
+			return 1;
+		struct podsteer_tuple_key t;
+		transit_key(ops, cookie, &t);
+		bpf_map_delete_elem(&podsteer_transit, &t);
+		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	}
+	if (to != TCP_CLOSE_STATE)
+		return 1;
+	if (from == TCP_SYN_SENT_STATE) {
+		/* the connect never got past SYN_SENT: nothing listened */
+		struct podsteer_counters *c = pod_counters(cookie);
+		COUNT(c, proxy_missing);
+	}
+	struct podsteer_origdst_key k;
+	orig_key(ops, cookie, &k);
+	bpf_map_delete_elem(&podsteer_orig, &k);
+	return 1;
+}
+
 SEC("sockops")
 int podsteer_sockops(struct bpf_sock_ops *ops)
 {
-	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
-		/* only redirected sockets get here, and only until they are established */
-		if (ops->args[0] == TCP_SYN_SENT_STATE && ops->args[1] == TCP_CLOSE_STATE) {
-			/* the connect never got past SYN_SENT: nothing listened */
-			struct podsteer_counters *c = pod_counters(bpf_get_netns_cookie(ops));
-			COUNT(c, proxy_missing);
-		} else if (ops->args[1] != TCP_CLOSE_STATE) {
-			/* it got an answer: no more state callbacks for this connection */
-			bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
-		}
-		return 1;
-	}
-	if (ops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+	__u32 op = ops->op;
+	if (op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
-	if (!o)
-		return 1;
-	struct podsteer_origdst_key k = {
-		.netns_cookie = bpf_get_netns_cookie(ops),
-		.peer_port = (__u16)ops->local_port,
-		.local_port = (__u16)bpf_ntohl(ops->remote_port),
-	};
-	if (ops->family == AF_INET) {
-		map_v4(k.peer_addr, ops->local_ip4);
-	} else {
-		__u32 *w = (__u32 *)k.peer_addr;
-		w[0] = ops->local_ip6[0];
-		w[1] = ops->local_ip6[1];
-		w[2] = ops->local_ip6[2];
-		w[3] = ops->local_ip6[3];
-	}
-	bpf_map_update_elem(&podsteer_orig, &k, o, BPF_ANY);
-	/* to count a listener that was missing (see BPF_SOCK_OPS_STATE_CB above) */
-	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	return 1;
+	if (op == BPF_SOCK_OPS_STATE_CB)
+		return on_state(ops, sk);
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return on_connect(ops, sk);
+	return marked_by_proxy(sk->mark) ? on_listen(ops, sk) : 1;
 }
 
 /* Build the answer for SO_ORIGINAL_DST into optval; returns its length, 0 if none fits. */
@@ -376,6 +473,9 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optname != SO_ORIGINAL_DST_OPT ||
 	    (ctx->level != SOL_IP_LEVEL && ctx->level != SOL_IPV6_LEVEL))
 		return 1;
+	/* the kernel answered (conntrack knows the connection): its answer stands */
+	if (ctx->retval == 0)
+		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || sk->type != SOCK_STREAM)
 		return 1;
@@ -390,29 +490,27 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	};
 	__u8 local[16];
 	__u32 *w = (__u32 *)k.peer_addr, *l = (__u32 *)local;
-	/* one load per field, each with a constant offset: the verifier forbids pointer
-	 * arithmetic on a sock, which clang produces if the two branches share code */
 	if (sk->family == AF_INET) {
 		__u32 dst4 = sk->dst_ip4;
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		__u32 src4 = sk->src_ip4;
 		map_v4(k.peer_addr, dst4);
 		map_v4(local, src4);
 	} else {
 		w[0] = sk->dst_ip6[0];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		w[1] = sk->dst_ip6[1];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		w[2] = sk->dst_ip6[2];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		w[3] = sk->dst_ip6[3];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		l[0] = sk->src_ip6[0];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		l[1] = sk->src_ip6[1];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		l[2] = sk->src_ip6[2];
-		asm volatile("" ::: "memory");
+		CTX_BARRIER();
 		l[3] = sk->src_ip6[3];
 	}
 	int len;
@@ -420,14 +518,23 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	if (o)
 		len = put_sockaddr(ctx, o->addr, o->port);
 	else /* not an outbound redirect: like conntrack, the original destination is the
-	      * local address (inbound connections steered by TC keep it) */
+	      * local address (inbound connections steered by sk_lookup keep it) */
 		len = put_sockaddr(ctx, local, bpf_htons((__u16)sk->src_port));
 	if (!len)
 		return 1;
 	ctx->optlen = len;
 	/* keep the two stores apart: merged into one 8-byte store the verifier rejects it */
-	asm volatile("" ::: "memory");
+	CTX_BARRIER();
 	ctx->retval = 0;
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int podsteer_remark(struct __sk_buff *skb)
+{
+	__u32 mark = skb->mark;
+	if (marked_by_proxy(mark))
+		skb->mark = (mark & ~cfg_proxy_mark_mask) | (cfg_app_mark & cfg_proxy_mark_mask);
 	return 1;
 }
 

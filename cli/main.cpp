@@ -34,24 +34,30 @@ std::string flags_text(uint32_t f) {
   return s;
 }
 
+json return_path_json(const PodStatus& p) {
+  const auto& rp = p.return_path;
+  return {{"rule4", rp.rule4},   {"rule6", rp.rule6},
+          {"route4", rp.route4}, {"route6", rp.route6},
+          {"ipv6", rp.ipv6},     {"tcp_fwmark_accept", rp.fwmark_accept},
+          {"made_by_podsteer", p.meta.netns_setup}};
+}
+
 json pod_json(const PodStatus& p) {
-  json ifaces = json::array();
-  for (size_t i = 0; i < p.meta.n_ifaces && i < PODSTEER_MAX_IFACES; ++i) {
-    json j = {{"ifindex", p.meta.ifindex[i]}};
-    if (p.meta.attach_mode == PODSTEER_ATTACH_CLSACT) {
-      j["tc_priority"] = p.meta.tc_prio[i];
-      j["tc_handle"] = p.meta.tc_handle[i];
-    }
-    ifaces.push_back(j);
-  }
   json j = {
-      {"pod", p.meta.pod},
+      {"pod", p.full_name()},
+      {"uid", p.meta.uid},
+      {"service_account", p.meta.service_account},
       {"netns", p.meta.netns_path},
       {"netns_cookie", p.cookie},
       {"netns_alive", p.netns_alive},
       {"active", p.has_entry},
-      {"attach", p.meta.attach_mode == PODSTEER_ATTACH_TCX ? "tcx" : "clsact"},
-      {"interfaces", ifaces},
+      {"inbound",
+       {{"sk_lookup_link_id", p.inbound.link_id},
+        {"sk_lookup_prog_id", p.inbound.prog_id},
+        {"attached", p.inbound.attached},
+        {"proxy_listening", p.inbound.proxy_listening}}},
+      {"return_path", return_path_json(p)},
+      {"missing", p.missing()},
       {"dns", bool(p.entry.flags & PODSTEER_POD_DNS)},
       {"fail_open", bool(p.entry.flags & PODSTEER_POD_FAIL_OPEN)},
       {"addresses", p.addresses},
@@ -70,6 +76,8 @@ json pod_json(const PodStatus& p) {
   return j;
 }
 
+std::string yes_no(bool b) { return b ? "yes" : "NO"; }
+
 int cmd_status(Datapath& dp, bool as_json) {
   auto pods = dp.pods();
   if (!pods) return fail(pods.error());
@@ -83,12 +91,12 @@ int cmd_status(Datapath& dp, bool as_json) {
     out["config"] = {{"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
                      {"hbone_port", c.hbone_port},       {"dns_port", c.dns_port},
                      {"proxy_mark", c.proxy_mark},       {"proxy_mark_mask", c.proxy_mark_mask},
-                     {"abi_version", c.abi_version}};
+                     {"app_mark", c.app_mark},           {"route_table", c.route_table},
+                     {"rule_pref", c.rule_pref},         {"abi_version", c.abi_version}};
     json jl = json::array();
     for (const auto& l : *links)
       jl.push_back({{"program", l.program}, {"link_id", l.link_id}, {"prog_id", l.prog_id}, {"cgroup_id", l.cgroup_id}});
     out["cgroup_links"] = jl;
-    out["tc_prog_id"] = dp.tc_prog_id();
     json jp = json::array();
     for (const auto& p : *pods) jp.push_back(pod_json(p));
     out["pods"] = jp;
@@ -97,19 +105,26 @@ int cmd_status(Datapath& dp, bool as_json) {
   }
   fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
-  fmt::print("listeners   outbound {}  inbound {}  hbone {} (never redirected)  dns 127.0.0.1:{}  proxy mark {:#x}/{:#x}\n",
+  fmt::print("listeners   outbound {}  inbound {}  hbone {} (never redirected)  dns 127.0.0.1/[::1]:{}  proxy mark {:#x}/{:#x}\n",
              c.outbound_port, c.inbound_port, c.hbone_port, c.dns_port, c.proxy_mark, c.proxy_mark_mask);
+  fmt::print("return path app mark {:#x}/{:#x} -> rule pref {} -> table {} (local default route)\n", c.app_mark,
+             c.proxy_mark_mask, c.rule_pref, c.route_table);
   fmt::print("socket hooks ({} bpf_links at the hook cgroup):", links->size());
   for (const auto& l : *links) fmt::print(" {}[link {}]", l.program.substr(sizeof("podsteer_") - 1), l.link_id);
   fmt::print("\n\n{} pod(s) enrolled\n", pods->size());
   for (const auto& p : *pods) {
     auto j = pod_json(p);
-    fmt::print("- {} netns {} (cookie {}{}){}\n", p.meta.pod[0] ? p.meta.pod : "(unnamed)", p.meta.netns_path, p.cookie,
+    std::string name = p.full_name();
+    fmt::print("- {} netns {} (cookie {}{}){}\n", name.empty() ? "(unnamed)" : name, p.meta.netns_path, p.cookie,
                p.netns_alive ? "" : ", GONE", p.has_entry ? "" : " [half-removed: run unenroll]");
-    fmt::print("    addresses {} {}  {}  tc {} on ifindex", j.value("ip4", "-"), j.value("ip6", "-"),
-               flags_text(p.entry.flags), j["attach"].get<std::string>());
-    for (const auto& i : j["interfaces"]) fmt::print(" {}", i["ifindex"].get<unsigned>());
-    fmt::print("\n");
+    fmt::print("    addresses {}  {}\n", json(p.addresses).dump(), flags_text(p.entry.flags));
+    fmt::print("    inbound: sk_lookup link {} attached {}  proxy listening {}\n", p.inbound.link_id,
+               yes_no(p.inbound.attached), yes_no(p.inbound.proxy_listening));
+    const auto& rp = p.return_path;
+    fmt::print("    return path: rule v4 {} v6 {}  local route v4 {} v6 {}  tcp_fwmark_accept={}\n", yes_no(rp.rule4),
+               rp.ipv6 ? yes_no(rp.rule6) : "-", yes_no(rp.route4), rp.ipv6 ? yes_no(rp.route6) : "-", rp.fwmark_accept);
+    auto missing = p.missing();
+    if (!missing.empty()) fmt::print("    NOT WHOLE, missing: {}\n", fmt::join(missing, ", "));
     if (!p.excluded_inbound_ports.empty() || !p.excluded_outbound_ports.empty() || !p.excluded_cidrs.empty())
       fmt::print("    excluded: inbound ports {} outbound ports {} outbound cidrs {}\n",
                  json(p.excluded_inbound_ports).dump(), json(p.excluded_outbound_ports).dump(),
@@ -153,18 +168,14 @@ int cmd_dump(Datapath& dp, const std::string& which) {
       return j;
     });
   }
-  if (want("ips")) {
-    any = true;
-    rc |= dump_map<podsteer_ip_key, __u64>(sd, "podsteer_ips", [](const podsteer_ip_key& k, const __u64& v) {
-      return json{{"address", format_ip16(k.addr)}, {"netns_cookie", v}};
-    });
-  }
   if (want("meta")) {
     any = true;
     rc |= dump_map<__u64, podsteer_pod_meta>(sd, "podsteer_meta", [](const __u64& k, const podsteer_pod_meta& v) {
-      std::vector<unsigned> ifs(v.ifindex, v.ifindex + std::min<unsigned>(v.n_ifaces, PODSTEER_MAX_IFACES));
-      return json{{"netns_cookie", k}, {"pod", v.pod}, {"netns", v.netns_path}, {"ifindex", ifs},
-                  {"attach", v.attach_mode == PODSTEER_ATTACH_TCX ? "tcx" : "clsact"}};
+      return json{{"netns_cookie", k},          {"namespace", v.namespace_},
+                  {"name", v.name},              {"uid", v.uid},
+                  {"service_account", v.service_account}, {"container_id", v.container_id},
+                  {"netns", v.netns_path},       {"netns_setup", v.netns_setup},
+                  {"fwmark_accept_before", v.fwmark_accept_before}};
     });
   }
   if (want("ports")) {
@@ -200,13 +211,40 @@ int cmd_dump(Datapath& dp, const std::string& which) {
                   {"original_dst", fmt::format("{}:{}", format_ip16(v.addr), ntohs(v.port))}};
     });
   }
+  if (want("listeners")) {
+    any = true;
+    rc |= dump_map<podsteer_listener_key, __u64>(sd, "podsteer_listeners",
+                                                [](const podsteer_listener_key& k, const __u64& socket_cookie) {
+      return json{{"netns_cookie", k.netns_cookie}, {"port", k.port},
+                  {"family", k.family == AF_INET6 ? "inet6" : "inet"}, {"socket_cookie", socket_cookie}};
+    });
+  }
+  if (want("transit")) {
+    any = true;
+    rc |= dump_map<podsteer_tuple_key, __u8>(sd, "podsteer_transit", [](const podsteer_tuple_key& k, const __u8&) {
+      return json{{"netns_cookie", k.netns_cookie},
+                  {"app", fmt::format("{}:{}", format_ip16(k.dst_addr), k.dst_port)},
+                  {"from", fmt::format("{}:{}", format_ip16(k.src_addr), k.src_port)}};
+    });
+  }
+  if (want("netns")) {
+    // not a map: what enroll made in each pod's netns (ip rule / ip route / sysctl)
+    any = true;
+    fmt::print("== pod netns setup   (nsenter --net=NETNS ip rule; ip route show table {}; sysctl "
+               "net.ipv4.tcp_fwmark_accept)\n", dp.config().route_table);
+    for (const auto& p : *pods)
+      fmt::print("{}\n", json{{"netns_cookie", p.cookie}, {"netns", p.meta.netns_path},
+                               {"return_path", return_path_json(p)}}.dump());
+  }
   if (want("config")) {
     any = true;
     rc |= dump_map<__u32, podsteer_config>(sd, "podsteer_config", [](const __u32&, const podsteer_config& c) {
       return json{{"abi_version", c.abi_version}, {"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
                   {"hbone_port", c.hbone_port}, {"dns_port", c.dns_port},
                   {"proxy_mark", fmt::format("{:#x}", c.proxy_mark)},
-                  {"proxy_mark_mask", fmt::format("{:#x}", c.proxy_mark_mask)}, {"hook_cgroup", c.hook_cgroup}};
+                  {"proxy_mark_mask", fmt::format("{:#x}", c.proxy_mark_mask)},
+                  {"app_mark", fmt::format("{:#x}", c.app_mark)}, {"route_table", c.route_table},
+                  {"rule_pref", c.rule_pref}, {"hook_cgroup", c.hook_cgroup}};
     });
   }
   if (want("skorig")) {
@@ -215,7 +253,8 @@ int cmd_dump(Datapath& dp, const std::string& which) {
                "userspace list it)\n");
   }
   if (!any) {
-    spdlog::error("unknown map '{}': one of pods, ips, meta, ports, cidrs, stats, orig, skorig, config", which);
+    spdlog::error("unknown map '{}': one of pods, meta, ports, cidrs, stats, orig, skorig, listeners, transit, netns, config",
+                  which);
     return 1;
   }
   return rc;
@@ -252,16 +291,19 @@ int main(int argc, char** argv) {
   app.add_option("--hbone-port", node.hbone_port, "HBONE port, never redirected")->capture_default_str();
   app.add_option("--dns-port", node.dns_port, "DNS listener port on 127.0.0.1")->capture_default_str();
   app.add_option("--proxy-mark", node.proxy_mark, "socket mark of the proxy: never redirected")->capture_default_str();
-  app.add_option("--proxy-mark-mask", node.proxy_mark_mask, "mask for --proxy-mark")->capture_default_str();
+  app.add_option("--proxy-mark-mask", node.proxy_mark_mask, "mask for --proxy-mark and --app-mark")->capture_default_str();
+  app.add_option("--app-mark", node.app_mark,
+                 "mark of the app's side of connections the proxy makes from a client's address")
+      ->capture_default_str();
+  app.add_option("--route-table", node.route_table, "routing table of the return path's local route")->capture_default_str();
+  app.add_option("--rule-pref", node.rule_pref, "preference of the return path's policy rule")->capture_default_str();
   app.add_flag("-v,--verbose", verbose, "debug output, including libbpf's and the verifier's");
 
   auto* enroll = app.add_subcommand("enroll", "capture a pod's traffic");
-  std::string netns, pod, in_ports, out_ports, out_cidrs, tc_mode = "auto";
-  std::vector<std::string> ifaces;
+  std::string netns, pod, in_ports, out_ports, out_cidrs;
   bool dns = false, fail_open = false;
   enroll->add_option("--netns", netns, "the pod's network namespace (e.g. /var/run/netns/NAME, /proc/PID/ns/net)")->required();
   enroll->add_option("--pod", pod, "NAMESPACE/NAME, for status");
-  enroll->add_option("--interface", ifaces, "interface to capture inbound on (repeatable; default: all but loopback)");
   enroll->add_option("--exclude-inbound-ports", in_ports, "P,P,...: inbound ports that go straight to the app");
   enroll->add_option("--exclude-outbound-ports", out_ports, "P,P,...: destination ports that bypass the proxy");
   enroll->add_option("--exclude-outbound-cidrs", out_cidrs, "CIDR,...: destinations that bypass the proxy");
@@ -271,7 +313,6 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   enroll->add_flag("--dns", dns, "redirect DNS (UDP and TCP 53) to 127.0.0.1:DNS port");
   enroll->add_flag("--fail-open", fail_open, "if the proxy is not listening, go direct instead of refusing");
-  enroll->add_option("--tc-mode", tc_mode, "auto, tcx or clsact")->check(CLI::IsMember({"auto", "tcx", "clsact"}));
 
   auto* unenroll = app.add_subcommand("unenroll", "stop capturing a pod's new connections");
   std::string un_netns;
@@ -283,7 +324,7 @@ int main(int argc, char** argv) {
 
   auto* dump = app.add_subcommand("dump", "readable map contents");
   std::string dump_which;
-  dump->add_option("MAP", dump_which, "pods, ips, meta, ports, cidrs, stats, orig, skorig or config");
+  dump->add_option("MAP", dump_which, "pods, meta, ports, cidrs, stats, orig, skorig, listeners, transit, netns or config");
 
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
@@ -314,15 +355,14 @@ int main(int argc, char** argv) {
   if (*enroll) {
     // Validate everything before touching the kernel: bad input changes nothing.
     PodOptions opts;
-    opts.pod = pod;
-    opts.interfaces = ifaces;
     opts.dns = dns;
     opts.fail_open = fail_open;
-    opts.tc_mode = tc_mode == "tcx" ? TcMode::Tcx : tc_mode == "clsact" ? TcMode::Clsact : TcMode::Auto;
     if (!pod.empty()) {
       auto slash = pod.find('/');
       if (slash == std::string::npos || slash == 0 || slash + 1 == pod.size() || pod.find('/', slash + 1) != std::string::npos)
         return fail(invalid("--pod must be NAMESPACE/NAME", pod));
+      opts.namespace_ = pod.substr(0, slash);
+      opts.name = pod.substr(slash + 1);
     }
     auto ip = parse_ports(in_ports);
     if (!ip) return fail(Error{ip.error().op, 0, "--exclude-inbound-ports"});
@@ -344,13 +384,13 @@ int main(int argc, char** argv) {
     opts.exclude_outbound_cidrs = *oc;
     auto ns = open_netns(netns);
     if (!ns) return fail(ns.error());
-    // chosen before anything is installed, so a wrong interface changes nothing
-    auto chosen = choose_interfaces(*ns, opts);
-    if (!chosen) return fail(chosen.error());
     auto dp = Datapath::open(state_dir, node, true);
     if (!dp) return fail(dp.error());
-    auto r = dp->enroll(*ns, opts, &*chosen);
+    auto r = dp->enroll(*ns, opts);
     if (!r) return fail(r.error());
+    // a proxy already listening in the pod (started before this enroll) takes inbound now
+    if (auto st = dp->find_listeners(*ns); !st)
+      spdlog::warn("could not look for a proxy already listening in the pod: {}", st.error().message());
     const char* what = *r == EnrollOutcome::Enrolled ? "enrolled" : *r == EnrollOutcome::Updated ? "updated" : "already enrolled, unchanged:";
     fmt::print("{} {} (netns {}, cookie {})\n", what, pod.empty() ? "pod" : pod, netns, ns->cookie);
     return 0;

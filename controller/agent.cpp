@@ -33,14 +33,8 @@ Agent::~Agent() { stop(); }
 static PodInfo pod_from_meta(const PodStatus& s) {
   PodInfo p;
   p.uid = s.meta.uid;
-  std::string full = s.meta.pod;
-  auto slash = full.find('/');
-  if (slash != std::string::npos) {
-    p.namespace_ = full.substr(0, slash);
-    p.name = full.substr(slash + 1);
-  } else {
-    p.name = full;
-  }
+  p.namespace_ = s.meta.namespace_;
+  p.name = s.meta.name;
   p.service_account = s.meta.service_account;
   p.container_id = s.meta.container_id;
   p.netns = s.meta.netns_path;
@@ -60,7 +54,7 @@ Status Agent::start() {
     size_t kept = 0;
     for (const auto& p : *pods) {
       if (!p.netns_alive) {
-        spdlog::info("adopt: pod {} (netns {}) is gone, removing its entries", p.meta.pod, p.meta.netns_path);
+        spdlog::info("adopt: pod {} (netns {}) is gone, removing its entries", p.full_name(), p.meta.netns_path);
         auto st = dp_->unenroll(p.cookie);
         if (!st) spdlog::warn("adopt: {}", st.error().message());
       } else {
@@ -217,13 +211,13 @@ json Agent::cni_add(const PodInfo& pod) {
   if (!ns) return {{"status", "error"}, {"message", ns.error().message()}};
   std::lock_guard<std::mutex> g(mu_);
   PodOptions opts;
-  opts.pod = pod.full_name();
+  opts.namespace_ = pod.namespace_;
+  opts.name = pod.name;
   opts.uid = pod.uid;
   opts.service_account = pod.service_account;
   opts.container_id = pod.container_id;
   opts.dns = cfg_.dns;
   opts.fail_open = cfg_.fail_open;
-  if (!pod.ifname.empty()) opts.interfaces = {pod.ifname};
   auto r = dp_->enroll(*ns, opts);
   if (!r) return {{"status", "error"}, {"message", r.error().message()}};
   auto st = zds_->add(pod, ns->fd.get());
@@ -286,7 +280,7 @@ std::string Agent::metrics() {
     if (pods) {
       for (const auto& p : *pods) {
         n += p.has_entry;
-        std::string name = p.meta.pod;
+        std::string name = p.full_name();
         traffic.Add({{"pod", name}, {"kind", "redirected_out"}}).Increment(double(p.counters.redirected_out));
         traffic.Add({{"pod", name}, {"kind", "redirected_in"}}).Increment(double(p.counters.redirected_in));
         traffic.Add({{"pod", name}, {"kind", "dns_redirected"}}).Increment(double(p.counters.dns_redirected));
@@ -389,7 +383,8 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
         auto nsr = open_netns(*path);
         if (!nsr) continue;
         PodOptions opts;
-        opts.pod = info.full_name();
+        opts.namespace_ = info.namespace_;
+        opts.name = info.name;
         opts.uid = uid;
         opts.service_account = pod.service_account;
         opts.dns = cfg_.dns;

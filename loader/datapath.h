@@ -1,12 +1,15 @@
-// The node's datapath: the BPF objects loaded once per node and pinned under the state
-// dir, the socket hooks attached once at the hook cgroup, and per-pod TC attachments
-// inside each pod's netns. Knows nothing of Kubernetes.
+// The node's datapath: the socket programs loaded once per node, pinned under the state
+// dir and attached once at the hook cgroup, and per pod an sk_lookup program linked to the
+// pod's netns plus the pod's return-path rules. Knows nothing of Kubernetes.
 //
 // State dir layout (bpffs):
 //   maps/podsteer_*           every map, with BTF
-//   progs/tc_ingress          the TC program, attached per pod
 //   links/<program>           the cgroup socket-hook links
-//   pods/<cookie>/tc_<ifidx>  a pod's tcx links
+//   pods/<cookie>/inbound     a pod's sk_lookup link (it holds the pod's program)
+//
+// Jobs by file: install.cpp (install, adopt, uninstall), enroll.cpp (enroll, unenroll),
+// inbound.cpp (per-pod sk_lookup), pod_netns.cpp (rules, routes, sysctl in the pod
+// netns), status.cpp (what is there), parse.cpp (exclusion lists).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +20,7 @@
 #include "fd.h"
 #include "map.h"
 #include "netns.h"
+#include "pod_netns.h"
 #include "podsteer_abi.h"
 #include "result.h"
 
@@ -29,10 +33,11 @@ struct NodeConfig {
   uint16_t dns_port = PODSTEER_DEFAULT_DNS_PORT;
   uint32_t proxy_mark = PODSTEER_DEFAULT_PROXY_MARK;
   uint32_t proxy_mark_mask = PODSTEER_DEFAULT_PROXY_MARK_MASK;
+  uint32_t app_mark = PODSTEER_DEFAULT_APP_MARK;
+  uint32_t route_table = PODSTEER_DEFAULT_ROUTE_TABLE;
+  uint32_t rule_pref = PODSTEER_DEFAULT_RULE_PREF;
   std::string hook_cgroup;  // empty: the default (kubepods cgroup, else cgroup2 root)
 };
-
-enum class TcMode { Auto, Tcx, Clsact };
 
 struct Cidr {
   uint8_t addr[16] = {};  // v4-mapped for IPv4
@@ -45,21 +50,23 @@ Result<std::vector<Cidr>> parse_cidrs(const std::string& list);
 Result<Cidr> parse_cidr(const std::string& text);
 
 struct PodOptions {
-  std::string pod;                      // "namespace/name", may be empty
-  std::string uid;                      // Kubernetes pod UID (the agent's key), may be empty
+  std::string namespace_, name;  // may be empty (enrolled by hand)
+  std::string uid;               // Kubernetes pod UID (the agent's key), may be empty
   std::string service_account;
   std::string container_id;
-  std::vector<std::string> interfaces;  // empty: every non-loopback interface
   std::vector<uint16_t> exclude_inbound_ports;
   std::vector<uint16_t> exclude_outbound_ports;
   std::vector<Cidr> exclude_outbound_cidrs;
   bool dns = false;
   bool fail_open = false;
-  TcMode tc_mode = TcMode::Auto;
 };
 
-// The interfaces enroll will attach to: the named ones, or every non-loopback one.
-Result<std::vector<Interface>> choose_interfaces(const Netns& ns, const PodOptions& opts);
+// The inbound side of one pod as the kernel has it now.
+struct InboundStatus {
+  uint32_t link_id = 0, prog_id = 0;  // the pod's sk_lookup link; 0: missing
+  bool attached = false;              // the link still runs in the pod's netns
+  bool proxy_listening = false;       // a proxy listener is in podsteer_listeners
+};
 
 struct PodStatus {
   uint64_t cookie = 0;
@@ -70,7 +77,13 @@ struct PodStatus {
   bool netns_alive = false;  // the netns path still opens and has this cookie
   std::vector<uint16_t> excluded_inbound_ports, excluded_outbound_ports;
   std::vector<std::string> excluded_cidrs;
-  std::vector<std::string> addresses;  // podsteer_ips entries: where TC finds the pod
+  InboundStatus inbound;
+  ReturnPathState return_path;  // what is in the pod's netns now (Full detail only)
+  std::vector<std::string> addresses;  // the pod's addresses now (Full detail only)
+
+  std::string full_name() const;
+  // What a whole capture has and this pod lacks, in words; empty when whole.
+  std::vector<std::string> missing() const;
 };
 
 struct CgroupLink {
@@ -90,28 +103,32 @@ class Datapath {
   static Result<Datapath> open(const std::string& state_dir, const NodeConfig& want,
                                bool install_if_missing);
 
-  // Attaches TC in the pod's netns and writes its entries; the pod entry is written
-  // last, so a failure at any step leaves nothing half-attached.
-  // chosen: the interfaces, when the caller already ran choose_interfaces (to validate
-  // before anything was installed); otherwise enroll chooses them.
-  Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts,
-                               const std::vector<Interface>* chosen = nullptr);
+  // Links the pod's sk_lookup program, makes its return path and writes its entries; the
+  // pod entry is written last, so a failure at any step leaves nothing half-attached.
+  // Enrolling an enrolled pod updates its settings in place.
+  Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts);
   Status unenroll(uint64_t cookie);
+  // Puts the proxy's existing inbound listeners of the pod into podsteer_listeners when
+  // none is known: a proxy that listened before the pod was enrolled (sock_ops only sees
+  // listen() calls made while the hooks are attached). Needs kernel BTF; a node agent
+  // that tells the proxy about a pod only after enrolling it never needs this.
+  Status find_listeners(const Netns& ns);
   // The cookie of an enrolled pod by the netns path it was enrolled with, or by the
   // namespace itself when it still exists.
   Result<uint64_t> find_pod(const std::string& netns_path);
 
-  // Full also reads each pod's exclusions and addresses: every key of those maps, which
-  // with thousands of CIDRs is too much for the agent's per-request lookups.
+  // Full also reads each pod's exclusions (every key of those maps, which with thousands
+  // of CIDRs is too much for the agent's per-request lookups) and looks into its netns.
   enum class Detail { Summary, Full };
   Result<std::vector<PodStatus>> pods(Detail detail = Detail::Full);
+  Result<PodStatus> pod(uint64_t cookie, Detail detail = Detail::Full);
   Result<std::vector<CgroupLink>> cgroup_links();
   const podsteer_config& config() const { return config_; }
   const std::string& state_dir() const { return state_dir_; }
-  uint32_t tc_prog_id() const { return tc_prog_id_; }
 
-  // Removes everything of ours under state_dir: pods' TC attachments, cgroup links,
-  // programs, maps and the directory itself. Works on a broken or partial state dir.
+  // Removes everything of ours under state_dir: pods' links and netns rules, cgroup
+  // links, programs, maps and the directory itself. Works on a broken or partial state
+  // dir, and on one another podsteer version made.
   static Status uninstall(const std::string& state_dir);
 
  private:
@@ -119,23 +136,27 @@ class Datapath {
   static Status install(const std::string& state_dir, const NodeConfig& want);
   static Status remove_all(const std::string& state_dir);  // uninstall, lock already held
   Status adopt();
-  Status attach_tc(const Netns& ns, const std::vector<unsigned>& ifindexes, TcMode mode,
-                   podsteer_pod_meta& meta);
-  void detach_tc(uint64_t cookie, const podsteer_pod_meta& meta);
+  Status unenroll_locked(uint64_t cookie);
+  ReturnPath return_path() const;
+  Status attach_inbound(const Netns& ns);
+  void detach_inbound(uint64_t cookie);
+  InboundStatus inbound_status(uint64_t cookie, uint64_t netns_cookie_now) const;
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
-  void erase_pod_ips(uint64_t cookie);
+  void erase_connections(uint64_t cookie);
+  Result<PodStatus> status_of(uint64_t cookie, Detail detail, const std::vector<podsteer_port_key>& ports,
+                              const std::vector<podsteer_cidr_key>& cidrs);
 
   std::string state_dir_;
   podsteer_config config_{};
   std::optional<Map<__u64, podsteer_pod>> pods_;
   std::optional<Map<__u64, podsteer_pod_meta>> meta_;
-  std::optional<Map<podsteer_ip_key, __u64>> pod_ips_;
   std::optional<Map<podsteer_port_key, __u8>> ports_;
   std::optional<Map<podsteer_cidr_key, __u8>> cidrs_;
   std::optional<PercpuMap<__u64, podsteer_counters>> stats_;
-  Fd tc_prog_;
-  uint32_t tc_prog_id_ = 0;
+  std::optional<Map<podsteer_origdst_key, podsteer_addr>> orig_;
+  std::optional<Map<podsteer_tuple_key, __u8>> transit_;
+  Fd listeners_;  // SOCKHASH: values are sockets, looked up by key only
 };
 
 // Names of the maps, for dump and uninstall.
@@ -143,5 +164,6 @@ const std::vector<std::string>& map_names();
 std::string map_pin(const std::string& state_dir, const std::string& name);
 
 podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c);
+podsteer_listener_key listener_key(uint64_t cookie, uint16_t port, uint16_t family);
 
 }  // namespace podsteer

@@ -16,8 +16,6 @@
 namespace podsteer {
 namespace {
 
-constexpr int kTcxIngress = 46;  // BPF_TCX_INGRESS, newer than Debian's UAPI headers
-
 std::set<std::string> pretend_missing() {
   std::set<std::string> out;
   const char* env = std::getenv("PODSTEER_PRETEND_MISSING");
@@ -44,19 +42,6 @@ bool kernel_version(std::string& detail) {
   sscanf(u.release, "%d.%d", &major, &minor);
   detail = u.release;
   return major > 5 || (major == 5 && minor >= 15);
-}
-
-bool tcx(std::string& detail) {
-  // Read-only probe: query tcx attachments of the loopback device. Kernels without
-  // tcx reject the attach type with EINVAL.
-  __u32 cnt = 0;
-  int err = bpf_prog_query(1 /* lo */, static_cast<bpf_attach_type>(kTcxIngress), 0, nullptr, nullptr, &cnt);
-  if (err == 0) {
-    detail = "tcx links (6.6+)";
-    return true;
-  }
-  detail = "no tcx: TC programs are attached with clsact + cls_bpf instead";
-  return false;
 }
 
 bool netns_cookie_sockopt(std::string& detail) {
@@ -86,40 +71,42 @@ bool cgroup2(std::string& detail) {
 #define HELPER(T, F) +[](std::string& d) { d = #F " in " #T; return helper_ok(T, F); }
 
 const Probe kProbes[] = {
-    {"kernel", true, "podsteer needs Linux 5.15 or newer", kernel_version},
+    {"kernel", true, "podsteer needs Linux 5.15 or newer (tested: 6.1, 6.12, 6.18)", kernel_version},
     {"cgroup2", true, "the socket hooks attach to a cgroup v2 directory", cgroup2},
-    {"btf", false, "kernel BTF is not needed to load, but bpftool shows more with it", btf},
+    {"btf", false, "kernel BTF: finding a proxy that listened before its pod was enrolled, and readable bpftool output",
+     btf},
     {"so_netns_cookie", true, "pods are keyed by netns cookie (SO_NETNS_COOKIE, 5.14+)", netns_cookie_sockopt},
-    {"prog_sched_cls", true, "inbound capture is a TC program", PROG_TYPE(BPF_PROG_TYPE_SCHED_CLS)},
+    {"prog_sk_lookup", true, "inbound capture is an sk_lookup program in each pod's netns (5.9+)",
+     PROG_TYPE(BPF_PROG_TYPE_SK_LOOKUP)},
+    {"sk_lookup_assign", true, "sk_lookup hands new inbound connections to the proxy's listener",
+     HELPER(BPF_PROG_TYPE_SK_LOOKUP, BPF_FUNC_sk_assign)},
     {"prog_sock_addr", true, "outbound capture uses cgroup connect/sendmsg/recvmsg/getpeername hooks",
      PROG_TYPE(BPF_PROG_TYPE_CGROUP_SOCK_ADDR)},
-    {"prog_sock_ops", true, "sock_ops records original destinations for SO_ORIGINAL_DST",
+    {"prog_sock_ops", true, "sock_ops records original destinations and the proxy's listeners",
      PROG_TYPE(BPF_PROG_TYPE_SOCK_OPS)},
     {"prog_sockopt", true, "the proxy's SO_ORIGINAL_DST is answered by a cgroup getsockopt program",
      PROG_TYPE(BPF_PROG_TYPE_CGROUP_SOCKOPT)},
+    {"prog_cgroup_skb", true, "the app's side of a connection from a client's address gets the app mark",
+     PROG_TYPE(BPF_PROG_TYPE_CGROUP_SKB)},
     {"map_lpm_trie", true, "excluded CIDRs are an LPM trie", MAP_TYPE(BPF_MAP_TYPE_LPM_TRIE)},
     {"map_sk_storage", true, "each captured socket keeps its original destination in socket storage",
      MAP_TYPE(BPF_MAP_TYPE_SK_STORAGE)},
-    {"map_lru_hash", true, "original destinations for the proxy live in an LRU hash", MAP_TYPE(BPF_MAP_TYPE_LRU_HASH)},
+    {"map_sockhash", true, "the proxy's inbound listeners live in a SOCKHASH", MAP_TYPE(BPF_MAP_TYPE_SOCKHASH)},
     {"map_percpu_hash", true, "per-pod counters are per-CPU", MAP_TYPE(BPF_MAP_TYPE_PERCPU_HASH)},
-    {"sk_assign", true, "inbound connections are handed to the inbound listener with bpf_sk_assign (5.7+)",
-     HELPER(BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_sk_assign)},
-    {"tc_skc_lookup", true, "TC finds the inbound listener with bpf_skc_lookup_tcp",
-     HELPER(BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_skc_lookup_tcp)},
     {"sock_addr_netns_cookie", true, "socket hooks act only in enrolled pods' netns",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_get_netns_cookie)},
     {"sock_addr_sk_storage", true, "connect remembers the original destination on the socket",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_sk_storage_get)},
-    {"sock_addr_sk_lookup", true, "connect checks whether the proxy is listening (fail open/closed)",
+    {"sock_addr_sk_lookup", true, "connect checks whether the proxy is listening (fail open)",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_sk_lookup_tcp)},
     {"sock_ops_sk_storage", true, "sock_ops reads the original destination from the socket",
      HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_sk_storage_get)},
-    {"sock_ops_netns_cookie", true, "sock_ops keys original destinations by netns",
+    {"sock_ops_netns_cookie", true, "sock_ops keys original destinations and listeners by netns (6.1: yes, 5.10: no)",
      HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_get_netns_cookie)},
+    {"sock_ops_sock_hash_update", true, "sock_ops puts the proxy's listeners into the SOCKHASH",
+     HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_sock_hash_update)},
     {"sockopt_netns_cookie", true, "getsockopt answers only in enrolled pods' netns",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_FUNC_get_netns_cookie)},
-    {"tcx", false, "tcx links (6.6+) coexist with other TC programs by design; without them clsact is used",
-     tcx},
 };
 
 }  // namespace

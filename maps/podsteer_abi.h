@@ -7,15 +7,25 @@
 
 #include <linux/types.h>
 
-#define PODSTEER_ABI_VERSION 1
+/* 2: inbound moved from TC to sk_lookup (podsteer_ips and the TC fields of podsteer_meta
+ *    are gone), the listener and transit maps, Kubernetes-sized names. */
+#define PODSTEER_ABI_VERSION 2
 
-/* Defaults: ztunnel's in-pod constants (DESIGN.md, "The datapath contract"). */
+/* Defaults: ztunnel's in-pod constants and Istio's in-pod rules (DESIGN.md). */
 #define PODSTEER_DEFAULT_OUTBOUND_PORT 15001
 #define PODSTEER_DEFAULT_INBOUND_PORT 15006
 #define PODSTEER_DEFAULT_HBONE_PORT 15008
 #define PODSTEER_DEFAULT_DNS_PORT 15053
 #define PODSTEER_DEFAULT_PROXY_MARK 0x539
 #define PODSTEER_DEFAULT_PROXY_MARK_MASK 0xfff
+/* The app's side of a connection the proxy made from a client's address carries this
+ * mark, and a policy rule sends it to a table whose only route is local: its replies
+ * reach the proxy (Istio: connmark 0x111, `fwmark 0x111/0xfff pref 32764 lookup 100`). */
+#define PODSTEER_DEFAULT_APP_MARK 0x111
+#define PODSTEER_DEFAULT_ROUTE_TABLE 100
+#define PODSTEER_DEFAULT_RULE_PREF 32764
+/* rtm_protocol of the rules and routes podsteer makes: what carries it is ours to remove */
+#define PODSTEER_RT_PROTO 112
 
 /* podsteer_pods value flags */
 #define PODSTEER_POD_DNS (1u << 0)       /* redirect UDP/TCP 53 to the DNS listener */
@@ -27,16 +37,19 @@
 #define PODSTEER_DIR_INBOUND 1
 #define PODSTEER_DIR_OUTBOUND 2
 
-/* Attach modes recorded in podsteer_meta */
-#define PODSTEER_ATTACH_TCX 1
-#define PODSTEER_ATTACH_CLSACT 2
+/* podsteer_pod_meta.netns_setup: what enroll made in the pod's netns (and unenroll
+ * removes); a rule or route that was there before is not ours and is left alone. */
+#define PODSTEER_SETUP_RULE4 (1u << 0)
+#define PODSTEER_SETUP_RULE6 (1u << 1)
+#define PODSTEER_SETUP_ROUTE4 (1u << 2)
+#define PODSTEER_SETUP_ROUTE6 (1u << 3)
+#define PODSTEER_SETUP_FWMARK_ACCEPT (1u << 4) /* we set net.ipv4.tcp_fwmark_accept */
 
-#define PODSTEER_MAX_IFACES 8
-#define PODSTEER_NAME_LEN 128
+#define PODSTEER_NAME_LEN 256 /* Kubernetes names are at most 253 characters */
 #define PODSTEER_PATH_LEN 256
 
 /* podsteer_pods: netns cookie -> what the datapath needs to know about an enrolled pod.
- * The presence of an entry is what turns the socket hooks on for that netns. */
+ * The presence of an entry is what turns the hooks on for that netns. */
 struct podsteer_pod {
 	__u32 flags;
 	__be32 ip4;    /* the pod's own IPv4: outbound connections are sent to ip4:outbound_port,
@@ -45,28 +58,20 @@ struct podsteer_pod {
 	__u64 enrolled_ns; /* CLOCK_REALTIME when enrolled, for status */
 };
 
-/* podsteer_meta: netns cookie -> what userspace needs to detach and report. The
- * datapath never reads it. */
+/* podsteer_meta: netns cookie -> what userspace needs to report, restore and hand to the
+ * node proxy. The datapath never reads it; the agent keeps its pod table here, so a
+ * restarted agent has nothing else to load. */
 struct podsteer_pod_meta {
-	char pod[PODSTEER_NAME_LEN];         /* "namespace/name", may be empty */
-	char netns_path[PODSTEER_PATH_LEN];  /* as given at enroll */
-	__u32 ifindex[PODSTEER_MAX_IFACES];  /* interfaces with our TC program, in the pod netns */
-	__u32 tc_prio[PODSTEER_MAX_IFACES];  /* clsact mode: our filter's priority */
-	__u32 tc_handle[PODSTEER_MAX_IFACES];/* clsact mode: our filter's handle */
-	__u32 n_ifaces;
-	__u32 attach_mode;                   /* PODSTEER_ATTACH_* */
-	__u32 n_excluded_cidrs;
-	__u32 reserved_0;
+	char namespace_[PODSTEER_NAME_LEN];
+	char name[PODSTEER_NAME_LEN];
+	char service_account[PODSTEER_NAME_LEN];
 	char uid[64];             /* Kubernetes pod UID, the ZDS workload id */
-	char service_account[64];
-	char container_id[80];    /* the CNI container (sandbox) id */
-};
-
-/* podsteer_ips: a pod's address -> its netns cookie. TC ingress finds the pod by the
- * destination of the SYN: pod addresses are unique on a node, and bpf_get_netns_cookie on
- * an ingress skb does not name the pod's netns on every kernel. */
-struct podsteer_ip_key {
-	__u8 addr[16]; /* v4-mapped for IPv4 */
+	char container_id[128];   /* the CNI container (sandbox) id */
+	char netns_path[PODSTEER_PATH_LEN]; /* as given at enroll */
+	__u32 n_excluded_cidrs;
+	__u32 netns_setup;        /* PODSTEER_SETUP_* */
+	__u32 fwmark_accept_before; /* net.ipv4.tcp_fwmark_accept before enroll */
+	__u32 reserved_0;
 };
 
 /* podsteer_ports: excluded ports, per pod and direction */
@@ -107,12 +112,36 @@ struct podsteer_addr {
 
 /* podsteer_orig: the proxy's accepted outbound connection -> original destination.
  * Keyed by the accepted socket's peer (the application's local address and port) and
- * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves. */
+ * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves,
+ * removed when the application's socket closes. */
 struct podsteer_origdst_key {
 	__u64 netns_cookie;
 	__u8 peer_addr[16]; /* v4-mapped for IPv4 */
 	__u16 peer_port;    /* host byte order */
 	__u16 local_port;   /* host byte order: the outbound listener port */
+	__u32 pad;
+};
+
+/* podsteer_listeners (SOCKHASH): the proxy's inbound listener in each pod netns, put
+ * there by sock_ops when the proxy calls listen(); sk_lookup hands new inbound
+ * connections to it. */
+struct podsteer_listener_key {
+	__u64 netns_cookie;
+	__u16 port;   /* host byte order */
+	__u16 family; /* AF_INET6 for a dual-stack listener */
+	__u32 pad;
+};
+
+/* podsteer_transit: connections the proxy is opening to an app in its own pod from
+ * another address (a client's: IP_TRANSPARENT), while their SYN is in flight. sk_lookup
+ * lets them through to the app instead of steering them back to the proxy. Seen from the
+ * app's side: dst is the app, src the address the proxy connects from. */
+struct podsteer_tuple_key {
+	__u64 netns_cookie;
+	__u8 dst_addr[16]; /* v4-mapped for IPv4 */
+	__u8 src_addr[16];
+	__u16 dst_port;    /* host byte order */
+	__u16 src_port;
 	__u32 pad;
 };
 
@@ -126,6 +155,9 @@ struct podsteer_config {
 	__u16 dns_port;
 	__u32 proxy_mark;
 	__u32 proxy_mark_mask;
+	__u32 app_mark;
+	__u32 route_table;
+	__u32 rule_pref;
 	__u32 reserved_0;
 	char hook_cgroup[PODSTEER_PATH_LEN];
 };

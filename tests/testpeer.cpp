@@ -3,6 +3,7 @@
 // reporting what it saw as one JSON line per event on stdout.
 //
 //   testpeer [--netns P] [--cgroup D] proxy [--mark M] [--ports 15001,15006,15008] [--dns-port 15053]
+//                                          [--no-orig-src]   a proxy that behaves like ztunnel
 //   testpeer ... serve --port P [--addr A]           line echo server, reports local/peer
 //   testpeer ... serve-udp --port P [--addr A]       UDP echo ("resolver:" + payload)
 //   testpeer ... connect --to A --port P [--send T] [--mark M] [--bind A] [--v6] [--timeout-ms N]
@@ -101,7 +102,7 @@ bool write_all(int fd, const std::string& s) {
   return true;
 }
 
-int listen_tcp(const std::string& addr, uint16_t port, uint32_t mark) {
+int listen_tcp(const std::string& addr, uint16_t port, uint32_t mark, bool transparent = false) {
   sockaddr_storage ss;
   socklen_t len;
   bool v6 = addr.empty() || addr.find(':') != std::string::npos;
@@ -110,7 +111,13 @@ int listen_tcp(const std::string& addr, uint16_t port, uint32_t mark) {
   int one = 1, zero = 0;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   if (ss.ss_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
-  if (mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) die("SO_MARK");
+  if (mark) {
+    // what ztunnel does in a pod: the mark on every socket, SO_REUSEPORT on listeners
+    // (INPOD_PORT_REUSE), IP_TRANSPARENT on the inbound ones
+    if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) die("SO_MARK");
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    if (transparent && setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0) die("IP_TRANSPARENT");
+  }
   if (bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) die("bind " + std::to_string(port));
   if (listen(fd, 128) != 0) die("listen");
   return fd;
@@ -127,14 +134,65 @@ void pump(int from, int to, std::atomic<uint64_t>& bytes) {
   shutdown(to, SHUT_WR);
 }
 
-// The test proxy: what a node proxy does under Istio's in-pod rules, in miniature.
-void proxy_conn(int c, uint16_t listener, uint16_t hbone, uint32_t mark) {
-  json ev = {{"event", "accept"}, {"listener", listener}, {"peer", sock_name(c, true)}, {"local", sock_name(c, false)}};
-  sockaddr_storage local{};
-  socklen_t llen = sizeof(local);
+// v4-mapped addresses (a dual-stack listener's peers) as plain IPv4
+sockaddr_storage canonical(const sockaddr_storage& ss) {
+  if (ss.ss_family != AF_INET6) return ss;
+  auto* s6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+  if (!IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) return ss;
+  sockaddr_storage out{};
+  auto* s4 = reinterpret_cast<sockaddr_in*>(&out);
+  s4->sin_family = AF_INET;
+  s4->sin_port = s6->sin6_port;
+  std::memcpy(&s4->sin_addr, &s6->sin6_addr.s6_addr[12], 4);
+  return out;
+}
+
+socklen_t sa_len(const sockaddr_storage& ss) { return ss.ss_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6); }
+
+struct ProxyConfig {
+  uint32_t mark = 0;
+  uint16_t outbound = 15001, inbound = 15006, hbone = 15008, dns = 15053;
+  bool orig_src = true;  // connect to the app from the client's address, as ztunnel does
+};
+
+// ztunnel's upstream connect: the mark, and for inbound (orig_src) IP_TRANSPARENT +
+// IP_FREEBIND bound to the client's address, port 0.
+int connect_upstream(const sockaddr_storage& dst, const sockaddr_storage* from, uint32_t mark, std::string& err) {
+  int u = socket(dst.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  setsockopt(u, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+  if (from) {
+    int one = 1;
+    setsockopt(u, SOL_IP, IP_TRANSPARENT, &one, sizeof(one));
+    setsockopt(u, SOL_IP, IP_FREEBIND, &one, sizeof(one));
+    sockaddr_storage b = *from;
+    if (b.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&b)->sin_port = 0;
+    else reinterpret_cast<sockaddr_in6*>(&b)->sin6_port = 0;
+    if (b.ss_family != dst.ss_family || bind(u, reinterpret_cast<sockaddr*>(&b), sa_len(b)) != 0) {
+      err = std::string("bind to the client's address: ") + std::strerror(errno);
+      close(u);
+      return -1;
+    }
+  }
+  if (connect(u, reinterpret_cast<const sockaddr*>(&dst), sa_len(dst)) != 0) {
+    err = std::strerror(errno);
+    close(u);
+    return -1;
+  }
+  return u;
+}
+
+// The test proxy: what ztunnel does in a pod's netns, in miniature. Outbound (15001) goes
+// to SO_ORIGINAL_DST from the pod's address; inbound (15006) to SO_ORIGINAL_DST, falling
+// back to the local address, from the client's address; HBONE (15008) is a stand-in for
+// the tunnel ztunnel terminates: the first line names the destination ("CONNECT
+// host:port"), then the stream goes there from the client's address.
+void proxy_conn(int c, uint16_t listener, const ProxyConfig& cfg) {
+  sockaddr_storage peer{}, local{};
+  socklen_t plen = sizeof(peer), llen = sizeof(local);
+  getpeername(c, reinterpret_cast<sockaddr*>(&peer), &plen);
   getsockname(c, reinterpret_cast<sockaddr*>(&local), &llen);
-  bool v4 = local.ss_family == AF_INET ||
-            IN6_IS_ADDR_V4MAPPED(&reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr);
+  json ev = {{"event", "accept"}, {"listener", listener}, {"peer", sock_name(c, true)}, {"local", sock_name(c, false)}};
+  bool v4 = local.ss_family == AF_INET || IN6_IS_ADDR_V4MAPPED(&reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr);
   sockaddr_storage orig{};
   socklen_t olen = sizeof(orig);
   int r = v4 ? getsockopt(c, SOL_IP, 80 /* SO_ORIGINAL_DST */, &orig, &olen)
@@ -143,64 +201,105 @@ void proxy_conn(int c, uint16_t listener, uint16_t hbone, uint32_t mark) {
     ev["orig_dst"] = addr_str(orig);
   } else {
     ev["orig_dst_error"] = std::strerror(errno);
+    orig = local;  // ztunnel: orig_dst_addr_or_default
+  }
+  std::string first_reply;
+  if (listener == cfg.hbone) {
+    std::string line, host;
+    uint16_t port = 0;
+    if (read_line(c, line, 5000) && line.rfind("CONNECT ", 0) == 0) {
+      auto hp = line.substr(8);
+      auto colon = hp.rfind(':');
+      host = hp.substr(0, colon);
+      if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
+      port = colon == std::string::npos ? 0 : std::stoi(hp.substr(colon + 1));
+    }
+    socklen_t unused;
+    if (!port || !make_addr(host, port, false, orig, unused)) {
+      ev["error"] = "bad HBONE request: " + line;
+      emit(ev);
+      close(c);
+      return;
+    }
+    ev["hbone_target"] = addr_str(orig);
+    first_reply = "HTTP/1.1 200 OK\n";
+  }
+  orig = canonical(orig);
+  uint16_t dport = ntohs(orig.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&orig)->sin_port
+                                                   : reinterpret_cast<sockaddr_in6*>(&orig)->sin6_port);
+  if (dport == cfg.outbound || dport == cfg.inbound || dport == cfg.hbone || dport == cfg.dns) {
+    // ztunnel refuses calls to its own ports: they would loop
+    ev["error"] = "call to the proxy itself";
+    emit(ev);
+    close(c);
+    return;
   }
   emit(ev);
-  if (listener == hbone || r != 0) {
-    // HBONE stand-in: answer each line ourselves
-    std::string line;
-    while (read_line(c, line, 10000)) write_all(c, "hbone got=" + line + "\n");
+  bool from_client = cfg.orig_src && listener != cfg.outbound && listener != cfg.dns;
+  sockaddr_storage client = canonical(peer);
+  std::string err;
+  int u = connect_upstream(orig, from_client ? &client : nullptr, cfg.mark, err);
+  if (u < 0) {
+    emit({{"event", "upstream_error"}, {"orig_dst", ev.value("orig_dst", "")}, {"upstream", addr_str(orig)}, {"error", err}});
     close(c);
     return;
   }
-  int u = socket(orig.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  setsockopt(u, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
-  if (connect(u, reinterpret_cast<sockaddr*>(&orig), olen) != 0) {
-    emit({{"event", "upstream_error"}, {"orig_dst", ev["orig_dst"]}, {"error", std::strerror(errno)}});
-    close(u);
-    close(c);
-    return;
-  }
+  emit({{"event", "upstream"}, {"listener", listener}, {"upstream", addr_str(orig)}, {"local", sock_name(u, false)}});
+  if (!first_reply.empty()) write_all(c, first_reply);
   std::atomic<uint64_t> up{0}, down{0};
   std::thread t([&] { pump(u, c, down); });
   pump(c, u, up);
   t.join();
-  emit({{"event", "close"}, {"orig_dst", ev["orig_dst"]}, {"bytes_up", up.load()}, {"bytes_down", down.load()}});
+  emit({{"event", "close"}, {"orig_dst", ev.value("orig_dst", "")}, {"listener", listener}, {"bytes_up", up.load()},
+        {"bytes_down", down.load()}});
   close(u);
   close(c);
 }
 
-int cmd_proxy(uint32_t mark, const std::vector<uint16_t>& ports, uint16_t hbone, uint16_t dns_port) {
+int udp_dns_listener(int family, uint32_t mark, uint16_t port) {
+  sockaddr_storage ss;
+  socklen_t len;
+  make_addr(family == AF_INET ? "127.0.0.1" : "::1", port, family == AF_INET6, ss, len);
+  int u = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  setsockopt(u, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+  if (bind(u, reinterpret_cast<sockaddr*>(&ss), len) != 0) die("bind dns");
+  return u;
+}
+
+int cmd_proxy(const ProxyConfig& cfg, const std::vector<uint16_t>& ports) {
   std::vector<std::thread> threads;
   for (uint16_t p : ports) {
-    int fd = listen_tcp("", p, mark);
-    threads.emplace_back([fd, p, hbone, mark] {
-      while (true) {
-        int c = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
-        if (c < 0) continue;
-        std::thread(proxy_conn, c, p, hbone, mark).detach();
-      }
-    });
+    // the DNS listener is on 127.0.0.1 and [::1], the others on [::] (dual stack)
+    std::vector<std::string> addrs = p == cfg.dns ? std::vector<std::string>{"127.0.0.1", "::1"}
+                                                  : std::vector<std::string>{""};
+    for (const auto& addr : addrs) {
+      int fd = listen_tcp(addr, p, cfg.mark, p == cfg.inbound || p == cfg.hbone);
+      threads.emplace_back([fd, p, &cfg] {
+        while (true) {
+          int c = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+          if (c < 0) continue;
+          std::thread(proxy_conn, c, p, cfg).detach();
+        }
+      });
+    }
   }
-  if (dns_port) {
-    int u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    setsockopt(u, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(dns_port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(u, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) die("bind dns");
-    threads.emplace_back([u] {
-      char buf[2048];
-      while (true) {
-        sockaddr_storage from{};
-        socklen_t fl = sizeof(from);
-        ssize_t n = recvfrom(u, buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&from), &fl);
-        if (n < 0) continue;
-        emit({{"event", "dns"}, {"from", addr_str(from)}, {"query", std::string(buf, n)}});
-        std::string reply = "dns-proxy:" + std::string(buf, n);
-        sendto(u, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&from), fl);
-      }
-    });
+  if (cfg.dns) {
+    // ztunnel's DNS proxy listens on 127.0.0.1 and [::1]
+    for (int family : {AF_INET, AF_INET6}) {
+      int u = udp_dns_listener(family, cfg.mark, cfg.dns);
+      threads.emplace_back([u] {
+        char buf[2048];
+        while (true) {
+          sockaddr_storage from{};
+          socklen_t fl = sizeof(from);
+          ssize_t n = recvfrom(u, buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&from), &fl);
+          if (n < 0) continue;
+          emit({{"event", "dns"}, {"from", addr_str(from)}, {"query", std::string(buf, n)}});
+          std::string reply = "dns-proxy:" + std::string(buf, n);
+          sendto(u, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&from), fl);
+        }
+      });
+    }
   }
   emit({{"event", "ready"}});
   for (auto& t : threads) t.join();
@@ -279,14 +378,20 @@ int open_client(const std::string& to, uint16_t port, bool v6, uint32_t mark, co
   return fd;
 }
 
+// Each request line gets one reply line; "reply" is the last one, "replies" all of them.
 int cmd_connect(const std::string& to, uint16_t port, bool v6, uint32_t mark, const std::string& bind_addr,
-                const std::string& send_text, int timeout_ms) {
+                const std::vector<std::string>& requests, int timeout_ms) {
   json out;
   int fd = open_client(to, port, v6, mark, bind_addr, timeout_ms, out);
-  if (fd >= 0 && !send_text.empty()) {
-    write_all(fd, send_text + "\n");
-    std::string line;
-    if (read_line(fd, line, timeout_ms)) out["reply"] = line;
+  if (fd >= 0) {
+    json replies = json::array();
+    for (const auto& req : requests) {
+      std::string line;
+      if (!write_all(fd, req + "\n") || !read_line(fd, line, timeout_ms)) break;
+      replies.push_back(line);
+      out["reply"] = line;
+    }
+    if (requests.size() > 1) out["replies"] = replies;
     close(fd);
   }
   emit(out);
@@ -353,16 +458,20 @@ int main(int argc, char** argv) {
 
   uint32_t mark = 0;
   std::vector<uint16_t> ports = {15001, 15006, 15008};
-  uint16_t hbone = 15008, dns_port = 15053, port = 0;
+  ProxyConfig pcfg;
+  bool no_orig_src = false;
+  uint16_t port = 0;
   std::string addr, to, send_text, bind_addr;
+  std::vector<std::string> requests;
   bool v6 = false, connected = false;
   int timeout_ms = 3000;
 
   auto* proxy = app.add_subcommand("proxy");
-  proxy->add_option("--mark", mark);
+  proxy->add_option("--mark", pcfg.mark);
   proxy->add_option("--ports", ports)->delimiter(',');
-  proxy->add_option("--hbone-port", hbone);
-  proxy->add_option("--dns-port", dns_port);
+  proxy->add_option("--hbone-port", pcfg.hbone);
+  proxy->add_option("--dns-port", pcfg.dns);
+  proxy->add_flag("--no-orig-src", no_orig_src, "connect to the app from the pod's address (ztunnel ENABLE_ORIG_SRC=false)");
   auto* serve = app.add_subcommand("serve");
   serve->add_option("--port", port)->required();
   serve->add_option("--addr", addr);
@@ -377,7 +486,7 @@ int main(int argc, char** argv) {
     c->add_option("--port", port)->required();
     c->add_option("--timeout-ms", timeout_ms);
   }
-  conn->add_option("--send", send_text);
+  conn->add_option("--send", requests, "a request line (repeatable: one reply line is read after each)");
   conn->add_option("--mark", mark);
   conn->add_option("--bind", bind_addr);
   conn->add_flag("--v6", v6, "use an AF_INET6 socket (v4-mapped for IPv4 addresses)");
@@ -396,10 +505,11 @@ int main(int argc, char** argv) {
     if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) die("setns " + netns);
     close(fd);
   }
-  if (*proxy) return cmd_proxy(mark, ports, hbone, dns_port);
+  pcfg.orig_src = !no_orig_src;
+  if (*proxy) return cmd_proxy(pcfg, ports);
   if (*serve) return cmd_serve(addr, port);
   if (*serve_udp) return cmd_serve_udp(addr, port);
-  if (*conn) return cmd_connect(to, port, v6, mark, bind_addr, send_text, timeout_ms);
+  if (*conn) return cmd_connect(to, port, v6, mark, bind_addr, requests, timeout_ms);
   if (*session) return cmd_session(to, port, timeout_ms);
   if (*udp) return cmd_udp(to, port, send_text, connected, timeout_ms);
   return 0;

@@ -1,6 +1,11 @@
 // The capture datapath on the real kernel: pod and remote netns joined by a veth, a test
 // proxy in a child cgroup of the hook cgroup listening on 15001/15006/15008 with SO_MARK
 // 0x539, and the podsteer CLI run as a separate process for every step.
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <sched.h>
 #include <sys/stat.h>
 
 #include <fmt/format.h>
@@ -8,6 +13,7 @@
 #include <fstream>
 #include <thread>
 
+#include "foreign_counter.skel.h"
 #include "harness.h"
 
 using namespace podsteer::test;
@@ -104,8 +110,10 @@ TEST_F(DatapathTest, InboundIsAcceptedOnInboundListenerWithOriginalDestination) 
     EXPECT_EQ(a["listener"], 15006);
     EXPECT_EQ(a["local"], fmt_ip + ":9090") << "getsockname gives the original destination";
     EXPECT_EQ(a["peer"], c["local"]);
-    // the app was reached through the proxy, which connects from the pod itself
-    EXPECT_NE(c.value("reply", "").find("peer=" + fmt_ip + ":"), std::string::npos) << c;
+    // the app was reached through the proxy, which (as ztunnel does) connects from the
+    // client's address: the app sees who really called
+    std::string remote = ip == env->pod_ip4 ? env->remote_ip4 : "[" + env->remote_ip6 + "]";
+    EXPECT_NE(c.value("reply", "").find("peer=" + remote + ":"), std::string::npos) << c;
   }
   EXPECT_EQ(counters()["redirected_in"], 2);
 }
@@ -114,9 +122,13 @@ TEST_F(DatapathTest, HboneAndProbeSourcesAreNotRedirected) {
   auto proxy = env->start_proxy();
   auto app = env->start_server(env->pod_ns, 9090);
   enroll();
-  auto h = env->remote_connect(env->pod_ip4, 15008);
+  // HBONE reaches the proxy's 15008 unredirected; the proxy terminates it and connects on
+  // to the app from the client's address
+  auto h = env->remote_connect(env->pod_ip4, 15008, {"--send", "CONNECT " + env->pod_ip4 + ":9090", "--send", "hello"});
   ASSERT_TRUE(h.value("connected", false)) << h;
-  EXPECT_EQ(h["reply"], "hbone got=hello");
+  ASSERT_EQ(h["replies"].size(), 2u) << h;
+  EXPECT_EQ(h["replies"][0], "HTTP/1.1 200 OK");
+  EXPECT_NE(h.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << h;
   auto a = proxy->wait_for([](const json& j) { return j.value("listener", 0) == 15008; });
   ASSERT_FALSE(a.is_null());
   EXPECT_EQ(a["local"], env->pod_ip4 + ":15008");
@@ -283,15 +295,21 @@ TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
   auto server = env->start_server(env->remote_ns, 8080);
   enroll();
   auto before = env->status();
-  ASSERT_EQ(before["cgroup_links"].size(), 10u);
+  ASSERT_EQ(before["cgroup_links"].size(), 11u);
   // the remote namespace becomes a second pod, in a separate podsteer process
   // (fail open: the remote pod has no proxy, and it still serves the first pod)
   auto r = env->podsteer({"enroll", "--netns", env->remote_ns, "--pod", "default/other", "--fail-open"});
   ASSERT_EQ(r.rc, 0) << r.out;
   auto after = env->status();
   EXPECT_EQ(after["cgroup_links"], before["cgroup_links"]) << "socket hooks were not re-attached";
-  EXPECT_EQ(after["tc_prog_id"], before["tc_prog_id"]) << "the TC program was not reloaded";
   ASSERT_EQ(after["pods"].size(), 2u);
+  auto first = [](const json& st) {
+    for (const auto& p : st["pods"])
+      if (p["pod"] == "default/web") return p;
+    return json();
+  };
+  EXPECT_EQ(first(after)["inbound"], first(before)["inbound"]) << "the first pod's sk_lookup link was not touched";
+  EXPECT_NE(first(after)["inbound"]["sk_lookup_link_id"], 0);
   // enrolling the first pod again changes nothing
   auto again = env->podsteer({"enroll", "--netns", env->pod_ns, "--pod", "default/web"});
   EXPECT_EQ(again.rc, 0);
@@ -301,46 +319,96 @@ TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
   EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
 }
 
-TEST_F(DatapathTest, UninstallLeavesNothingBehindWithTcx) {
+TEST_F(DatapathTest, UninstallLeavesNothingBehind) {
   auto proxy = env->start_proxy();
   enroll();
   auto s = env->status();
-  auto tcx_pins = sh("ls " + env->state_dir + "/pods/*/");
-  EXPECT_NE(tcx_pins.out.find("tc_"), std::string::npos);
-  auto link_id = sh("bpftool link show pinned " + env->state_dir + "/pods/*/tc_* | head -1 | cut -d: -f1");
+  const auto& pod = s["pods"][0];
+  EXPECT_TRUE(pod["missing"].empty()) << pod;
+  unsigned lookup_link = pod["inbound"]["sk_lookup_link_id"];
+  ASSERT_NE(lookup_link, 0u);
+  std::string in_pod = "nsenter --net=" + env->pod_ns + " ";
+  auto netns_state = [&] {
+    return sh(in_pod + "ip rule; " + in_pod + "ip -6 rule; " + in_pod + "ip route show table 100; " + in_pod +
+              "ip -6 route show table 100; " + in_pod + "sysctl -n net.ipv4.tcp_fwmark_accept").out;
+  };
+  auto during = netns_state();
+  EXPECT_NE(during.find("fwmark 0x111/0xfff lookup 100 proto 112"), std::string::npos) << during;
+  EXPECT_NE(during.find("local default dev lo proto 112"), std::string::npos) << during;
   auto r = env->podsteer({"uninstall"});
   ASSERT_EQ(r.rc, 0) << r.out;
   struct stat st {};
   EXPECT_NE(stat(env->state_dir.c_str(), &st), 0) << "state dir still exists";
   for (const auto& l : s["cgroup_links"])
     EXPECT_NE(sh("bpftool link show id " + std::to_string(l["link_id"].get<unsigned>())).rc, 0) << l;
-  EXPECT_NE(sh("bpftool prog show id " + std::to_string(s["tc_prog_id"].get<unsigned>())).rc, 0);
-  EXPECT_NE(sh("bpftool link show id " + link_id.out).rc, 0) << "tcx link " << link_id.out;
-  auto net = sh("nsenter --net=" + env->pod_ns + " bpftool net show");
-  EXPECT_EQ(net.out.find("podsteer"), std::string::npos) << net.out;
+  EXPECT_NE(sh("bpftool link show id " + std::to_string(lookup_link)).rc, 0) << "sk_lookup link";
+  auto after = netns_state();
+  EXPECT_EQ(after.find("0x111"), std::string::npos) << after;
+  EXPECT_EQ(after.find("proto 112"), std::string::npos) << after;
+  EXPECT_NE(after.find("\n0\n"), std::string::npos) << "tcp_fwmark_accept back to 0: " << after;
 }
 
-TEST_F(DatapathTest, ClsactModeCoexistsWithForeignFiltersAndUninstallsCleanly) {
-  // somebody else's filter at the priority we would pick first
-  auto foreign = sh("tc -n " + env->pod_ns_name + " qdisc add dev eth0 clsact && tc -n " + env->pod_ns_name +
-                    " filter add dev eth0 ingress pref 49152 protocol ip u32 match ip dst 192.0.2.99/32 classid 1:1");
-  ASSERT_EQ(foreign.rc, 0) << foreign.out;
+TEST_F(DatapathTest, ForeignTcProgramsSeeEveryPacketAndPodsteerAddsNone) {
+  // A CNI's own TC programs on the pod's interface: first and last in tcx (where the
+  // kernel has it) and a classic clsact filter. podsteer steers inbound without TC, so
+  // each of them sees every packet, steered SYNs included, and runs on unchanged.
+  auto* skel = foreign_counter__open_and_load();
+  ASSERT_NE(skel, nullptr);
+  std::vector<int> links;
+  bool tcx = false;
+  std::thread([&] {
+    int fd = open(env->pod_ns.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_EQ(setns(fd, CLONE_NEWNET), 0);
+    close(fd);
+    unsigned ifindex = if_nametoindex("eth0");
+    LIBBPF_OPTS(bpf_link_create_opts, first, .flags = 1u << 3 /* BPF_F_BEFORE */);
+    LIBBPF_OPTS(bpf_link_create_opts, last, .flags = 1u << 4 /* BPF_F_AFTER */);
+    int a = bpf_link_create(bpf_program__fd(skel->progs.foreign_first), ifindex, static_cast<bpf_attach_type>(46), &first);
+    int b = bpf_link_create(bpf_program__fd(skel->progs.foreign_last), ifindex, static_cast<bpf_attach_type>(46), &last);
+    tcx = a >= 0 && b >= 0;  // tcx: 6.6+
+    for (int l : {a, b})
+      if (l >= 0) links.push_back(l);
+    LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = int(ifindex), .attach_point = BPF_TC_INGRESS);
+    bpf_tc_hook_create(&hook);
+    LIBBPF_OPTS(bpf_tc_opts, opts, .prog_fd = bpf_program__fd(skel->progs.foreign_clsact));
+    ASSERT_EQ(bpf_tc_attach(&hook, &opts), 0);
+  }).join();
+
   auto proxy = env->start_proxy();
   auto app = env->start_server(env->pod_ns, 9090);
-  enroll({"--tc-mode", "clsact"});
-  auto pod = env->status()["pods"][0];
-  EXPECT_EQ(pod["attach"], "clsact");
-  EXPECT_NE(pod["interfaces"][0]["tc_priority"], 49152);
-  auto c = env->remote_connect(env->pod_ip4, 9090);
-  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
-  EXPECT_FALSE(wait_accept(*proxy, env->pod_ip4 + ":9090").is_null());
+  enroll();
+  for (const auto& ip : {env->pod_ip4, env->pod_ip6}) {
+    auto c = env->remote_connect(ip, 9090);
+    EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  }
+  EXPECT_EQ(accepts(*proxy), 2) << "both connections were captured";
+  struct Seen {
+    uint64_t tcp, syn;
+  };
+  auto seen = [&](uint32_t slot) {
+    Seen v{};
+    bpf_map_lookup_elem(bpf_map__fd(skel->maps.foreign_seen), &slot, &v);
+    return v;
+  };
+  std::vector<uint32_t> slots = {2};
+  if (tcx) slots = {0, 1, 2};
+  else fprintf(stderr, "no tcx on this kernel: only the clsact filter is checked\n");
+  for (uint32_t slot : slots) {
+    EXPECT_EQ(seen(slot).syn, 2u) << "program " << slot << " missed a SYN";
+    EXPECT_EQ(seen(slot).tcp, seen(2).tcp) << "program " << slot << " saw other packets than the clsact filter";
+  }
+  EXPECT_GE(seen(2).tcp, 10u);
   auto filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
-  EXPECT_NE(filters.out.find("podsteer_tc_ing"), std::string::npos) << filters.out;  // kernel names stop at 15 chars
+  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
+  EXPECT_NE(filters.out.find("foreign_clsact"), std::string::npos) << filters.out;
+  auto all_links = sh("bpftool link show");
+  EXPECT_EQ(all_links.out.find("podsteer_tc"), std::string::npos) << all_links.out;
 
   ASSERT_EQ(env->podsteer({"uninstall"}).rc, 0);
   filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
-  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
-  EXPECT_NE(filters.out.find("u32"), std::string::npos) << "the foreign filter must survive: " << filters.out;
+  EXPECT_NE(filters.out.find("foreign_clsact"), std::string::npos) << "the foreign filter must survive: " << filters.out;
+  for (int l : links) close(l);
+  foreign_counter__destroy(skel);
 }
 
 TEST_F(DatapathTest, BadInputGivesClearErrorAndChangesNothing) {
@@ -361,9 +429,8 @@ TEST_F(DatapathTest, BadInputGivesClearErrorAndChangesNothing) {
       {{"enroll", "--netns", env->pod_ns, "--exclude-inbound-ports", "80,x"}, "bad port 'x'"},
       {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-ports", "70000"}, "out of range"},
       {{"enroll", "--netns", env->pod_ns, "--pod", "nonamespace"}, "NAMESPACE/NAME"},
-      {{"enroll", "--netns", env->pod_ns, "--interface", "nosuch0"}, "no interface 'nosuch0'"},
-      {{"enroll", "--netns", env->pod_ns, "--interface", "lo"}, "loopback"},
-      {{"enroll", "--netns", env->pod_ns}, "kernel feature missing: sk_assign", {"PODSTEER_PRETEND_MISSING=sk_assign"}},
+      {{"enroll", "--netns", env->pod_ns}, "kernel feature missing: sk_lookup_assign",
+       {"PODSTEER_PRETEND_MISSING=sk_lookup_assign"}},
       {{"unenroll", "--netns", env->pod_ns}, "no podsteer datapath installed"},
       {{"status"}, "no podsteer datapath installed"},
   };
@@ -388,7 +455,6 @@ TEST_F(DatapathTest, BadInputGivesClearErrorAndChangesNothing) {
       {{"unenroll", "--netns", env->remote_ns}, "no pod is enrolled"},
       {{"unenroll", "--netns", "/var/run/netns/gone-" + env->id}, "no pod is enrolled with this path"},
       {{"enroll", "--netns", env->pod_ns, "--exclude-outbound-cidrs", "1.2.3.4/40"}, "prefix length"},
-      {{"enroll", "--netns", env->remote_ns, "--interface", "nosuch0"}, "no interface"},
       {{"dump", "nosuchmap"}, "unknown map"},
   };
   for (const auto& c : after_install) {

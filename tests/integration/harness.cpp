@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <fstream>
@@ -267,7 +268,10 @@ std::unique_ptr<Peer> Env::start_proxy(const std::vector<std::string>& extra) {
 }
 
 std::unique_ptr<Peer> Env::start_server(const std::string& netns, int port, const std::string& addr) {
-  std::vector<std::string> argv = {testpeer_bin(), "--netns", netns, "serve", "--port", std::to_string(port)};
+  std::vector<std::string> argv = {testpeer_bin(), "--netns", netns};
+  // the pod's apps run under the hook cgroup, as a kubelet's pods run under kubepods
+  if (netns == pod_ns) argv.insert(argv.end(), {"--cgroup", app_cgroup});
+  argv.insert(argv.end(), {"serve", "--port", std::to_string(port)});
   if (!addr.empty()) {
     argv.push_back("--addr");
     argv.push_back(addr);
@@ -278,18 +282,21 @@ std::unique_ptr<Peer> Env::start_server(const std::string& netns, int port, cons
   return p;
 }
 
-json Env::pod_connect(const std::string& to, int port, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv = {testpeer_bin(), "--netns", pod_ns, "--cgroup", app_cgroup, "connect",
-                                   "--to", to, "--port", std::to_string(port), "--send", "hello"};
+// A one-shot client: sends "hello" unless extra has requests of its own (--send).
+static json connect_once(std::vector<std::string> argv, const std::string& to, int port,
+                         const std::vector<std::string>& extra) {
+  argv.insert(argv.end(), {"connect", "--to", to, "--port", std::to_string(port)});
+  if (std::find(extra.begin(), extra.end(), "--send") == extra.end()) argv.insert(argv.end(), {"--send", "hello"});
   argv.insert(argv.end(), extra.begin(), extra.end());
   return peer_once(argv);
 }
 
+json Env::pod_connect(const std::string& to, int port, const std::vector<std::string>& extra) {
+  return connect_once({testpeer_bin(), "--netns", pod_ns, "--cgroup", app_cgroup}, to, port, extra);
+}
+
 json Env::remote_connect(const std::string& to, int port, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv = {testpeer_bin(), "--netns", remote_ns, "connect", "--to", to, "--port",
-                                   std::to_string(port), "--send", "hello"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  return peer_once(argv);
+  return connect_once({testpeer_bin(), "--netns", remote_ns}, to, port, extra);
 }
 
 }  // namespace podsteer::test

@@ -6,19 +6,21 @@
 
 #include "podsteer_abi.h"
 
-static_assert(PODSTEER_ABI_VERSION == 1, "bump the layout checks with the ABI version");
+static_assert(PODSTEER_ABI_VERSION == 2, "bump the layout checks with the ABI version");
 static_assert(sizeof(podsteer_pod) == 32);
 static_assert(offsetof(podsteer_pod, flags) == 0);
 static_assert(offsetof(podsteer_pod, ip4) == 4);
 static_assert(offsetof(podsteer_pod, ip6) == 8);
 static_assert(offsetof(podsteer_pod, enrolled_ns) == 24);
-static_assert(sizeof(podsteer_pod_meta) == 128 + 256 + 3 * 4 * 8 + 16 + 64 + 64 + 80);
-static_assert(offsetof(podsteer_pod_meta, uid) == 496);
-static_assert(offsetof(podsteer_pod_meta, container_id) == 624);
-static_assert(offsetof(podsteer_pod_meta, netns_path) == 128);
-static_assert(offsetof(podsteer_pod_meta, ifindex) == 384);
-static_assert(offsetof(podsteer_pod_meta, n_ifaces) == 480);
-static_assert(sizeof(podsteer_ip_key) == 16);
+static_assert(sizeof(podsteer_pod_meta) == 3 * 256 + 64 + 128 + 256 + 4 * 4);
+static_assert(offsetof(podsteer_pod_meta, name) == 256);
+static_assert(offsetof(podsteer_pod_meta, service_account) == 512);
+static_assert(offsetof(podsteer_pod_meta, uid) == 768);
+static_assert(offsetof(podsteer_pod_meta, container_id) == 832);
+static_assert(offsetof(podsteer_pod_meta, netns_path) == 960);
+static_assert(offsetof(podsteer_pod_meta, n_excluded_cidrs) == 1216);
+static_assert(offsetof(podsteer_pod_meta, netns_setup) == 1220);
+static_assert(offsetof(podsteer_pod_meta, fwmark_accept_before) == 1224);
 static_assert(sizeof(podsteer_port_key) == 16);
 static_assert(offsetof(podsteer_port_key, port) == 8);
 static_assert(offsetof(podsteer_port_key, direction) == 10);
@@ -33,8 +35,17 @@ static_assert(sizeof(podsteer_origdst_key) == 32);
 static_assert(offsetof(podsteer_origdst_key, peer_addr) == 8);
 static_assert(offsetof(podsteer_origdst_key, peer_port) == 24);
 static_assert(offsetof(podsteer_origdst_key, local_port) == 26);
-static_assert(sizeof(podsteer_config) == 24 + 256);
-static_assert(offsetof(podsteer_config, hook_cgroup) == 24);
+static_assert(sizeof(podsteer_listener_key) == 16);
+static_assert(offsetof(podsteer_listener_key, port) == 8);
+static_assert(offsetof(podsteer_listener_key, family) == 10);
+static_assert(sizeof(podsteer_tuple_key) == 48);
+static_assert(offsetof(podsteer_tuple_key, dst_addr) == 8);
+static_assert(offsetof(podsteer_tuple_key, src_addr) == 24);
+static_assert(offsetof(podsteer_tuple_key, dst_port) == 40);
+static_assert(offsetof(podsteer_tuple_key, src_port) == 42);
+static_assert(sizeof(podsteer_config) == 36 + 256);
+static_assert(offsetof(podsteer_config, app_mark) == 20);
+static_assert(offsetof(podsteer_config, hook_cgroup) == 36);
 
 TEST(AbiLayout, LpmKeyHasNoHoleBeforeData) {
   // The LPM trie compares the bytes after prefixlen; a hole would hold garbage.

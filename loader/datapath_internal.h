@@ -1,0 +1,79 @@
+// Helpers shared by the loader's files; not part of its interface.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "fd.h"
+#include "podsteer_abi.h"
+#include "result.h"
+
+struct bpf_object;
+
+namespace podsteer::detail {
+
+inline std::string join(const std::string& a, const std::string& b) { return a + "/" + b; }
+
+inline std::string pod_dir(const std::string& state, uint64_t cookie) {
+  return join(join(state, "pods"), std::to_string(cookie));
+}
+
+inline std::string inbound_pin(const std::string& state, uint64_t cookie) { return join(pod_dir(state, cookie), "inbound"); }
+
+Status make_dir(const std::string& p);
+
+inline void copy_str(char* dst, size_t cap, const std::string& s) {
+  std::memset(dst, 0, cap);
+  std::memcpy(dst, s.data(), std::min(cap - 1, s.size()));
+}
+
+inline std::string str_of(const char* field, size_t cap) { return std::string(field, strnlen(field, cap)); }
+
+// Every mutating step holds an exclusive lock on the state dir's parent (bpffs keeps no
+// plain files), so two podsteer processes - CLIs, agents - never interleave their steps.
+class StateLock {
+ public:
+  static Result<StateLock> take(const std::string& state_dir);
+
+ private:
+  explicit StateLock(Fd fd) : fd_(std::move(fd)) {}
+  Fd fd_;
+};
+
+// Steps already taken, undone in reverse unless commit() is called.
+class Rollback {
+ public:
+  ~Rollback() {
+    if (committed_) return;
+    for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) (*it)();
+  }
+  void add(std::function<void()> f) { undo_.push_back(std::move(f)); }
+  void commit() { committed_ = true; }
+
+ private:
+  std::vector<std::function<void()>> undo_;
+  bool committed_ = false;
+};
+
+uint32_t prog_id_of(int prog_fd);
+
+// Every non-internal map of obj is reused from (or pinned at) maps_dir/<name>.
+void pin_maps_under(bpf_object* obj, const std::string& maps_dir);
+
+// The node's settings into a skeleton's .rodata (every object has the same cfg_* set).
+template <typename Rodata>
+void set_rodata(Rodata* ro, const podsteer_config& c) {
+  ro->cfg_outbound_port = c.outbound_port;
+  ro->cfg_inbound_port = c.inbound_port;
+  ro->cfg_hbone_port = c.hbone_port;
+  ro->cfg_dns_port = c.dns_port;
+  ro->cfg_proxy_mark = c.proxy_mark;
+  ro->cfg_proxy_mark_mask = c.proxy_mark_mask;
+  ro->cfg_app_mark = c.app_mark;
+}
+uint64_t now_ns();
+
+}  // namespace podsteer::detail

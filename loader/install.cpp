@@ -1,0 +1,267 @@
+// Install, adopt and uninstall the node's datapath under the state dir.
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <filesystem>
+#include <set>
+
+#include "datapath.h"
+#include "datapath_internal.h"
+#include "kernel_features.h"
+#include "log.h"
+#include "podsteer_sock.skel.h"
+#include "skeleton.h"
+#include "system.h"
+
+namespace podsteer {
+
+using namespace detail;
+
+namespace detail {
+
+Status make_dir(const std::string& p) {
+  if (mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) return sys_error("mkdir", p);
+  return {};
+}
+
+Result<StateLock> StateLock::take(const std::string& state_dir) {
+  std::string parent = std::filesystem::path(state_dir).parent_path().string();
+  Fd fd(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return sys_error("open", parent);
+  if (flock(fd.get(), LOCK_EX) != 0) return sys_error("flock", parent);
+  return StateLock(std::move(fd));
+}
+
+uint32_t prog_id_of(int prog_fd) {
+  bpf_prog_info info{};
+  __u32 len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) != 0) return 0;
+  return info.id;
+}
+
+uint64_t now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
+}
+
+}  // namespace detail
+
+namespace {
+
+using SockSkel = Skeleton<podsteer_sock, podsteer_sock__open, podsteer_sock__load, podsteer_sock__destroy>;
+
+}  // namespace
+
+const std::vector<std::string>& map_names() {
+  static const std::vector<std::string> names = {
+      "podsteer_pods", "podsteer_meta",   "podsteer_ports",     "podsteer_cidrs",   "podsteer_stats",
+      "podsteer_orig", "podsteer_skorig", "podsteer_listeners", "podsteer_transit", "podsteer_config"};
+  return names;
+}
+
+std::string map_pin(const std::string& state_dir, const std::string& name) { return join(join(state_dir, "maps"), name); }
+
+void detail::pin_maps_under(bpf_object* obj, const std::string& maps_dir) {
+  bpf_map* m;
+  bpf_object__for_each_map(m, obj) {
+    if (bpf_map__is_internal(m)) continue;  // .rodata is per object, not shared
+    bpf_map__set_pin_path(m, join(maps_dir, bpf_map__name(m)).c_str());
+  }
+}
+
+Status Datapath::install(const std::string& state_dir, const NodeConfig& want) {
+  for (const auto& f : probe_features(state_dir)) {
+    if (f.required && !f.ok)
+      return invalid(fmt::format("kernel feature missing: {} ({}): {}. Run `podsteer doctor`.", f.name, f.detail, f.why));
+  }
+  std::string hook = want.hook_cgroup;
+  if (hook.empty()) {
+    auto d = default_hook_cgroup();
+    if (!d) return d.error();
+    hook = *d;
+  }
+  PODSTEER_TRY(check_cgroup2_dir(hook));
+  if (hook.size() >= PODSTEER_PATH_LEN) return invalid("hook cgroup path too long", hook);
+
+  podsteer_config cfg{};
+  cfg.abi_version = PODSTEER_ABI_VERSION;
+  cfg.outbound_port = want.outbound_port;
+  cfg.inbound_port = want.inbound_port;
+  cfg.hbone_port = want.hbone_port;
+  cfg.dns_port = want.dns_port;
+  cfg.proxy_mark = want.proxy_mark;
+  cfg.proxy_mark_mask = want.proxy_mark_mask;
+  cfg.app_mark = want.app_mark;
+  cfg.route_table = want.route_table;
+  cfg.rule_pref = want.rule_pref;
+  copy_str(cfg.hook_cgroup, sizeof(cfg.hook_cgroup), hook);
+
+  bool ok = false;
+  PODSTEER_TRY(make_dir(state_dir));
+  // Any failure from here removes what was made, so nothing is left half-installed.
+  struct Cleanup {
+    const std::string& dir;
+    bool& ok;
+    ~Cleanup() {
+      if (!ok) (void)Datapath::remove_all(dir);
+    }
+  } cleanup{state_dir, ok};
+  for (const char* sub : {"maps", "links", "pods"}) PODSTEER_TRY(make_dir(join(state_dir, sub)));
+
+  SockSkel sock;
+  if (!sock.opened()) return sys_error("open BPF skeleton");
+  set_rodata(sock->rodata, cfg);
+  pin_maps_under(sock->obj, join(state_dir, "maps"));
+  if (int err = sock.load(); err) return Error{"load socket programs (run with -v for the verifier log)", -err, state_dir};
+
+  Fd cg(::open(hook.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!cg.valid()) return sys_error("open hook cgroup", hook);
+  bpf_program* p;
+  bpf_object__for_each_program(p, sock->obj) {
+    bpf_link* link = bpf_program__attach_cgroup(p, cg.get());
+    if (!link) return sys_error(fmt::format("attach {} to cgroup", bpf_program__name(p)), hook);
+    int err = bpf_link__pin(link, join(join(state_dir, "links"), bpf_program__name(p)).c_str());
+    bpf_link__destroy(link);  // the pin holds the link from here on
+    if (err) return Error{"pin cgroup link", -err, bpf_program__name(p)};
+  }
+
+  // The config entry is written last: it marks the install complete.
+  __u32 zero = 0;
+  if (bpf_map_update_elem(bpf_map__fd(sock->maps.podsteer_config), &zero, &cfg, BPF_ANY) != 0)
+    return sys_error("write podsteer_config", state_dir);
+  spdlog::info("installed datapath in {} (socket hooks at {})", state_dir, hook);
+  ok = true;
+  return {};
+}
+
+Status Datapath::adopt() {
+  auto cfg_map = Map<__u32, podsteer_config>::open(map_pin(state_dir_, "podsteer_config"));
+  if (!cfg_map) return cfg_map.error();
+  auto cfg = cfg_map->lookup(0);
+  if (!cfg) return cfg.error();
+  if (!cfg->has_value() || (*cfg)->abi_version == 0) return invalid("state dir holds an incomplete install", state_dir_);
+  config_ = **cfg;
+  if (config_.abi_version != PODSTEER_ABI_VERSION)
+    return invalid(fmt::format("state dir was made with map ABI {}, this podsteer uses {}; run `podsteer "
+                               "uninstall`, then enroll again",
+                               config_.abi_version, PODSTEER_ABI_VERSION),
+                   state_dir_);
+  auto open = [&](auto& slot, const char* name) -> Status {
+    using M = typename std::remove_reference_t<decltype(slot)>::value_type;
+    auto m = M::open(map_pin(state_dir_, name));
+    if (!m) return m.error();
+    slot.emplace(std::move(*m));
+    return {};
+  };
+  PODSTEER_TRY(open(pods_, "podsteer_pods"));
+  PODSTEER_TRY(open(meta_, "podsteer_meta"));
+  PODSTEER_TRY(open(ports_, "podsteer_ports"));
+  PODSTEER_TRY(open(cidrs_, "podsteer_cidrs"));
+  PODSTEER_TRY(open(stats_, "podsteer_stats"));
+  PODSTEER_TRY(open(orig_, "podsteer_orig"));
+  PODSTEER_TRY(open(transit_, "podsteer_transit"));
+  std::string pin = map_pin(state_dir_, "podsteer_listeners");
+  listeners_ = Fd(bpf_obj_get(pin.c_str()));
+  if (!listeners_.valid()) return sys_error("bpf_obj_get", pin);
+  return {};
+}
+
+Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& want, bool install_if_missing) {
+  PODSTEER_TRY(check_bpffs(state_dir));
+  auto lock = StateLock::take(state_dir);
+  if (!lock) return lock.error();
+  Datapath dp;
+  dp.state_dir_ = state_dir;
+  bool installed = path_exists(map_pin(state_dir, "podsteer_config"));
+  if (installed) {
+    auto st = dp.adopt();
+    if (!st && st.error().op.find("incomplete install") != std::string::npos && install_if_missing) {
+      spdlog::warn("{}: removing an incomplete install left by an interrupted podsteer", state_dir);
+      PODSTEER_TRY(remove_all(state_dir));
+      installed = false;
+    } else if (!st) {
+      return st.error();
+    }
+  }
+  if (!installed) {
+    if (!install_if_missing) return invalid("no podsteer datapath installed here (enroll a pod first)", state_dir);
+    PODSTEER_TRY(install(state_dir, want));
+    PODSTEER_TRY(dp.adopt());
+  }
+  if (!want.hook_cgroup.empty() && want.hook_cgroup != dp.config_.hook_cgroup)
+    return invalid(fmt::format("the state dir's socket hooks are at {}, not {}: the hook cgroup is chosen when "
+                               "the state dir is made (run `podsteer uninstall` to change it)",
+                               dp.config_.hook_cgroup, want.hook_cgroup),
+                   state_dir);
+  return dp;
+}
+
+Status Datapath::uninstall(const std::string& state_dir) {
+  if (!path_exists(state_dir)) return {};
+  PODSTEER_TRY(check_bpffs(state_dir));
+  auto lock = StateLock::take(state_dir);
+  if (!lock) return lock.error();
+  return remove_all(state_dir);
+}
+
+Status Datapath::remove_all(const std::string& state_dir) {
+  // Pods first, through the maps if they can be read: their netns rules and sysctl are
+  // known only there. Links are pins and go with the tree even if the maps cannot.
+  {
+    Datapath dp;
+    dp.state_dir_ = state_dir;
+    if (dp.adopt().ok()) {
+      auto pods = dp.meta_->keys();
+      auto entries = dp.pods_->keys();
+      std::set<uint64_t> cookies;
+      if (pods) cookies.insert(pods->begin(), pods->end());
+      if (entries) cookies.insert(entries->begin(), entries->end());
+      for (auto cookie : cookies) {
+        auto st = dp.unenroll_locked(cookie);
+        if (!st) spdlog::warn("uninstall: pod {}: {}", cookie, st.error().message());
+      }
+    }
+  }
+  std::error_code ec;
+  for (const char* sub : {"pods", "links"}) {
+    for (auto it = std::filesystem::recursive_directory_iterator(join(state_dir, sub), ec);
+         !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+      if (it->is_directory()) continue;
+      Fd link(bpf_obj_get(it->path().c_str()));
+      if (link.valid() && bpf_link_detach(link.get()) != 0 && errno != ENOLINK)
+        spdlog::debug("detach {}: {}", it->path().string(), std::strerror(errno));
+    }
+  }
+  PODSTEER_TRY(remove_tree(state_dir));
+  return {};
+}
+
+Result<std::vector<CgroupLink>> Datapath::cgroup_links() {
+  std::vector<CgroupLink> out;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator(join(state_dir_, "links"), ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    CgroupLink l;
+    l.program = it->path().filename().string();
+    Fd fd(bpf_obj_get(it->path().c_str()));
+    if (fd.valid()) {
+      bpf_link_info info{};
+      __u32 len = sizeof(info);
+      if (bpf_obj_get_info_by_fd(fd.get(), &info, &len) == 0) {
+        l.link_id = info.id;
+        l.prog_id = info.prog_id;
+        l.cgroup_id = info.cgroup.cgroup_id;
+      }
+    }
+    out.push_back(l);
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.program < b.program; });
+  return out;
+}
+
+}  // namespace podsteer

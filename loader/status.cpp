@@ -1,0 +1,132 @@
+// What is there: each pod's entries, counters, sk_lookup link and netns setup.
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <set>
+
+#include "datapath.h"
+#include "datapath_internal.h"
+
+namespace podsteer {
+
+using namespace detail;
+
+std::string PodStatus::full_name() const {
+  std::string ns = str_of(meta.namespace_, sizeof(meta.namespace_)), name = str_of(meta.name, sizeof(meta.name));
+  return ns.empty() && name.empty() ? "" : ns + "/" + name;
+}
+
+std::vector<std::string> PodStatus::missing() const {
+  std::vector<std::string> out;
+  if (!netns_alive) {
+    out.push_back("network namespace (gone)");
+    return out;
+  }
+  if (!has_entry) out.push_back("pod entry (podsteer_pods)");
+  if (!inbound.link_id) out.push_back("sk_lookup link");
+  else if (!inbound.attached) out.push_back("sk_lookup link attached to the pod's netns");
+  for (const auto& m : return_path.missing()) out.push_back(m);
+  return out;
+}
+
+Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const std::vector<podsteer_port_key>& ports,
+                                      const std::vector<podsteer_cidr_key>& cidrs) {
+  PodStatus s;
+  s.cookie = cookie;
+  if (auto e = pods_->lookup(cookie); e && e->has_value()) {
+    s.has_entry = true;
+    s.entry = **e;
+  }
+  if (auto m = meta_->lookup(cookie); m && m->has_value()) s.meta = **m;
+  if (auto c = stats_->lookup(cookie); c && c->has_value()) {
+    for (const auto& cpu : **c) {
+      s.counters.redirected_out += cpu.redirected_out;
+      s.counters.redirected_in += cpu.redirected_in;
+      s.counters.dns_redirected += cpu.dns_redirected;
+      s.counters.bypassed += cpu.bypassed;
+      s.counters.proxy_missing += cpu.proxy_missing;
+    }
+  }
+  uint64_t cookie_now = 0;
+  std::optional<Netns> ns;
+  if (s.meta.netns_path[0]) {
+    auto r = open_netns(str_of(s.meta.netns_path, sizeof(s.meta.netns_path)));
+    if (r && r->cookie == cookie) {
+      s.netns_alive = true;
+      cookie_now = cookie;
+      ns.emplace(std::move(*r));
+    }
+  }
+  s.inbound = inbound_status(cookie, cookie_now);
+  for (const auto& k : ports) {
+    if (k.netns_cookie != cookie) continue;
+    (k.direction == PODSTEER_DIR_INBOUND ? s.excluded_inbound_ports : s.excluded_outbound_ports).push_back(k.port);
+  }
+  std::sort(s.excluded_inbound_ports.begin(), s.excluded_inbound_ports.end());
+  std::sort(s.excluded_outbound_ports.begin(), s.excluded_outbound_ports.end());
+  uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
+  for (const auto& k : cidrs) {
+    if (k.netns_cookie_hi != hi || k.netns_cookie_lo != lo) continue;
+    unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
+    in6_addr a6;
+    std::memcpy(&a6, k.addr, 16);
+    bool v4 = IN6_IS_ADDR_V4MAPPED(&a6) && plen >= 96;
+    s.excluded_cidrs.push_back(fmt::format("{}/{}", format_ip16(k.addr), v4 ? plen - 96 : plen));
+  }
+  std::sort(s.excluded_cidrs.begin(), s.excluded_cidrs.end());
+  if (detail == Detail::Full && ns) {
+    auto rp = read_return_path(ns->fd.get(), return_path());
+    if (rp) s.return_path = *rp;
+    if (auto ifaces = list_interfaces(ns->fd.get()); ifaces) {
+      for (const auto& i : *ifaces) {
+        if (i.loopback) continue;
+        for (const auto& a : i.ip4) s.addresses.push_back(format_ip(a));
+        for (const auto& a : i.ip6) s.addresses.push_back(format_ip(a));
+      }
+    }
+  }
+  return s;
+}
+
+Result<std::vector<PodStatus>> Datapath::pods(Detail detail) {
+  std::set<uint64_t> cookies;
+  auto a = meta_->keys();
+  if (!a) return a.error();
+  auto b = pods_->keys();
+  if (!b) return b.error();
+  cookies.insert(a->begin(), a->end());
+  cookies.insert(b->begin(), b->end());
+  std::vector<podsteer_port_key> ports;
+  std::vector<podsteer_cidr_key> cidrs;
+  if (detail == Detail::Full) {
+    auto p = ports_->keys();
+    if (!p) return p.error();
+    ports = std::move(*p);
+    auto c = cidrs_->keys();
+    if (!c) return c.error();
+    cidrs = std::move(*c);
+  }
+  std::vector<PodStatus> out;
+  for (auto cookie : cookies) {
+    auto s = status_of(cookie, detail, ports, cidrs);
+    if (!s) return s.error();
+    out.push_back(std::move(*s));
+  }
+  return out;
+}
+
+Result<PodStatus> Datapath::pod(uint64_t cookie, Detail detail) {
+  std::vector<podsteer_port_key> ports;
+  std::vector<podsteer_cidr_key> cidrs;
+  if (detail == Detail::Full) {
+    auto p = ports_->keys();
+    if (!p) return p.error();
+    ports = std::move(*p);
+    auto c = cidrs_->keys();
+    if (!c) return c.error();
+    cidrs = std::move(*c);
+  }
+  return status_of(cookie, detail, ports, cidrs);
+}
+
+}  // namespace podsteer
