@@ -24,8 +24,12 @@ int main(int argc, char** argv) {
   app.add_option("--dns-upstream", cfg.dns_upstream, "resolver for captured UDP DNS (default: /etc/resolv.conf's)");
   app.add_option("--default-upstream", cfg.default_upstream,
                  "IP:PORT for connections made straight to a listener (no original destination)");
+  bool no_orig_src = false;
+  app.add_flag("--no-orig-src", no_orig_src,
+               "connect to apps from the pod's own address, not the client's (ztunnel: ENABLE_ORIG_SRC=false)");
   app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
+  cfg.orig_src = !no_orig_src;
   signal(SIGPIPE, SIG_IGN);
   std::ios::sync_with_stdio(false);
 

@@ -106,14 +106,32 @@ std::string resolv_conf_nameserver() {
   return "";
 }
 
-// Listening socket inside the current thread's netns.
-Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint32_t mark) {
+// v4-mapped addresses (peers of a dual-stack listener) as plain IPv4
+sockaddr_storage canonical(const sockaddr_storage& ss, socklen_t& len) {
+  len = ss.ss_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
+  if (ss.ss_family != AF_INET6) return ss;
+  auto* s6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+  if (!IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) return ss;
+  sockaddr_storage out{};
+  auto* s4 = reinterpret_cast<sockaddr_in*>(&out);
+  s4->sin_family = AF_INET;
+  s4->sin_port = s6->sin6_port;
+  std::memcpy(&s4->sin_addr, &s6->sin6_addr.s6_addr[12], 4);
+  len = sizeof(*s4);
+  return out;
+}
+
+// Listening socket inside the current thread's netns, as ztunnel makes them: the mark,
+// SO_REUSEPORT, and IP_TRANSPARENT on the inbound listeners.
+Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint32_t mark, bool transparent) {
   Fd fd(socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return sys_error("socket");
   int one = 1, zero = 0;
   setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
   if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) return sys_error("SO_MARK");
+  if (transparent && setsockopt(fd.get(), SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0)
+    return sys_error("IP_TRANSPARENT");
   sockaddr_storage ss{};
   socklen_t len;
   if (family == AF_INET6) {
@@ -123,9 +141,11 @@ Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint
     s6->sin6_port = htons(port);
     inet_pton(AF_INET6, addr, &s6->sin6_addr);
     len = sizeof(*s6);
+    // CNI ADD runs before the runtime's loopback plugin may have brought lo up: ::1
+    // does not exist yet, so bind it anyway.
+    setsockopt(fd.get(), IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one));
   } else {
-    // CNI ADD runs before the runtime's loopback plugin may have brought lo up:
-    // 127.0.0.1 does not exist yet, so bind it anyway.
+    // the same for 127.0.0.1
     setsockopt(fd.get(), IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
     auto* s4 = reinterpret_cast<sockaddr_in*>(&ss);
     s4->sin_family = AF_INET;
@@ -176,6 +196,28 @@ Result<Fd> Proxy::socket_in(Pod* pod, int family, int type) {
   }
   if (!fd.valid()) return Error{"socket", err, pod->namespace_ + "/" + pod->name};
   if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &cfg_.mark, sizeof(cfg_.mark)) != 0) return sys_error("SO_MARK");
+  return fd;
+}
+
+Result<Fd> Proxy::connect_in(Pod* pod, const sockaddr_storage& dst, socklen_t dlen, const sockaddr_storage* from) {
+  auto fd = socket_in(pod, dst.ss_family, SOCK_STREAM);
+  if (!fd) return fd.error();
+  if (from) {
+    // ztunnel's freebind_connect: the client's address, any port
+    int one = 1;
+    sockaddr_storage b = *from;
+    socklen_t blen;
+    b = canonical(b, blen);
+    if (b.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&b)->sin_port = 0;
+    else reinterpret_cast<sockaddr_in6*>(&b)->sin6_port = 0;
+    if (setsockopt(fd->get(), SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0) return sys_error("IP_TRANSPARENT");
+    setsockopt(fd->get(), SOL_IP, IP_FREEBIND, &one, sizeof(one));
+    if (b.ss_family != dst.ss_family)
+      return invalid("the client's address family differs from the app's", addr_str(b));
+    if (bind(fd->get(), reinterpret_cast<sockaddr*>(&b), blen) != 0) return sys_error("bind to the client's address");
+  }
+  if (connect(fd->get(), reinterpret_cast<const sockaddr*>(&dst), dlen) != 0 && errno != EINPROGRESS)
+    return sys_error("connect upstream");
   return fd;
 }
 
@@ -234,19 +276,22 @@ Status Proxy::do_add(Workload& w) {
     int family, type;
     const char* addr;
     uint16_t port;
+    bool transparent;
   };
   const Want wants[] = {
-      {Kind::OutboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.outbound_port},
-      {Kind::InboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.inbound_port},
-      {Kind::HboneListener, AF_INET6, SOCK_STREAM, "::", cfg_.hbone_port},
-      {Kind::DnsTcpListener, AF_INET, SOCK_STREAM, "127.0.0.1", cfg_.dns_port},
-      {Kind::DnsUdpListener, AF_INET, SOCK_DGRAM, "127.0.0.1", cfg_.dns_port},
+      {Kind::OutboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.outbound_port, false},
+      {Kind::InboundListener, AF_INET6, SOCK_STREAM, "::", cfg_.inbound_port, true},
+      {Kind::HboneListener, AF_INET6, SOCK_STREAM, "::", cfg_.hbone_port, true},
+      {Kind::DnsTcpListener, AF_INET, SOCK_STREAM, "127.0.0.1", cfg_.dns_port, false},
+      {Kind::DnsUdpListener, AF_INET, SOCK_DGRAM, "127.0.0.1", cfg_.dns_port, false},
+      {Kind::DnsTcpListener, AF_INET6, SOCK_STREAM, "::1", cfg_.dns_port, false},
+      {Kind::DnsUdpListener, AF_INET6, SOCK_DGRAM, "::1", cfg_.dns_port, false},
   };
   if (setns(pod->netns.get(), CLONE_NEWNET) != 0) return sys_error("setns into pod", pod->uid);
   Status result;
   std::vector<std::pair<Fd, Kind>> made;
   for (const auto& want : wants) {
-    auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark);
+    auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark, want.transparent);
     if (!fd) {
       result = Error{fd.error().op, fd.error().err, pod->namespace_ + "/" + pod->name};
       break;
@@ -337,13 +382,11 @@ void Proxy::on_accept(Handle* h) {
     }
   }
   c->dst = addr_str(orig);
-  auto up = socket_in(h->pod, orig.ss_family, SOCK_STREAM);
+  orig = canonical(orig, olen);
+  bool from_client = cfg_.orig_src && h->kind == Kind::InboundListener;
+  auto up = connect_in(h->pod, orig, olen, from_client ? &peer : nullptr);
   if (!up) {
     log_conn(c.get(), up.error().message());
-    return;
-  }
-  if (connect(up->get(), reinterpret_cast<sockaddr*>(&orig), olen) != 0 && errno != EINPROGRESS) {
-    log_conn(c.get(), std::string("connect upstream: ") + std::strerror(errno));
     return;
   }
   c->down = std::move(down);

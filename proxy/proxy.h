@@ -35,6 +35,9 @@ struct Config {
   // a client connected to the listener itself). Empty: such connections are closed.
   // The benchmarks' "direct" mode uses it.
   std::string default_upstream;
+  // Inbound connections go to the app from the client's address (IP_TRANSPARENT +
+  // IP_FREEBIND), as ztunnel does by default (ENABLE_ORIG_SRC): the app sees who called.
+  bool orig_src = true;
   bool quiet = false;
 };
 
@@ -75,6 +78,8 @@ class Proxy {
   void update_interest(Conn* c);
   void finish(Conn* c, const std::string& error = "");
   Result<Fd> socket_in(Pod* pod, int family, int type);
+  // An upstream TCP connection in the pod's netns to dst, from `from` when given.
+  Result<Fd> connect_in(Pod* pod, const sockaddr_storage& dst, socklen_t dlen, const sockaddr_storage* from);
   Handle* watch(int fd, Kind kind, uint32_t events, Pod* pod, Conn* conn = nullptr, DnsQuery* dns = nullptr);
   void unwatch(int fd);
   void expire_dns();
