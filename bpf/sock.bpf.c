@@ -8,7 +8,7 @@
  *                 the proxy's SO_ORIGINAL_DST, removed when the app's socket closes;
  *                 the proxy listens on its inbound port: remember the listener for
  *                 sk_lookup; the proxy connects from a client's address: remember the tuple
- *                 until the SYN is answered, so sk_lookup lets it reach the app
+ *                 while that connection lives, so sk_lookup lets it reach the app
  *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 when the kernel could not
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
@@ -406,12 +406,14 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 	__u32 from = ops->args[0], to = ops->args[1];
 	__u64 cookie = bpf_get_netns_cookie(ops);
 	if (marked_by_proxy(sk->mark)) {
-		if (from != TCP_SYN_SENT_STATE)
+		/* Not when the SYN is answered: with SYN cookies the app's side keeps no request
+		 * socket, so the completing ACK goes through sk_lookup again. The tuple cannot
+		 * come from anyone else while this socket holds it. */
+		if (to != TCP_CLOSE_STATE)
 			return 1;
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
 		bpf_map_delete_elem(&podsteer_transit, &t);
-		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
 	}
 	if (to != TCP_CLOSE_STATE)

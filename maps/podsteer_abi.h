@@ -132,10 +132,11 @@ struct podsteer_listener_key {
 	__u32 pad;
 };
 
-/* podsteer_transit: connections the proxy is opening to an app in its own pod from
- * another address (a client's: IP_TRANSPARENT), while their SYN is in flight. sk_lookup
- * lets them through to the app instead of steering them back to the proxy. Seen from the
- * app's side: dst is the app, src the address the proxy connects from. */
+/* podsteer_transit: connections the proxy makes to an app in its own pod from another
+ * address (a client's: IP_TRANSPARENT), for as long as they live: sk_lookup lets their
+ * SYN (and, with SYN cookies, their completing ACK) through to the app instead of steering
+ * them back to the proxy. Seen from the app's side: dst is the app, src the address the
+ * proxy connects from. */
 struct podsteer_tuple_key {
 	__u64 netns_cookie;
 	__u8 dst_addr[16]; /* v4-mapped for IPv4 */

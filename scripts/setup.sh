@@ -13,6 +13,8 @@ PACKAGES=(
   libnl-3-dev libnl-route-3-dev
   # scripts/test-kernels.sh: other kernels under qemu
   qemu-system-x86 busybox-static cpio kmod xz-utils
+  # tests/adversarial: crafted packets
+  python3-scapy
 )
 
 missing=()

@@ -11,6 +11,7 @@
 //   testpeer ... udp --to A --port P --send T [--connected]
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -63,7 +64,12 @@ bool make_addr(const std::string& host, uint16_t port, bool force_v6, sockaddr_s
   auto* s6 = reinterpret_cast<sockaddr_in6*>(&ss);
   s6->sin6_family = AF_INET6;
   s6->sin6_port = htons(port);
-  if (inet_pton(AF_INET6, host.c_str(), &s6->sin6_addr) != 1) {
+  std::string h6 = host;
+  if (auto pct = h6.find('%'); pct != std::string::npos) {  // fe80::1%eth0
+    s6->sin6_scope_id = if_nametoindex(h6.substr(pct + 1).c_str());
+    h6 = h6.substr(0, pct);
+  }
+  if (inet_pton(AF_INET6, h6.c_str(), &s6->sin6_addr) != 1) {
     if (inet_pton(AF_INET, host.c_str(), &a4) != 1) return false;
     s6->sin6_addr.s6_addr[10] = s6->sin6_addr.s6_addr[11] = 0xff;  // v4-mapped
     std::memcpy(&s6->sin6_addr.s6_addr[12], &a4, 4);
@@ -306,17 +312,21 @@ int cmd_proxy(const ProxyConfig& cfg, const std::vector<uint16_t>& ports) {
   return 0;
 }
 
-int cmd_serve(const std::string& addr, uint16_t port) {
+// close_first: close after the first reply, so this side closes first (and the peer that
+// talked to us, the proxy, ends in TIME_WAIT)
+int cmd_serve(const std::string& addr, uint16_t port, bool close_first) {
   int fd = listen_tcp(addr, port, 0);
   emit({{"event", "ready"}});
   while (true) {
     int c = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
     if (c < 0) continue;
-    std::thread([c] {
+    std::thread([c, close_first] {
       std::string local = sock_name(c, false), peer = sock_name(c, true), line;
       emit({{"event", "accept"}, {"local", local}, {"peer", peer}});
-      while (read_line(c, line, 30000))
+      while (read_line(c, line, 30000)) {
         if (!write_all(c, "server local=" + local + " peer=" + peer + " got=" + line + "\n")) break;
+        if (close_first) break;
+      }
       close(c);
     }).detach();
   }
@@ -340,19 +350,48 @@ int cmd_serve_udp(const std::string& addr, uint16_t port) {
   }
 }
 
-int open_client(const std::string& to, uint16_t port, bool v6, uint32_t mark, const std::string& bind_addr,
-                int timeout_ms, json& out) {
+// How a client shapes its packets (what an unprivileged or a root client can ask for).
+struct ClientShape {
+  uint32_t mark = 0;
+  std::string bind_addr;
+  uint16_t bind_port = 0;
+  bool ip_options = false;   // four NOP IPv4 options: no privilege needed
+  bool v6_dstopts = false;   // an IPv6 destination-options header
+  bool v6_hopopts = false;   // an IPv6 hop-by-hop header
+};
+ClientShape g_shape;
+bool g_wait_eof = false;
+
+void shape_socket(int fd, int family) {
+  const ClientShape& c = g_shape;
+  if (c.mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &c.mark, sizeof(c.mark)) != 0) die("SO_MARK");
+  if (c.ip_options) {
+    uint8_t nops[4] = {1, 1, 1, 1};
+    if (setsockopt(fd, IPPROTO_IP, IP_OPTIONS, nops, sizeof(nops)) != 0) die("IP_OPTIONS");
+  }
+  // an 8-byte extension header: next header, length 0, one PadN option of 4 zero bytes
+  uint8_t ext[8] = {0, 0, 1, 4, 0, 0, 0, 0};
+  if (c.v6_dstopts && (family != AF_INET6 || setsockopt(fd, IPPROTO_IPV6, IPV6_DSTOPTS, ext, sizeof(ext)) != 0))
+    die("IPV6_DSTOPTS");
+  if (c.v6_hopopts && (family != AF_INET6 || setsockopt(fd, IPPROTO_IPV6, IPV6_HOPOPTS, ext, sizeof(ext)) != 0))
+    die("IPV6_HOPOPTS");
+  if (!c.bind_addr.empty() || c.bind_port) {
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_storage b;
+    socklen_t bl;
+    make_addr(c.bind_addr.empty() ? (family == AF_INET6 ? "::" : "0.0.0.0") : c.bind_addr, c.bind_port,
+              family == AF_INET6, b, bl);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&b), bl) != 0) die("bind " + c.bind_addr);
+  }
+}
+
+int open_client(const std::string& to, uint16_t port, bool v6, int timeout_ms, json& out) {
   sockaddr_storage ss;
   socklen_t len;
   if (!make_addr(to, port, v6, ss, len)) die("bad address " + to);
   int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) die("SO_MARK");
-  if (!bind_addr.empty()) {
-    sockaddr_storage b;
-    socklen_t bl;
-    make_addr(bind_addr, 0, ss.ss_family == AF_INET6, b, bl);
-    if (bind(fd, reinterpret_cast<sockaddr*>(&b), bl) != 0) die("bind " + bind_addr);
-  }
+  shape_socket(fd, ss.ss_family);
   int flags = fcntl(fd, F_GETFL);
   fcntl(fd, F_SETFL, flags | O_NONBLOCK);
   int r = connect(fd, reinterpret_cast<sockaddr*>(&ss), len);
@@ -379,10 +418,9 @@ int open_client(const std::string& to, uint16_t port, bool v6, uint32_t mark, co
 }
 
 // Each request line gets one reply line; "reply" is the last one, "replies" all of them.
-int cmd_connect(const std::string& to, uint16_t port, bool v6, uint32_t mark, const std::string& bind_addr,
-                const std::vector<std::string>& requests, int timeout_ms) {
+int cmd_connect(const std::string& to, uint16_t port, bool v6, const std::vector<std::string>& requests, int timeout_ms) {
   json out;
-  int fd = open_client(to, port, v6, mark, bind_addr, timeout_ms, out);
+  int fd = open_client(to, port, v6, timeout_ms, out);
   if (fd >= 0) {
     json replies = json::array();
     for (const auto& req : requests) {
@@ -392,6 +430,12 @@ int cmd_connect(const std::string& to, uint16_t port, bool v6, uint32_t mark, co
       out["reply"] = line;
     }
     if (requests.size() > 1) out["replies"] = replies;
+    if (g_wait_eof) {  // let the other side close first
+      char buf[256];
+      pollfd p{fd, POLLIN, 0};
+      while (poll(&p, 1, timeout_ms) > 0 && read(fd, buf, sizeof(buf)) > 0) {
+      }
+    }
     close(fd);
   }
   emit(out);
@@ -400,7 +444,7 @@ int cmd_connect(const std::string& to, uint16_t port, bool v6, uint32_t mark, co
 
 int cmd_session(const std::string& to, uint16_t port, int timeout_ms) {
   json out;
-  int fd = open_client(to, port, false, 0, "", timeout_ms, out);
+  int fd = open_client(to, port, false, timeout_ms, out);
   emit(out);
   if (fd < 0) return 1;
   std::string req;
@@ -456,12 +500,11 @@ int main(int argc, char** argv) {
   app.add_option("--netns", netns);
   app.add_option("--cgroup", cgroup);
 
-  uint32_t mark = 0;
   std::vector<uint16_t> ports = {15001, 15006, 15008};
   ProxyConfig pcfg;
   bool no_orig_src = false;
   uint16_t port = 0;
-  std::string addr, to, send_text, bind_addr;
+  std::string addr, to, send_text;
   std::vector<std::string> requests;
   bool v6 = false, connected = false;
   int timeout_ms = 3000;
@@ -475,6 +518,8 @@ int main(int argc, char** argv) {
   auto* serve = app.add_subcommand("serve");
   serve->add_option("--port", port)->required();
   serve->add_option("--addr", addr);
+  bool close_first = false;
+  serve->add_flag("--close-after-reply", close_first, "close each connection after its first reply");
   auto* serve_udp = app.add_subcommand("serve-udp");
   serve_udp->add_option("--port", port)->required();
   serve_udp->add_option("--addr", addr);
@@ -487,8 +532,13 @@ int main(int argc, char** argv) {
     c->add_option("--timeout-ms", timeout_ms);
   }
   conn->add_option("--send", requests, "a request line (repeatable: one reply line is read after each)");
-  conn->add_option("--mark", mark);
-  conn->add_option("--bind", bind_addr);
+  conn->add_option("--mark", g_shape.mark);
+  conn->add_option("--bind", g_shape.bind_addr, "source address");
+  conn->add_option("--bind-port", g_shape.bind_port, "source port (SO_REUSEADDR)");
+  conn->add_flag("--ip-options", g_shape.ip_options, "four NOP IPv4 options (IP_OPTIONS)");
+  conn->add_flag("--wait-eof", g_wait_eof, "after the replies, wait for the server to close first");
+  conn->add_flag("--v6-dstopts", g_shape.v6_dstopts, "an IPv6 destination-options header (IPV6_DSTOPTS)");
+  conn->add_flag("--v6-hopopts", g_shape.v6_hopopts, "an IPv6 hop-by-hop header (IPV6_HOPOPTS)");
   conn->add_flag("--v6", v6, "use an AF_INET6 socket (v4-mapped for IPv4 addresses)");
   udp->add_option("--send", send_text)->required();
   udp->add_flag("--connected", connected);
@@ -507,9 +557,9 @@ int main(int argc, char** argv) {
   }
   pcfg.orig_src = !no_orig_src;
   if (*proxy) return cmd_proxy(pcfg, ports);
-  if (*serve) return cmd_serve(addr, port);
+  if (*serve) return cmd_serve(addr, port, close_first);
   if (*serve_udp) return cmd_serve_udp(addr, port);
-  if (*conn) return cmd_connect(to, port, v6, mark, bind_addr, requests, timeout_ms);
+  if (*conn) return cmd_connect(to, port, v6, requests, timeout_ms);
   if (*session) return cmd_session(to, port, timeout_ms);
   if (*udp) return cmd_udp(to, port, send_text, connected, timeout_ms);
   return 0;
