@@ -9,7 +9,7 @@
  *                 the proxy listens on its inbound port: remember the listener for
  *                 sk_lookup; the proxy connects from a client's address: remember the tuple
  *                 while that connection lives, so sk_lookup lets it reach the app
- *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 when the kernel could not
+ *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 unless the kernel knows better
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
  *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver
@@ -469,14 +469,29 @@ static __always_inline int put_sockaddr(struct bpf_sockopt *ctx, const __u8 *add
 	return sizeof(*sin6);
 }
 
+/* Is the sockaddr the kernel put in optval the socket's own local address:port? */
+static __always_inline int kernel_answer_is_local(struct bpf_sockopt *ctx, const __u8 *local, __u16 port)
+{
+	void *optval = ctx->optval, *end = ctx->optval_end;
+	if (ctx->level == SOL_IP_LEVEL) {
+		struct sockaddr_in *sin = optval;
+		if ((void *)(sin + 1) > end)
+			return 0;
+		return sin->sin_port == bpf_htons(port) && sin->sin_addr.s_addr == ((const __u32 *)local)[3];
+	}
+	struct sockaddr_in6 *sin6 = optval;
+	if ((void *)(sin6 + 1) > end)
+		return 0;
+	__u8 a[16];
+	__builtin_memcpy(a, &sin6->sin6_addr, 16);
+	return sin6->sin6_port == bpf_htons(port) && same_addr(a, local);
+}
+
 SEC("cgroup/getsockopt")
 int podsteer_getsockopt(struct bpf_sockopt *ctx)
 {
 	if (ctx->optname != SO_ORIGINAL_DST_OPT ||
 	    (ctx->level != SOL_IP_LEVEL && ctx->level != SOL_IPV6_LEVEL))
-		return 1;
-	/* the kernel answered (conntrack knows the connection): its answer stands */
-	if (ctx->retval == 0)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || sk->type != SOCK_STREAM)
@@ -515,6 +530,12 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 		CTX_BARRIER();
 		l[3] = sk->src_ip6[3];
 	}
+	/* The kernel answered (conntrack knows the connection). If a NAT rule redirected it,
+	 * its answer is the true original destination and stands. Without NAT it is the
+	 * socket's own address, which says nothing: connect4 rewrote the destination before
+	 * conntrack saw the connection. */
+	if (ctx->retval == 0 && !kernel_answer_is_local(ctx, local, (__u16)sk->src_port))
+		return 1;
 	int len;
 	struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
 	if (o)

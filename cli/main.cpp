@@ -387,6 +387,12 @@ int main(int argc, char** argv) {
     auto dp = Datapath::open(state_dir, node, true);
     if (!dp) return fail(dp.error());
     auto r = dp->enroll(*ns, opts);
+    if (!r && r.error().op.find("uninstalled or replaced") != std::string::npos) {
+      // another process uninstalled between our open and our enroll: once more, afresh
+      dp = Datapath::open(state_dir, node, true);
+      if (!dp) return fail(dp.error());
+      r = dp->enroll(*ns, opts);
+    }
     if (!r) return fail(r.error());
     // a proxy already listening in the pod (started before this enroll) takes inbound now
     if (auto st = dp->find_listeners(*ns); !st)

@@ -134,11 +134,18 @@ class Datapath {
  private:
   Datapath() = default;
   static Status install(const std::string& state_dir, const NodeConfig& want);
+  // Replaces the pinned programs with this build's, link by link (bpf_link_update): no
+  // pod is detached and no connection notices. Lock held.
+  Status upgrade_programs();
   static Status remove_all(const std::string& state_dir);  // uninstall, lock already held
   Status adopt();
+  // Under the state lock: is the install we adopted still the one pinned? Another process
+  // may have uninstalled (and reinstalled) it since.
+  Status still_installed() const;
   Status unenroll_locked(uint64_t cookie);
   ReturnPath return_path() const;
   Status attach_inbound(const Netns& ns);
+  Status upgrade_inbound(uint64_t cookie);
   void detach_inbound(uint64_t cookie);
   InboundStatus inbound_status(uint64_t cookie, uint64_t netns_cookie_now) const;
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
@@ -149,6 +156,7 @@ class Datapath {
 
   std::string state_dir_;
   podsteer_config config_{};
+  uint32_t config_map_id_ = 0;
   std::optional<Map<__u64, podsteer_pod>> pods_;
   std::optional<Map<__u64, podsteer_pod_meta>> meta_;
   std::optional<Map<podsteer_port_key, __u8>> ports_;
@@ -158,6 +166,9 @@ class Datapath {
   std::optional<Map<podsteer_tuple_key, __u8>> transit_;
   Fd listeners_;  // SOCKHASH: values are sockets, looked up by key only
 };
+
+// Identifies this build's BPF programs (a hash of the objects it embeds).
+uint64_t programs_id();
 
 // Names of the maps, for dump and uninstall.
 const std::vector<std::string>& map_names();

@@ -98,6 +98,7 @@ static void fill_names(podsteer_pod_meta& m, const PodOptions& opts) {
 Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) {
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
+  PODSTEER_TRY(still_installed());
   auto too_long = [](const std::string& s, size_t cap) { return s.size() >= cap; };
   if (too_long(opts.namespace_, PODSTEER_NAME_LEN) || too_long(opts.name, PODSTEER_NAME_LEN) ||
       too_long(opts.service_account, PODSTEER_NAME_LEN))
@@ -174,6 +175,7 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
 Status Datapath::unenroll(uint64_t cookie) {
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
+  PODSTEER_TRY(still_installed());
   return unenroll_locked(cookie);
 }
 

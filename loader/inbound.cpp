@@ -25,16 +25,34 @@ using ListenersSkel =
 
 }  // namespace
 
+// This pod's instance of the sk_lookup program, loaded with the node's maps.
+static Status load_lookup(LookupSkel& skel, const podsteer_config& cfg, const std::string& state_dir, uint64_t cookie) {
+  if (!skel.opened()) return sys_error("open sk_lookup skeleton");
+  set_rodata(skel->rodata, cfg);
+  skel->rodata->cfg_pod_cookie = cookie;
+  pin_maps_under(skel->obj, join(state_dir, "maps"));
+  if (int err = skel.load(); err)
+    return Error{"load sk_lookup program (run with -v for the verifier log)", -err, std::to_string(cookie)};
+  return {};
+}
+
+Status Datapath::upgrade_inbound(uint64_t cookie) {
+  std::string pin = inbound_pin(state_dir_, cookie);
+  Fd link(bpf_obj_get(pin.c_str()));
+  if (!link.valid()) return {};  // not linked (being enrolled or removed): nothing to replace
+  LookupSkel skel;
+  PODSTEER_TRY(load_lookup(skel, config_, state_dir_, cookie));
+  if (bpf_link_update(link.get(), bpf_program__fd(skel->progs.podsteer_lookup), nullptr) != 0)
+    return sys_error("bpf_link_update", pin);
+  return {};
+}
+
 Status Datapath::attach_inbound(const Netns& ns) {
   PODSTEER_TRY(make_dir(pod_dir(state_dir_, ns.cookie)));
   std::string pin = inbound_pin(state_dir_, ns.cookie);
   if (path_exists(pin)) return {};  // re-enroll: the link is there
   LookupSkel skel;
-  if (!skel.opened()) return sys_error("open sk_lookup skeleton");
-  set_rodata(skel->rodata, config_);
-  skel->rodata->cfg_pod_cookie = ns.cookie;
-  pin_maps_under(skel->obj, join(state_dir_, "maps"));
-  if (int err = skel.load(); err) return Error{"load sk_lookup program (run with -v for the verifier log)", -err, ns.path};
+  PODSTEER_TRY(load_lookup(skel, config_, state_dir_, ns.cookie));
   bpf_link* link = bpf_program__attach_netns(skel->progs.podsteer_lookup, ns.fd.get());
   if (!link) return sys_error("link sk_lookup program to the pod's netns", ns.path);
   int err = bpf_link__pin(link, pin.c_str());

@@ -99,6 +99,7 @@ Status Datapath::install(const std::string& state_dir, const NodeConfig& want) {
   cfg.app_mark = want.app_mark;
   cfg.route_table = want.route_table;
   cfg.rule_pref = want.rule_pref;
+  cfg.programs_id = programs_id();
   copy_str(cfg.hook_cgroup, sizeof(cfg.hook_cgroup), hook);
 
   bool ok = false;
@@ -146,6 +147,9 @@ Status Datapath::adopt() {
   if (!cfg) return cfg.error();
   if (!cfg->has_value() || (*cfg)->abi_version == 0) return invalid("state dir holds an incomplete install", state_dir_);
   config_ = **cfg;
+  auto info = map_info(cfg_map->fd());
+  if (!info) return info.error();
+  config_map_id_ = info->id;
   if (config_.abi_version != PODSTEER_ABI_VERSION)
     return invalid(fmt::format("state dir was made with map ABI {}, this podsteer uses {}; run `podsteer "
                                "uninstall`, then enroll again",
@@ -171,6 +175,15 @@ Status Datapath::adopt() {
   return {};
 }
 
+Status Datapath::still_installed() const {
+  Fd fd(bpf_obj_get(map_pin(state_dir_, "podsteer_config").c_str()));
+  auto info = fd.valid() ? map_info(fd.get()) : Result<MapInfo>(sys_error("bpf_obj_get"));
+  if (!info || info->id != config_map_id_)
+    return invalid("the datapath was uninstalled or replaced by another podsteer process meanwhile; try again",
+                   state_dir_);
+  return {};
+}
+
 Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& want, bool install_if_missing) {
   PODSTEER_TRY(check_bpffs(state_dir));
   auto lock = StateLock::take(state_dir);
@@ -192,6 +205,8 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
     if (!install_if_missing) return invalid("no podsteer datapath installed here (enroll a pod first)", state_dir);
     PODSTEER_TRY(install(state_dir, want));
     PODSTEER_TRY(dp.adopt());
+  } else if (dp.config_.programs_id != programs_id()) {
+    PODSTEER_TRY(dp.upgrade_programs());
   }
   if (!want.hook_cgroup.empty() && want.hook_cgroup != dp.config_.hook_cgroup)
     return invalid(fmt::format("the state dir's socket hooks are at {}, not {}: the hook cgroup is chosen when "
@@ -209,13 +224,41 @@ Status Datapath::uninstall(const std::string& state_dir) {
   return remove_all(state_dir);
 }
 
+// For a state dir this build cannot adopt (another map ABI, a damaged install): the
+// return path each pod got, found through whatever of the meta and config maps still
+// reads with this build's layouts.
+static void clean_netns_best_effort(const std::string& state_dir) {
+  podsteer_config cfg{};
+  cfg.app_mark = PODSTEER_DEFAULT_APP_MARK;
+  cfg.proxy_mark_mask = PODSTEER_DEFAULT_PROXY_MARK_MASK;
+  cfg.route_table = PODSTEER_DEFAULT_ROUTE_TABLE;
+  cfg.rule_pref = PODSTEER_DEFAULT_RULE_PREF;
+  if (auto c = Map<__u32, podsteer_config>::open(map_pin(state_dir, "podsteer_config")); c)
+    if (auto v = c->lookup(0); v && v->has_value()) cfg = **v;
+  ReturnPath rp{cfg.app_mark, cfg.proxy_mark_mask, cfg.route_table, cfg.rule_pref};
+  auto meta = Map<__u64, podsteer_pod_meta>::open(map_pin(state_dir, "podsteer_meta"));
+  if (!meta) {
+    spdlog::warn("uninstall: pods' meta map does not read ({}): their netns rules are left", meta.error().message());
+    return;
+  }
+  auto keys = meta->keys();
+  for (auto cookie : keys ? *keys : std::vector<__u64>{}) {
+    auto m = meta->lookup(cookie);
+    if (!m || !m->has_value()) continue;
+    auto ns = open_netns(str_of((*m)->netns_path, sizeof((*m)->netns_path)));
+    if (ns && ns->cookie == cookie)
+      (void)remove_return_path(ns->fd.get(), rp, (*m)->netns_setup, (*m)->fwmark_accept_before);
+  }
+}
+
 Status Datapath::remove_all(const std::string& state_dir) {
   // Pods first, through the maps if they can be read: their netns rules and sysctl are
   // known only there. Links are pins and go with the tree even if the maps cannot.
   {
     Datapath dp;
     dp.state_dir_ = state_dir;
-    if (dp.adopt().ok()) {
+    auto adopted = dp.adopt();
+    if (adopted) {
       auto pods = dp.meta_->keys();
       auto entries = dp.pods_->keys();
       std::set<uint64_t> cookies;
@@ -225,6 +268,10 @@ Status Datapath::remove_all(const std::string& state_dir) {
         auto st = dp.unenroll_locked(cookie);
         if (!st) spdlog::warn("uninstall: pod {}: {}", cookie, st.error().message());
       }
+    } else {
+      spdlog::warn("uninstall: cannot adopt the pinned state ({}); removing its links and pins regardless",
+                   adopted.error().message());
+      clean_netns_best_effort(state_dir);
     }
   }
   std::error_code ec;

@@ -160,6 +160,7 @@ struct podsteer_config {
 	__u32 route_table;
 	__u32 rule_pref;
 	__u32 reserved_0;
+	__u64 programs_id; /* which build's programs are loaded: a newer one replaces them in place */
 	char hook_cgroup[PODSTEER_PATH_LEN];
 };
 

@@ -9,6 +9,7 @@
 //   testpeer ... connect --to A --port P [--send T] [--mark M] [--bind A] [--v6] [--timeout-ms N]
 //   testpeer ... session --to A --port P             one connection; each stdin line is a request
 //   testpeer ... udp --to A --port P --send T [--connected]
+//   testpeer ... connect-many --to A --ports P,P --count N --parallel K   short connections
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <net/if.h>
@@ -156,6 +157,7 @@ sockaddr_storage canonical(const sockaddr_storage& ss) {
 socklen_t sa_len(const sockaddr_storage& ss) { return ss.ss_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6); }
 
 struct ProxyConfig {
+  bool quiet = false;  // only errors: for runs of many connections
   uint32_t mark = 0;
   uint16_t outbound = 15001, inbound = 15006, hbone = 15008, dns = 15053;
   bool orig_src = true;  // connect to the app from the client's address, as ztunnel does
@@ -240,7 +242,7 @@ void proxy_conn(int c, uint16_t listener, const ProxyConfig& cfg) {
     close(c);
     return;
   }
-  emit(ev);
+  if (!cfg.quiet) emit(ev);
   bool from_client = cfg.orig_src && listener != cfg.outbound && listener != cfg.dns;
   sockaddr_storage client = canonical(peer);
   std::string err;
@@ -250,14 +252,16 @@ void proxy_conn(int c, uint16_t listener, const ProxyConfig& cfg) {
     close(c);
     return;
   }
-  emit({{"event", "upstream"}, {"listener", listener}, {"upstream", addr_str(orig)}, {"local", sock_name(u, false)}});
+  if (!cfg.quiet)
+    emit({{"event", "upstream"}, {"listener", listener}, {"upstream", addr_str(orig)}, {"local", sock_name(u, false)}});
   if (!first_reply.empty()) write_all(c, first_reply);
   std::atomic<uint64_t> up{0}, down{0};
   std::thread t([&] { pump(u, c, down); });
   pump(c, u, up);
   t.join();
-  emit({{"event", "close"}, {"orig_dst", ev.value("orig_dst", "")}, {"listener", listener}, {"bytes_up", up.load()},
-        {"bytes_down", down.load()}});
+  if (!cfg.quiet)
+    emit({{"event", "close"}, {"orig_dst", ev.value("orig_dst", "")}, {"listener", listener}, {"bytes_up", up.load()},
+          {"bytes_down", down.load()}});
   close(u);
   close(c);
 }
@@ -442,6 +446,41 @@ int cmd_connect(const std::string& to, uint16_t port, bool v6, const std::vector
   return 0;
 }
 
+// Many short connections, `parallel` at a time, each a request and its reply, which must
+// come from the server at the address and port connected to ("local=ADDR:PORT").
+int cmd_connect_many(const std::string& to, const std::vector<uint16_t>& ports, int count, int parallel,
+                     int timeout_ms) {
+  std::atomic<int> next{0}, ok{0}, failed{0}, wrong{0};
+  std::mutex first_mu;
+  std::string first_error;
+  auto worker = [&] {
+    for (int i = next++; i < count; i = next++) {
+      uint16_t port = ports[i % ports.size()];
+      sockaddr_storage ss;
+      socklen_t len;
+      make_addr(to, port, false, ss, len);
+      int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      std::string line, err;
+      if (connect(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) err = std::strerror(errno);
+      else if (!write_all(fd, "x\n") || !read_line(fd, line, timeout_ms)) err = "no reply";
+      close(fd);
+      std::string want = "local=" + addr_str(ss) + " ";
+      if (!err.empty()) failed++;
+      else if (line.find(want) == std::string::npos) wrong++, err = "reply from the wrong server: " + line;
+      else ok++;
+      if (!err.empty()) {
+        std::lock_guard<std::mutex> g(first_mu);
+        if (first_error.empty()) first_error = err;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < parallel; ++i) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+  emit({{"ok", ok.load()}, {"failed", failed.load()}, {"wrong_destination", wrong.load()}, {"first_error", first_error}});
+  return 0;
+}
+
 int cmd_session(const std::string& to, uint16_t port, int timeout_ms) {
   json out;
   int fd = open_client(to, port, false, timeout_ms, out);
@@ -515,6 +554,7 @@ int main(int argc, char** argv) {
   proxy->add_option("--hbone-port", pcfg.hbone);
   proxy->add_option("--dns-port", pcfg.dns);
   proxy->add_flag("--no-orig-src", no_orig_src, "connect to the app from the pod's address (ztunnel ENABLE_ORIG_SRC=false)");
+  proxy->add_flag("--quiet", pcfg.quiet, "log errors only");
   auto* serve = app.add_subcommand("serve");
   serve->add_option("--port", port)->required();
   serve->add_option("--addr", addr);
@@ -526,6 +566,14 @@ int main(int argc, char** argv) {
   auto* conn = app.add_subcommand("connect");
   auto* session = app.add_subcommand("session");
   auto* udp = app.add_subcommand("udp");
+  auto* many = app.add_subcommand("connect-many");
+  std::vector<uint16_t> many_ports;
+  int count = 1000, parallel = 4;
+  many->add_option("--to", to)->required();
+  many->add_option("--ports", many_ports)->delimiter(',')->required();
+  many->add_option("--count", count);
+  many->add_option("--parallel", parallel);
+  many->add_option("--timeout-ms", timeout_ms);
   for (auto* c : {conn, session, udp}) {
     c->add_option("--to", to)->required();
     c->add_option("--port", port)->required();
@@ -562,5 +610,6 @@ int main(int argc, char** argv) {
   if (*conn) return cmd_connect(to, port, v6, requests, timeout_ms);
   if (*session) return cmd_session(to, port, timeout_ms);
   if (*udp) return cmd_udp(to, port, send_text, connected, timeout_ms);
+  if (*many) return cmd_connect_many(to, many_ports, count, parallel, timeout_ms);
   return 0;
 }

@@ -11,10 +11,12 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "foreign_counter.skel.h"
 #include "harness.h"
+#include "podsteer_abi.h"
 
 using namespace podsteer::test;
 
@@ -520,6 +522,221 @@ TEST_F(DatapathTest, FullMapIsAClearErrorAndLeavesNothingBehind) {
   unlink(small.c_str());
   ASSERT_EQ(ok.rc, 0) << ok.out;
   EXPECT_EQ(env->status()["pods"][0]["excluded_outbound_cidrs"].size(), 3u);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(DatapathTest, SoOriginalDstDefersToARealRedirectButNotToConntrackAlone) {
+  auto proxy = env->start_proxy();
+  auto s8080 = env->start_server(env->remote_ns, 8080);
+  auto s8082 = env->start_server(env->remote_ns, 8082);
+  enroll({"--exclude-outbound-ports", "8082"});
+  // someone else's NAT rule in the pod: conntrack is now active for every connection, and
+  // 8082 (which podsteer leaves alone) is redirected to the proxy by iptables
+  auto rule = sh("nsenter --net=" + env->pod_ns + " iptables -t nat -A OUTPUT -p tcp --dport 8082 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001");
+  ASSERT_EQ(rule.rc, 0) << rule.out;
+  auto ours = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(ours.value("reply", "").find("got=hello"), std::string::npos) << ours;
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null())
+      << "with conntrack active, the kernel's answer (the proxy's own address) must not hide ours";
+  auto theirs = env->pod_connect(env->remote_ip4, 8082);
+  EXPECT_NE(theirs.value("reply", "").find("got=hello"), std::string::npos) << theirs;
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8082").is_null())
+      << "the kernel's answer for a connection iptables redirected stands";
+}
+
+TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
+  // A long run through one pod: every entry goes when its connection closes (nothing
+  // ages out of an LRU), and each proxy lookup finds its own connection's destination.
+  const char* env_count = getenv("PODSTEER_TEST_CONNECTIONS");
+  int count = env_count ? atoi(env_count) : 200000;
+  for (const auto& ns : {env->pod_ns, env->remote_ns})
+    ASSERT_EQ(sh("nsenter --net=" + ns + " sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.tcp_tw_reuse=1").rc, 0);
+  auto proxy = env->start_proxy({"--quiet"});
+  auto s1 = env->start_server(env->remote_ns, 8080);
+  auto s2 = env->start_server(env->remote_ns, 8081);
+  enroll();
+  auto r = peer_once({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "connect-many", "--to",
+                      env->remote_ip4, "--ports", "8080,8081", "--count", std::to_string(count), "--parallel", "4"});
+  EXPECT_EQ(r.value("ok", 0), count) << r;
+  EXPECT_EQ(r.value("wrong_destination", -1), 0) << r;
+  EXPECT_EQ(counters()["redirected_out"], count);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (const char* map : {"orig", "transit"}) {
+    auto d = env->podsteer({"dump", map});
+    EXPECT_NE(d.out.find("(0 entries)"), std::string::npos) << map << ": " << d.out.substr(0, 600);
+  }
+}
+
+TEST_F(DatapathTest, DnsFailsOpenWithoutProxyAndTcp53RespectsLoopbackAndExclusions) {
+  Peer udp({testpeer_bin(), "--netns", env->remote_ns, "serve-udp", "--port", "53"});
+  ASSERT_FALSE(udp.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  auto tcp = env->start_server(env->remote_ns, 53);
+  auto local = env->start_server(env->pod_ns, 53, "127.0.0.1");
+  auto query = [&] {
+    return peer_once({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "udp", "--to",
+                      env->remote_ip4, "--port", "53", "--send", "q1"});
+  };
+  // fail open, no proxy: DNS keeps working, straight to the resolver
+  enroll({"--dns", "--fail-open"});
+  auto q = query();
+  EXPECT_EQ(q["reply"], "resolver:q1") << q;
+  auto t = env->pod_connect(env->remote_ip4, 53);
+  EXPECT_NE(t.value("reply", "").find("got=hello"), std::string::npos) << t;
+  EXPECT_GE(counters()["proxy_missing"], 2);
+
+  // with a proxy: TCP 53 to an excluded resolver and to loopback stays direct
+  auto proxy = env->start_proxy({"--ports", "15001,15006,15008,15053"});
+  ASSERT_EQ(env->podsteer({"enroll", "--netns", env->pod_ns, "--dns", "--exclude-outbound-cidrs", env->remote_ip4 + "/32"}).rc, 0);
+  auto excluded = env->pod_connect(env->remote_ip4, 53);
+  EXPECT_NE(excluded.value("reply", "").find("local=" + env->remote_ip4 + ":53"), std::string::npos) << excluded;
+  auto loopback = env->pod_connect("127.0.0.1", 53);
+  EXPECT_NE(loopback.value("reply", "").find("local=127.0.0.1:53"), std::string::npos) << loopback;
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  EXPECT_EQ(accepts(*proxy), 0);
+  // the control: an unexcluded resolver is captured
+  auto captured = env->pod_connect(env->remote_ip6, 53);
+  EXPECT_NE(captured.value("reply", "").find("got=hello"), std::string::npos) << captured;
+  EXPECT_EQ(accepts(*proxy), 1);
+}
+
+TEST_F(DatapathTest, ConcurrentEnrollUnenrollAndUninstallNeverLeaveAHalfWrittenPod) {
+  // Three processes at once for a few seconds: two enroll and unenroll a pod each, the
+  // third looks at the state and now and then uninstalls everything. The state lock
+  // serializes them; every pod that ends up enrolled is whole, every pod that is not
+  // has nothing of ours left in its netns.
+  std::string base = podsteer_bin() + " --state-dir " + env->state_dir + " --hook-cgroup " + env->cgroup;
+  auto loop = [&](const std::string& body) {
+    return std::thread([body] { sh("for i in $(seq 25); do " + body + " >/dev/null 2>&1; done"); });
+  };
+  std::vector<std::thread> workers;
+  workers.push_back(loop(base + " enroll --netns " + env->pod_ns + "; " + base + " unenroll --netns " + env->pod_ns));
+  workers.push_back(loop(base + " enroll --netns " + env->remote_ns + " --fail-open; " + base + " unenroll --netns " +
+                         env->remote_ns + "; " + base + " enroll --netns " + env->remote_ns + " --fail-open"));
+  workers.push_back(loop(base + " status; [ $((i % 4)) = 0 ] && " + base + " uninstall"));
+  for (auto& w : workers) w.join();
+
+  auto st = env->status();
+  std::set<std::string> enrolled;
+  if (!st.is_null() && st.contains("pods")) {
+    for (const auto& p : st["pods"]) {
+      EXPECT_TRUE(p["missing"].empty()) << "half-written: " << p.dump();
+      EXPECT_TRUE(p["active"].get<bool>()) << p.dump();
+      enrolled.insert(p["netns"]);
+    }
+  }
+  for (const auto& ns : {env->pod_ns, env->remote_ns}) {
+    if (enrolled.count(ns)) continue;
+    auto rules = sh("nsenter --net=" + ns + " ip rule; nsenter --net=" + ns + " sysctl -n net.ipv4.tcp_fwmark_accept");
+    EXPECT_EQ(rules.out.find("proto 112"), std::string::npos) << ns << " keeps our rule:\n" << rules.out;
+    EXPECT_NE(rules.out.find("\n0\n"), std::string::npos) << ns << ": tcp_fwmark_accept left at 1";
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// The programs_id the pinned state records: another value makes the next podsteer treat
+// the pinned programs as another build's.
+void set_pinned_programs_id(const std::string& state_dir, uint64_t id) {
+  int fd = bpf_obj_get((state_dir + "/maps/podsteer_config").c_str());
+  ASSERT_GE(fd, 0);
+  __u32 zero = 0;
+  podsteer_config c{};
+  ASSERT_EQ(bpf_map_lookup_elem(fd, &zero, &c), 0);
+  c.programs_id = id;
+  ASSERT_EQ(bpf_map_update_elem(fd, &zero, &c, BPF_ANY), 0);
+  close(fd);
+}
+
+TEST_F(DatapathTest, UpgradeReplacesProgramsInPlaceWithoutTouchingConnections) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll();
+  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
+    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
+    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
+    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
+    auto p = std::make_unique<Peer>(argv, true);
+    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+    return p;
+  };
+  auto reply_to = [](Peer& p, const std::string& req) {
+    p.send_line(req);
+    return p.wait_for([&](const json& j) { return j.value("request", "") == req; }).value("reply", "");
+  };
+  auto out = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in = session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(reply_to(*out, "before").find("got=before"), std::string::npos);
+  EXPECT_NE(reply_to(*in, "before").find("got=before"), std::string::npos);
+  ASSERT_EQ(accepts(*proxy), 2);
+  auto before = env->status();
+
+  set_pinned_programs_id(env->state_dir, 42);
+  auto r = env->podsteer({"status"});  // any podsteer that opens the state upgrades it
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("upgraded the programs in place"), std::string::npos) << r.out;
+  auto after = env->status();
+  ASSERT_EQ(after["cgroup_links"].size(), before["cgroup_links"].size());
+  for (size_t i = 0; i < before["cgroup_links"].size(); ++i) {
+    EXPECT_EQ(after["cgroup_links"][i]["link_id"], before["cgroup_links"][i]["link_id"]) << "link replaced, not updated";
+    EXPECT_NE(after["cgroup_links"][i]["prog_id"], before["cgroup_links"][i]["prog_id"]) << "program not replaced";
+  }
+  const auto &ib = before["pods"][0]["inbound"], &ia = after["pods"][0]["inbound"];
+  EXPECT_EQ(ia["sk_lookup_link_id"], ib["sk_lookup_link_id"]);
+  EXPECT_NE(ia["sk_lookup_prog_id"], ib["sk_lookup_prog_id"]);
+  EXPECT_TRUE(ia["attached"].get<bool>());
+  EXPECT_EQ(after["pods"][0]["counters"]["redirected_out"], 1) << "the maps (and counters) are the same";
+
+  // open connections never noticed, new ones are captured by the new programs
+  EXPECT_NE(reply_to(*out, "after").find("got=after"), std::string::npos);
+  EXPECT_NE(reply_to(*in, "after").find("got=after"), std::string::npos);
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  auto i = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(i.value("reply", "").find("got=hello"), std::string::npos) << i;
+  EXPECT_EQ(accepts(*proxy), 4);
+  // and the next podsteer finds nothing to upgrade
+  EXPECT_EQ(env->podsteer({"status"}).out.find("upgraded"), std::string::npos);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(DatapathTest, UninstallWorksWhenThePinnedStateCannotBeAdopted) {
+  auto proxy = env->start_proxy();
+  enroll();
+  auto s = env->status();
+  // a state made by another map ABI (or damaged): this build cannot adopt it
+  int fd = bpf_obj_get((env->state_dir + "/maps/podsteer_config").c_str());
+  ASSERT_GE(fd, 0);
+  __u32 zero = 0;
+  podsteer_config c{};
+  ASSERT_EQ(bpf_map_lookup_elem(fd, &zero, &c), 0);
+  c.abi_version = 99;
+  ASSERT_EQ(bpf_map_update_elem(fd, &zero, &c, BPF_ANY), 0);
+  close(fd);
+  auto st = env->podsteer({"status"});
+  EXPECT_NE(st.rc, 0);
+  EXPECT_NE(st.out.find("map ABI 99"), std::string::npos) << st.out;
+
+  auto r = env->podsteer({"uninstall"});
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("cannot adopt"), std::string::npos) << r.out;
+  struct stat sb {};
+  EXPECT_NE(stat(env->state_dir.c_str(), &sb), 0);
+  for (const auto& l : s["cgroup_links"])
+    EXPECT_NE(sh("bpftool link show id " + std::to_string(l["link_id"].get<unsigned>())).rc, 0) << l;
+  EXPECT_NE(sh("bpftool link show id " + std::to_string(s["pods"][0]["inbound"]["sk_lookup_link_id"].get<unsigned>())).rc, 0);
+  auto rules = sh("nsenter --net=" + env->pod_ns + " ip rule; nsenter --net=" + env->pod_ns +
+                  " sysctl -n net.ipv4.tcp_fwmark_accept");
+  EXPECT_EQ(rules.out.find("proto 112"), std::string::npos) << rules.out;
+  EXPECT_NE(rules.out.find("\n0\n"), std::string::npos) << rules.out;
 }
 
 }  // namespace

@@ -58,7 +58,8 @@ TEST_F(NodeTest, CniAddCapturesPodAndProxySeesOriginalDestinations) {
   EXPECT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_added"; }).is_null());
 
   Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
-  Peer app({testpeer_bin(), "--netns", web.netns, "serve", "--port", "9090"});
+  // the pod's app runs under the hook cgroup, as a kubelet's pods run under kubepods
+  Peer app({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "serve", "--port", "9090"});
   ASSERT_FALSE(server.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
   ASSERT_FALSE(app.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
   auto out = connect_from(web, other.ip, 8080, "out");

@@ -43,9 +43,10 @@ static_assert(offsetof(podsteer_tuple_key, dst_addr) == 8);
 static_assert(offsetof(podsteer_tuple_key, src_addr) == 24);
 static_assert(offsetof(podsteer_tuple_key, dst_port) == 40);
 static_assert(offsetof(podsteer_tuple_key, src_port) == 42);
-static_assert(sizeof(podsteer_config) == 36 + 256);
+static_assert(sizeof(podsteer_config) == 48 + 256);
 static_assert(offsetof(podsteer_config, app_mark) == 20);
-static_assert(offsetof(podsteer_config, hook_cgroup) == 36);
+static_assert(offsetof(podsteer_config, programs_id) == 40);
+static_assert(offsetof(podsteer_config, hook_cgroup) == 48);
 
 TEST(AbiLayout, LpmKeyHasNoHoleBeforeData) {
   // The LPM trie compares the bytes after prefixlen; a hole would hold garbage.
