@@ -143,6 +143,10 @@ class Datapath {
   // may have uninstalled (and reinstalled) it since.
   Status still_installed() const;
   Status unenroll_locked(uint64_t cookie);
+  Result<EnrollOutcome> enroll_locked(const Netns& ns, const PodOptions& opts);
+  // A state dir made by map ABI 1 becomes this ABI's, pods captured throughout
+  // (migrate.cpp). Lock held.
+  static Status migrate_from_abi1(const std::string& state_dir);
   ReturnPath return_path() const;
   Status attach_inbound(const Netns& ns);
   Status upgrade_inbound(uint64_t cookie);
@@ -166,6 +170,9 @@ class Datapath {
   std::optional<Map<podsteer_tuple_key, __u8>> transit_;
   Fd listeners_;  // SOCKHASH: values are sockets, looked up by key only
 };
+
+// Whether state_dir holds a state map ABI 1 made.
+bool is_abi1_state(const std::string& state_dir);
 
 // Identifies this build's BPF programs (a hash of the objects it embeds).
 uint64_t programs_id();

@@ -99,6 +99,10 @@ Result<EnrollOutcome> Datapath::enroll(const Netns& ns, const PodOptions& opts) 
   auto lock = StateLock::take(state_dir_);
   if (!lock) return lock.error();
   PODSTEER_TRY(still_installed());
+  return enroll_locked(ns, opts);
+}
+
+Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions& opts) {
   auto too_long = [](const std::string& s, size_t cap) { return s.size() >= cap; };
   if (too_long(opts.namespace_, PODSTEER_NAME_LEN) || too_long(opts.name, PODSTEER_NAME_LEN) ||
       too_long(opts.service_account, PODSTEER_NAME_LEN))

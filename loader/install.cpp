@@ -191,6 +191,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
   Datapath dp;
   dp.state_dir_ = state_dir;
   bool installed = path_exists(map_pin(state_dir, "podsteer_config"));
+  if (installed && is_abi1_state(state_dir)) PODSTEER_TRY(migrate_from_abi1(state_dir));
   if (installed) {
     auto st = dp.adopt();
     if (!st && st.error().op.find("incomplete install") != std::string::npos && install_if_missing) {

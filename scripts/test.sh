@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 BUILD_DIR=${BUILD_DIR:-build}
+BUILD_DIR=$BUILD_DIR scripts/build-previous.sh  # the ABI 1 release, for the migration test
 status=0
 (cd "$BUILD_DIR" && ctest --output-on-failure) || status=$?
 tests/residue.sh || status=1

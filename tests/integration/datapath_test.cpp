@@ -740,3 +740,73 @@ TEST_F(DatapathTest, UninstallWorksWhenThePinnedStateCannotBeAdopted) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST_F(DatapathTest, MigratesAStateMadeByTheAbi1ReleaseWithoutUncapturingAnyone) {
+  const std::string old = PREVIOUS_ABI1_BIN;
+  if (access(old.c_str(), X_OK) != 0) {
+    fprintf(stderr, "\n*** SKIPPING: no ABI 1 podsteer at %s (scripts/build-previous.sh builds it from git history) ***\n\n",
+            old.c_str());
+    GTEST_SKIP();
+  }
+  // ABI 1 had no return path for connections from a client's address (issue 8)
+  auto proxy = env->start_proxy({"--no-orig-src"});
+  auto server = env->start_server(env->remote_ns, 8080);
+  auto excluded = env->start_server(env->remote_ns, 8081);
+  auto app = env->start_server(env->pod_ns, 9090);
+  // the ABI 1 release enrolls the pod, with TC (clsact) for inbound
+  auto r = run({old, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns,
+                "--pod", "shop/web", "--tc-mode", "clsact", "--dns", "--exclude-outbound-ports", "8081"});
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
+    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
+    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
+    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
+    auto p = std::make_unique<Peer>(argv, true);
+    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+    return p;
+  };
+  auto reply_to = [](Peer& p, const std::string& req) {
+    p.send_line(req);
+    return p.wait_for([&](const json& j) { return j.value("request", "") == req; }).value("reply", "");
+  };
+  auto out = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in = session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(reply_to(*out, "before").find("got=before"), std::string::npos);
+  EXPECT_NE(reply_to(*in, "before").find("got=before"), std::string::npos);
+  ASSERT_EQ(accepts(*proxy), 2) << "the ABI 1 datapath captures both";
+
+  auto m = env->podsteer({"status"});  // this build opens the ABI 1 state: it migrates
+  ASSERT_EQ(m.rc, 0) << m.out;
+  EXPECT_NE(m.out.find("migrated 1 pod(s) from map ABI 1"), std::string::npos) << m.out;
+  auto st = env->status();
+  ASSERT_EQ(st["pods"].size(), 1u) << st;
+  const auto& pod = st["pods"][0];
+  EXPECT_TRUE(pod["missing"].empty()) << pod;
+  EXPECT_EQ(pod["pod"], "shop/web");
+  EXPECT_TRUE(pod["dns"].get<bool>());
+  EXPECT_EQ(pod["excluded_outbound_ports"], json::array({8081}));
+  EXPECT_EQ(st["config"]["abi_version"], PODSTEER_ABI_VERSION);
+  auto filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
+  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << "the ABI 1 TC filter is gone: " << filters.out;
+  // tc releases a removed filter's program from a workqueue, a moment later
+  std::string left;
+  for (int i = 0; i < 40 && (left = sh("bpftool prog show | grep -c podsteer_tc_ing").out) != "0\n"; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(left, "0\n") << "the ABI 1 TC program is still loaded";
+
+  // open connections never noticed; new ones are captured by this build
+  EXPECT_NE(reply_to(*out, "after").find("got=after"), std::string::npos);
+  EXPECT_NE(reply_to(*in, "after").find("got=after"), std::string::npos);
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+  auto i = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(i.value("reply", "").find("got=hello"), std::string::npos) << i;
+  EXPECT_FALSE(wait_accept(*proxy, env->pod_ip4 + ":9090").is_null());
+  auto x = env->pod_connect(env->remote_ip4, 8081);
+  EXPECT_NE(x.value("reply", "").find("local=" + env->remote_ip4 + ":8081"), std::string::npos) << x;
+  EXPECT_EQ(accepts(*proxy), 4) << "the excluded port still goes direct";
+}
+
+}  // namespace

@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "podsteer_abi.h"
+#include "podsteer_abi_v1.h"
 
 static_assert(PODSTEER_ABI_VERSION == 2, "bump the layout checks with the ABI version");
 static_assert(sizeof(podsteer_pod) == 32);
@@ -47,6 +48,14 @@ static_assert(sizeof(podsteer_config) == 48 + 256);
 static_assert(offsetof(podsteer_config, app_mark) == 20);
 static_assert(offsetof(podsteer_config, programs_id) == 40);
 static_assert(offsetof(podsteer_config, hook_cgroup) == 48);
+
+// ABI 1, as its podsteer wrote it (read only, for migration)
+static_assert(sizeof(podsteer_pod_meta_v1) == 128 + 256 + 3 * 4 * 8 + 16 + 64 + 64 + 80);
+static_assert(offsetof(podsteer_pod_meta_v1, netns_path) == 128);
+static_assert(offsetof(podsteer_pod_meta_v1, attach_mode) == 484);
+static_assert(offsetof(podsteer_pod_meta_v1, uid) == 496);
+static_assert(offsetof(podsteer_pod_meta_v1, container_id) == 624);
+static_assert(sizeof(podsteer_config_v1) == 24 + 256);
 
 TEST(AbiLayout, LpmKeyHasNoHoleBeforeData) {
   // The LPM trie compares the bytes after prefixlen; a hole would hold garbage.
