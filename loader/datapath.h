@@ -123,6 +123,12 @@ class Datapath {
   Result<std::vector<PodStatus>> pods(Detail detail = Detail::Full);
   Result<PodStatus> pod(uint64_t cookie, Detail detail = Detail::Full);
   Result<std::vector<CgroupLink>> cgroup_links();
+  // Is the install this object adopted still the one pinned (not uninstalled or replaced)?
+  Status check_installed() const { return still_installed(); }
+  // Socket hooks whose link is gone or detached from the hook cgroup.
+  std::vector<std::string> missing_hooks();
+  // Attaches every missing socket hook again, from this build's programs.
+  Status repair_hooks();
   const podsteer_config& config() const { return config_; }
   const std::string& state_dir() const { return state_dir_; }
 

@@ -2,6 +2,7 @@
 // the entries that switch the socket hooks on for its netns.
 #include <arpa/inet.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <set>
 
@@ -86,6 +87,11 @@ static Status pod_addresses(const Netns& ns, podsteer_pod& entry) {
   return {};
 }
 
+static uint64_t netns_ino(const Netns& ns) {
+  struct stat st {};
+  return fstat(ns.fd.get(), &st) == 0 ? st.st_ino : 0;
+}
+
 static void fill_names(podsteer_pod_meta& m, const PodOptions& opts) {
   copy_str(m.namespace_, sizeof(m.namespace_), opts.namespace_);
   copy_str(m.name, sizeof(m.name), opts.name);
@@ -145,6 +151,8 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
     if (names.container_id.empty()) names.container_id = str_of(m.container_id, sizeof(m.container_id));
     fill_names(m, names);
     copy_str(m.netns_path, sizeof(m.netns_path), ns.path);
+    m.flags = entry.flags & (PODSTEER_POD_DNS | PODSTEER_POD_FAIL_OPEN);
+    m.netns_ino = netns_ino(ns);
     bool same = old.flags == entry.flags && old.ip4 == entry.ip4 && !std::memcmp(old.ip6, entry.ip6, 16) &&
                 !std::memcmp(&before, &m, sizeof(m)) && made->setup == 0;
     PODSTEER_TRY(meta_->update(cookie, m));
@@ -155,6 +163,8 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
   podsteer_pod_meta meta{};
   fill_names(meta, opts);
   copy_str(meta.netns_path, sizeof(meta.netns_path), ns.path);
+  meta.flags = entry.flags & (PODSTEER_POD_DNS | PODSTEER_POD_FAIL_OPEN);
+  meta.netns_ino = netns_ino(ns);
   Rollback undo;
   undo.add([this, cookie] { erase_exclusions(cookie, nullptr); });
   PODSTEER_TRY(write_exclusions(cookie, opts));

@@ -50,7 +50,13 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
 Status Datapath::attach_inbound(const Netns& ns) {
   PODSTEER_TRY(make_dir(pod_dir(state_dir_, ns.cookie)));
   std::string pin = inbound_pin(state_dir_, ns.cookie);
-  if (path_exists(pin)) return {};  // re-enroll: the link is there
+  if (path_exists(pin)) {
+    if (inbound_status(ns.cookie, ns.cookie).attached) return {};  // re-enroll: the link is there
+    // pinned but detached (by hand, bpftool link detach): a new link replaces it
+    Fd old(bpf_obj_get(pin.c_str()));
+    if (old.valid()) bpf_link_detach(old.get());
+    unlink(pin.c_str());
+  }
   LookupSkel skel;
   PODSTEER_TRY(load_lookup(skel, config_, state_dir_, ns.cookie));
   bpf_link* link = bpf_program__attach_netns(skel->progs.podsteer_lookup, ns.fd.get());

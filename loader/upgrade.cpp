@@ -4,6 +4,7 @@
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <set>
@@ -42,6 +43,75 @@ uint64_t programs_id() {
     return fnv1a(h, lookup, n);
   }();
   return id;
+}
+
+namespace {
+
+// The hook cgroup's id, as bpf_link_info reports it for an attached link.
+uint64_t cgroup_id(const std::string& path) {
+  struct {
+    struct file_handle fh;
+    uint64_t id;
+  } h{};
+  h.fh.handle_bytes = sizeof(uint64_t);
+  int mount_id;
+  if (name_to_handle_at(AT_FDCWD, path.c_str(), &h.fh, &mount_id, 0) != 0) return 0;
+  return h.id;
+}
+
+std::vector<std::string> hook_names() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> out;
+    SockSkel sock;
+    bpf_program* p;
+    if (sock.opened()) bpf_object__for_each_program(p, sock->obj) out.push_back(bpf_program__name(p));
+    return out;
+  }();
+  return names;
+}
+
+}  // namespace
+
+std::vector<std::string> Datapath::missing_hooks() {
+  std::vector<std::string> out;
+  uint64_t want = cgroup_id(config_.hook_cgroup);
+  for (const auto& name : hook_names()) {
+    Fd link(bpf_obj_get(join(join(state_dir_, "links"), name).c_str()));
+    bpf_link_info info{};
+    __u32 len = sizeof(info);
+    if (!link.valid() || bpf_obj_get_info_by_fd(link.get(), &info, &len) != 0 || info.cgroup.cgroup_id != want)
+      out.push_back(name);
+  }
+  return out;
+}
+
+Status Datapath::repair_hooks() {
+  auto lock = StateLock::take(state_dir_);
+  if (!lock) return lock.error();
+  PODSTEER_TRY(still_installed());
+  auto missing = missing_hooks();
+  if (missing.empty()) return {};
+  SockSkel sock;
+  if (!sock.opened()) return sys_error("open BPF skeleton");
+  set_rodata(sock->rodata, config_);
+  pin_maps_under(sock->obj, join(state_dir_, "maps"));
+  if (int err = sock.load(); err) return Error{"load socket programs", -err, state_dir_};
+  Fd cg(::open(config_.hook_cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!cg.valid()) return sys_error("open hook cgroup", config_.hook_cgroup);
+  for (const auto& name : missing) {
+    bpf_program* p = bpf_object__find_program_by_name(sock->obj, name.c_str());
+    if (!p) continue;
+    std::string pin = join(join(state_dir_, "links"), name);
+    Fd old(bpf_obj_get(pin.c_str()));
+    if (old.valid()) bpf_link_detach(old.get());
+    unlink(pin.c_str());
+    bpf_link* l = bpf_program__attach_cgroup(p, cg.get());
+    if (!l) return sys_error(fmt::format("attach {} to cgroup", name), config_.hook_cgroup);
+    int err = bpf_link__pin(l, pin.c_str());
+    bpf_link__destroy(l);
+    if (err) return Error{"pin cgroup link", -err, pin};
+  }
+  return {};
 }
 
 Status Datapath::upgrade_programs() {

@@ -71,7 +71,8 @@ struct podsteer_pod_meta {
 	__u32 n_excluded_cidrs;
 	__u32 netns_setup;        /* PODSTEER_SETUP_* */
 	__u32 fwmark_accept_before; /* net.ipv4.tcp_fwmark_accept before enroll */
-	__u32 reserved_0;
+	__u32 flags;              /* PODSTEER_POD_DNS / FAIL_OPEN as enrolled: a lost pod entry is rebuilt */
+	__u64 netns_ino;          /* the netns inode: a /proc/PID path whose PID exits is found again */
 };
 
 /* podsteer_ports: excluded ports, per pod and direction */
