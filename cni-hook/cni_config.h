@@ -1,6 +1,7 @@
 // Installing podsteer-cni into the node's CNI configuration: the binary into the CNI bin
-// dir, our plugin at the end of the primary CNI's conflist (the first .conflist by name,
-// as the runtime picks it), and back out again.
+// dir, our plugin at the end of the primary CNI's config (the first .conf, .conflist or
+// .json by name, as libcni picks it; a single-plugin .conf or .json becomes a .conflist),
+// and back out again. Every write is atomic and keeps the file's mode.
 #pragma once
 
 #include <string>
@@ -16,8 +17,12 @@ struct InstallOptions {
   std::string agent_socket = "/var/run/podsteer/cni.sock";
 };
 
-// The primary conflist in conf_dir, or an error when there is none.
+// The primary config file in conf_dir, or an error when there is none.
 Result<std::string> primary_conflist(const std::string& conf_dir);
+
+// The primary config's content with our plugin appended (false: it is there already).
+// Type-checked, never throws (tests/fuzz/conflist).
+Result<bool> chain_into(const std::string& content, const std::string& agent_socket, std::string& out);
 
 // Adds our plugin to the primary conflist if it is missing; returns whether it changed
 // the file. Idempotent: safe to call whenever the primary CNI rewrote its file.

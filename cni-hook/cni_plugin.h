@@ -1,0 +1,44 @@
+// What podsteer-cni reads before it asks the agent: CNI_ARGS and the network configuration
+// on stdin. Type-checked; bad input is an error with the CNI error code to report, never an
+// exception (tests/fuzz/cni_plugin_conf, tests/fuzz/cni_args).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace podsteer::cni {
+
+// CNI error codes (spec "Error" section) and ours (100+).
+enum Code {
+  kIncompatibleVersion = 1,
+  kInvalidEnv = 4,
+  kDecode = 6,
+  kInvalidConfig = 7,
+  kTryAgain = 11,
+  kAgentRefused = 100,
+};
+
+struct PluginError {
+  int code = 0;
+  std::string msg, details;
+};
+
+struct PluginConf {
+  std::string cni_version = "1.0.0";
+  std::string agent_socket = "/var/run/podsteer/cni.sock";
+  bool chained = false;                     // has a prevResult
+  nlohmann::ordered_json prev_result;       // printed unchanged on ADD
+  std::vector<std::string> ips;             // prevResult's addresses
+  std::vector<std::string> enroll_namespaces;
+};
+
+extern const std::vector<std::string> kSupportedVersions;
+
+// "K1=V1;K2=V2" (empty items allowed); an item without '=' is an error.
+bool parse_cni_args(const std::string& s, std::map<std::string, std::string>& out, PluginError& err);
+bool parse_plugin_conf(const std::string& stdin_json, PluginConf& out, PluginError& err);
+
+}  // namespace podsteer::cni
