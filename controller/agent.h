@@ -1,22 +1,35 @@
-// podsteer-agent: owns the datapath (through the loader), keeps the pods the pod sources
-// report in step with it, and hands each captured pod's netns to the node proxy over ZDS.
+// podsteer-agent: owns the datapath (through the loader), captures the pods its sources
+// report (CNI ADD, the Kubernetes watch), hands each captured pod's netns to the node
+// proxies over ZDS, and keeps every captured pod whole (drift repair).
+//
+// Locks, and why there is no lock order to get wrong: each component (ZdsServer,
+// kube::Source, CniServer) has a lock of its own and never calls into another component
+// while holding it. The agent serializes work on one pod with that pod's lock and calls
+// into the components from there; none of them calls back into the agent. The datapath is
+// serialized across threads and processes by the state dir's lock.
+//
+// Files by job: agent.cpp (lifecycle, HTTP, health, metrics), agent_pods.cpp (capture,
+// release), agent_cni.cpp (CNI requests), agent_kube.cpp (the Kubernetes pod source),
+// agent_repair.cpp (drift repair, the status cache).
 #pragma once
 
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
-#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "cni_server.h"
+#include "datapath.h"
 #include "kube_client.h"
 #include "kube_source.h"
-#include "datapath.h"
 #include "pod_source.h"
 #include "zds_server.h"
 
@@ -29,7 +42,10 @@ struct AgentConfig {
   std::string zds_socket = "/var/run/ztunnel/ztunnel.sock";
   std::string http_addr = "127.0.0.1";
   int http_port = 15099;
+  std::string metrics_token_file;  // set: /metrics wants "Authorization: Bearer <token>"
   int ack_timeout_ms = 5000;
+  int repair_interval_ms = 500;
+  int watchdog_ms = 30000;  // a CNI request or ZDS ack taking longer: the agent is unhealthy
   std::set<std::string> enroll_namespaces;
   bool dns = false;
   bool fail_open = false;
@@ -37,6 +53,7 @@ struct AgentConfig {
   std::string kubeconfig;
   bool in_cluster = false;
   std::string node_name;
+  std::string daemonset;  // NAMESPACE/NAME of the agent's own DaemonSet (removal vs restart)
   kube::LabelPolicy label_policy;
   std::string proc_root = "/proc";
 };
@@ -44,51 +61,94 @@ struct AgentConfig {
 // Finds a running pod's netns through /proc: a process whose cgroup path names the pod
 // UID, in a netns that holds one of the pod's IPs. Returns "/proc/PID/ns/net".
 std::optional<std::string> find_pod_netns(const kube::Pod& pod, const std::string& proc_root = "/proc");
+// A path to the netns with this inode, through any process in it, if one runs.
+std::optional<std::string> find_netns_by_inode(uint64_t ino, const std::string& proc_root = "/proc");
 
 class Agent {
  public:
   explicit Agent(AgentConfig cfg);
   ~Agent();
-  // Adopts (or installs) the datapath, rebuilds the pod table from the pins, cleans up pods
-  // whose netns is gone, then serves CNI, ZDS and HTTP.
+  // Adopts (or installs) the datapath, serves CNI, ZDS and HTTP, starts the Kubernetes
+  // source and the repair loop.
   Status start();
   void stop();
 
-  nlohmann::json handle_cni(const nlohmann::json& req);
+  // One request line from podsteer-cni in, one answer line out.
+  std::string handle_cni(const std::string& line);
   std::string metrics();
-  bool ready();
+  bool healthy(std::string* why = nullptr);
+  bool ready(std::string* why = nullptr);
+  // Shutting down: is the agent's DaemonSet gone (or going)? Then podsteer-cni leaves the
+  // node's CNI config; a restart or an upgrade leaves it in place, so new pods wait for
+  // the next agent instead of starting uncaptured (istio-cni decides the same way).
+  bool daemonset_removed();
 
  private:
-  nlohmann::json cni_add(const PodInfo& pod);
+  // ---- agent_pods.cpp
+  std::shared_ptr<std::mutex> pod_lock(const std::string& key);
+  static std::string pod_key(const PodInfo& pod);
+  // Enrolls the pod and tells the newest proxy; undone when the proxy does not ack.
+  Status capture(const PodInfo& pod);
+  // Tells every proxy, then unenrolls. by: the pod's uid, else its container id.
+  Status release(const PodInfo& pod, const std::string& why);
+  std::optional<PodStatus> find_captured(const PodInfo& pod);
+  PodOptions options_for(const PodInfo& pod) const;
+  static PodInfo pod_from_meta(const PodStatus& s);
+
+  // ---- agent_cni.cpp
+  nlohmann::json cni_add(PodInfo pod);
   nlohmann::json cni_del(const PodInfo& pod);
-  nlohmann::json cni_check(const PodInfo& pod);
-  std::vector<SnapshotEntry> snapshot();
-  void reconcile_kube(const kube::Snapshot& snap);
-  void kube_worker();
-  bool kube_enrolled(const PodInfo& pod);
-  void annotate(const kube::Pod& pod, bool captured);
-  std::optional<PodStatus> find_locked(const PodInfo& pod);
-  bool enrolled(const PodInfo& pod);
+  nlohmann::json cni_check(PodInfo pod);
+  // Enrollment by the Kubernetes labels, from the watch cache or the API itself; fills in
+  // the service account. An error when neither can say (the runtime retries).
+  Result<bool> kube_decides(PodInfo& pod);
   void count(const std::string& command, const std::string& result);
+
+  // ---- agent_kube.cpp
+  void kube_worker();
+  void reconcile_kube(const kube::Snapshot& snap);
+  void annotate(const kube::Pod& pod, bool captured);
+
+  // ---- agent_repair.cpp
+  void repair_worker();
+  void repair_once();
+  void count_repair(const std::string& piece, const std::string& pod);
+
+  std::shared_ptr<Datapath> dp();
 
   AgentConfig cfg_;
   CniEnrollmentPolicy policy_;
-  std::mutex mu_;  // datapath and pod table
-  std::optional<Datapath> dp_;
+  std::mutex dp_mu_;  // only the pointer: the datapath serializes itself
+  std::shared_ptr<Datapath> dp_;
   std::unique_ptr<ZdsServer> zds_;
   std::unique_ptr<CniServer> cni_;
   struct Http;
   std::unique_ptr<Http> http_;
-  std::atomic<bool> adopted_{false};
-  std::atomic<bool> stopping_{false};
-  std::mutex count_mu_;
+  std::atomic<bool> adopted_{false}, stopping_{false};
+
+  std::mutex pod_locks_mu_;
+  std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;
+
+  std::mutex count_mu_;  // the counters below
   std::map<std::pair<std::string, std::string>, uint64_t> cni_requests_;
+  std::map<std::string, uint64_t> repairs_;
+  std::map<uint64_t, std::chrono::steady_clock::time_point> cni_in_flight_;
+  uint64_t cni_serial_ = 0;
+
   std::unique_ptr<kube::Client> kube_client_;
   std::unique_ptr<kube::Source> kube_source_;
   std::thread kube_thread_;
   std::mutex kube_mu_;
   std::condition_variable kube_cv_;
   bool kube_dirty_ = false;
+  std::atomic<bool> kube_reconciled_{false};  // the first reconcile after the first list
+
+  std::thread repair_thread_;
+  std::mutex repair_mu_;
+  std::condition_variable repair_cv_;
+  std::atomic<int64_t> repair_tick_ms_{0};
+  std::mutex cache_mu_;
+  std::vector<PodStatus> cache_;  // the pods as the last repair pass saw them (for /metrics)
 };
 
 }  // namespace podsteer

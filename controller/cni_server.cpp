@@ -2,11 +2,9 @@
 
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
-#include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "log.h"
 
@@ -16,40 +14,69 @@ CniServer::~CniServer() { stop(); }
 
 Status CniServer::start() {
   PODSTEER_TRY(listener_.start(path_, SOCK_STREAM, [this](Fd conn) {
-    std::thread([this, c = std::move(conn)]() mutable { serve(std::move(c)); }).detach();
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_) return;
+    for (auto it = workers_.begin(); it != workers_.end();) {  // reap the finished
+      if ((*it)->done) {
+        (*it)->thread.join();
+        it = workers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    auto w = std::make_unique<Worker>();
+    Worker* raw = w.get();
+    raw->fd = conn.get();
+    raw->thread = std::thread([this, raw, c = std::move(conn)]() mutable {
+      serve(*raw, std::move(c));
+      raw->done = true;
+    });
+    workers_.push_back(std::move(w));
   }));
   spdlog::info("cni: listening on {}", path_);
   return {};
 }
 
-void CniServer::stop() { listener_.stop(); }
+void CniServer::stop() {
+  listener_.stop();
+  std::list<std::unique_ptr<Worker>> all;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stopping_ = true;
+    for (auto& w : workers_)
+      if (!w->done) shutdown(w->fd, SHUT_RDWR);  // a request still being read ends now
+    all.swap(workers_);
+  }
+  for (auto& w : all) w->thread.join();
+}
 
-void CniServer::serve(Fd conn) {
-  auto reply = [&](const nlohmann::json& j) {
-    std::string s = j.dump() + "\n";
+void CniServer::serve(Worker&, Fd conn) {
+  auto reply = [&](const std::string& line) {
+    std::string s = line + "\n";
     (void)!write(conn.get(), s.data(), s.size());
   };
   ucred cred{};
   socklen_t len = sizeof(cred);
   if (getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != 0) {
     spdlog::warn("cni: refused a caller with uid {} (pid {})", cred.uid, cred.pid);
-    reply({{"status", "error"}, {"message", "only root may call the podsteer agent"}});
+    reply(nlohmann::json{{"status", "error"}, {"message", "only root may call the podsteer agent"}}.dump());
     return;
   }
   std::string line;
-  char c;
-  while (line.size() < (1 << 20)) {
+  char buf[4096];
+  while (line.find('\n') == std::string::npos) {
+    if (line.size() > (1 << 20)) {
+      reply(nlohmann::json{{"status", "error"}, {"message", "request longer than 1 MiB"}}.dump());
+      return;
+    }
     pollfd p{conn.get(), POLLIN, 0};
     if (poll(&p, 1, 5000) <= 0) return;
-    if (read(conn.get(), &c, 1) != 1 || c == '\n') break;
-    line += c;
+    ssize_t n = read(conn.get(), buf, sizeof(buf));
+    if (n <= 0) break;
+    line.append(buf, n);
   }
-  auto req = nlohmann::json::parse(line, nullptr, false);
-  if (req.is_discarded() || !req.is_object()) {
-    reply({{"status", "error"}, {"message", "malformed request: not a JSON object"}});
-    return;
-  }
-  reply(handler_(req));
+  line = line.substr(0, line.find('\n'));
+  reply(handler_(line));
 }
 
 }  // namespace podsteer

@@ -33,22 +33,40 @@ size_t collect(char* p, size_t size, size_t n, void* user) {
 
 struct Stream {
   std::string buf;
+  bool skipping = false;  // inside an oversized line: drop until its end
   const std::function<bool(const std::string&)>* on_line;
   const std::atomic<bool>* stop;
+  std::atomic<uint64_t>* oversized;
   bool aborted = false;
 };
 
-size_t stream_write(char* p, size_t size, size_t n, void* user) {
+// libcurl's write callback: C code above us, so nothing may unwind through here.
+size_t stream_write(char* p, size_t size, size_t n, void* user) noexcept {
   auto* s = static_cast<Stream*>(user);
-  s->buf.append(p, size * n);
-  size_t nl;
-  while ((nl = s->buf.find('\n')) != std::string::npos) {
-    std::string line = s->buf.substr(0, nl);
-    s->buf.erase(0, nl + 1);
-    if (!line.empty() && !(*s->on_line)(line)) {
-      s->aborted = true;
-      return 0;
+  try {
+    s->buf.append(p, size * n);
+    size_t nl;
+    while ((nl = s->buf.find('\n')) != std::string::npos) {
+      std::string line = s->buf.substr(0, nl);
+      s->buf.erase(0, nl + 1);
+      if (s->skipping) {
+        s->skipping = false;
+        continue;
+      }
+      if (!line.empty() && !(*s->on_line)(line)) {
+        s->aborted = true;
+        return 0;
+      }
     }
+    if (s->buf.size() > Client::kMaxLine) {
+      spdlog::warn("kube: a watch line longer than {} bytes was dropped", Client::kMaxLine);
+      ++*s->oversized;
+      s->buf.clear();
+      s->skipping = true;
+    }
+  } catch (const std::exception& e) {
+    spdlog::warn("kube: watch line dropped: {}", e.what());
+    ++*s->oversized;
   }
   return size * n;
 }
@@ -60,28 +78,38 @@ int stream_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) 
 }  // namespace
 
 Result<Config> load_kubeconfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return sys_error("open kubeconfig", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_kubeconfig(ss.str(), path);
+}
+
+Result<Config> parse_kubeconfig(const std::string& yaml, const std::string& path) {
   YAML::Node root;
   try {
-    root = YAML::LoadFile(path);
+    root = YAML::Load(yaml);
   } catch (const std::exception& e) {
     return invalid(std::string("cannot read kubeconfig: ") + e.what(), path);
   }
   try {
+    if (!root.IsMap()) return invalid("kubeconfig is not a YAML map", path);
     std::string current = root["current-context"].as<std::string>("");
     YAML::Node ctx, cluster, user;
-    for (const auto& c : root["contexts"])
-      if (c["name"].as<std::string>("") == current) ctx = c["context"];
-    if (!ctx) return invalid("kubeconfig has no current context '" + current + "'", path);
-    for (const auto& c : root["clusters"])
-      if (c["name"].as<std::string>("") == ctx["cluster"].as<std::string>("")) cluster = c["cluster"];
-    for (const auto& u : root["users"])
-      if (u["name"].as<std::string>("") == ctx["user"].as<std::string>("")) user = u["user"];
-    if (!cluster) return invalid("kubeconfig context names no known cluster", path);
+    auto seq = [&](const char* key) { return root[key].IsSequence() ? root[key] : YAML::Node(YAML::NodeType::Sequence); };
+    for (const auto& c : seq("contexts"))
+      if (c.IsMap() && c["name"].as<std::string>("") == current) ctx = c["context"];
+    if (!ctx || !ctx.IsMap()) return invalid("kubeconfig has no current context '" + current + "'", path);
+    for (const auto& c : seq("clusters"))
+      if (c.IsMap() && c["name"].as<std::string>("") == ctx["cluster"].as<std::string>("")) cluster = c["cluster"];
+    for (const auto& u : seq("users"))
+      if (u.IsMap() && u["name"].as<std::string>("") == ctx["user"].as<std::string>("")) user = u["user"];
+    if (!cluster || !cluster.IsMap()) return invalid("kubeconfig context names no known cluster", path);
     Config c;
     c.server = cluster["server"].as<std::string>("");
     c.ca_file = cluster["certificate-authority"].as<std::string>("");
     c.insecure = cluster["insecure-skip-tls-verify"].as<bool>(false);
-    if (user) {
+    if (user && user.IsMap()) {
       c.token = user["token"].as<std::string>("");
       c.token_file = user["tokenFile"].as<std::string>("");
     }
@@ -175,7 +203,7 @@ Result<json> Client::merge_patch(const std::string& path, const json& patch) {
 
 long Client::watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
                    const std::atomic<bool>& stop) {
-  Stream s{"", &on_line, &stop};
+  Stream s{"", false, &on_line, &stop, &oversized_};
   Transfer t(cfg_, cfg_.server + path, bearer(), nullptr);
   curl_easy_setopt(t.get(), CURLOPT_WRITEFUNCTION, stream_write);
   curl_easy_setopt(t.get(), CURLOPT_WRITEDATA, &s);

@@ -21,6 +21,9 @@ struct Config {
   bool insecure = false;   // kubeconfig insecure-skip-tls-verify
 };
 
+// A kubeconfig's current context (server, certificate-authority, token, tokenFile,
+// insecure-skip-tls-verify). Malformed YAML or types are an error, never an exception.
+Result<Config> parse_kubeconfig(const std::string& yaml, const std::string& where = "");
 Result<Config> load_kubeconfig(const std::string& path);
 // KUBERNETES_SERVICE_HOST/PORT and /var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt}
 Result<Config> in_cluster_config(const std::string& sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount");
@@ -33,13 +36,18 @@ class Client {
   Result<nlohmann::json> merge_patch(const std::string& path, const nlohmann::json& patch);
   // Streams a watch: on_line gets each complete line (one event); on_line returning false,
   // or stop, ends it. Returns the HTTP status (0 when the connection failed).
+  // Lines longer than kMaxLine (no API object is: etcd stops at 1.5 MB) are dropped and
+  // counted in oversized_lines().
   long watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
-                     const std::atomic<bool>& stop);
+             const std::atomic<bool>& stop);
+  uint64_t oversized_lines() const { return oversized_; }
+  static constexpr size_t kMaxLine = 4 << 20;
 
  private:
   Result<nlohmann::json> request(const std::string& method, const std::string& path, const std::string& body);
   std::string bearer();
   Config cfg_;
+  std::atomic<uint64_t> oversized_{0};
 };
 
 }  // namespace podsteer::kube

@@ -8,7 +8,37 @@ namespace podsteer::kube {
 
 using json = nlohmann::json;
 
-bool LabelPolicy::enrolled(const Pod& pod, const std::map<std::string, std::string>* ns_labels) const {
+namespace {
+
+// Readers that check the type first: a field of another type reads as absent.
+const json* field(const json& o, const char* key) {
+  if (!o.is_object()) return nullptr;
+  auto it = o.find(key);
+  return it == o.end() ? nullptr : &*it;
+}
+
+std::string str(const json& o, const char* key) {
+  const json* f = field(o, key);
+  return f && f->is_string() ? f->get<std::string>() : "";
+}
+
+const json& obj(const json& o, const char* key) {
+  static const json empty = json::object();
+  const json* f = field(o, key);
+  return f && f->is_object() ? *f : empty;
+}
+
+Labels string_map(const json& j) {
+  Labels out;
+  if (j.is_object())
+    for (const auto& [k, v] : j.items())
+      if (v.is_string()) out[k] = v.get<std::string>();
+  return out;
+}
+
+}  // namespace
+
+bool LabelPolicy::enrolled(const Pod& pod, const Labels* ns_labels) const {
   if (pod.host_network) return false;
   auto it = pod.labels.find(key);
   if (it != pod.labels.end()) return it->second == value;  // "none" (or anything else) opts out
@@ -19,37 +49,64 @@ bool LabelPolicy::enrolled(const Pod& pod, const std::map<std::string, std::stri
   return false;
 }
 
-static std::map<std::string, std::string> string_map(const json& j) {
-  std::map<std::string, std::string> out;
-  if (j.is_object())
-    for (const auto& [k, v] : j.items())
-      if (v.is_string()) out[k] = v;
-  return out;
-}
-
-Result<Pod> parse_pod(const json& obj) {
-  if (!obj.is_object() || !obj.contains("metadata") || !obj["metadata"].is_object())
-    return invalid("pod event without metadata");
-  const auto& m = obj["metadata"];
+Result<Pod> parse_pod(const json& o) {
+  const json& m = obj(o, "metadata");
   Pod p;
-  p.uid = m.value("uid", "");
-  p.name = m.value("name", "");
-  p.namespace_ = m.value("namespace", "");
+  p.uid = str(m, "uid");
+  p.name = str(m, "name");
+  p.namespace_ = str(m, "namespace");
   if (p.uid.empty() || p.name.empty() || p.namespace_.empty()) return invalid("pod without uid, name or namespace");
-  p.labels = string_map(m.value("labels", json::object()));
-  p.annotations = string_map(m.value("annotations", json::object()));
-  json spec = obj.value("spec", json::object()), status = obj.value("status", json::object());
-  if (!spec.is_object() || !status.is_object()) return invalid("pod spec or status is not an object");
-  p.host_network = spec.value("hostNetwork", false);
-  p.service_account = spec.value("serviceAccountName", "");
-  p.phase = status.value("phase", "");
-  if (status.contains("podIPs") && status["podIPs"].is_array()) {
-    for (const auto& ip : status["podIPs"])
-      if (ip.is_object() && ip.contains("ip") && ip["ip"].is_string()) p.ips.push_back(ip["ip"]);
-  } else if (status.contains("podIP") && status["podIP"].is_string()) {
-    p.ips.push_back(status["podIP"]);
+  p.labels = string_map(obj(m, "labels"));
+  p.annotations = string_map(obj(m, "annotations"));
+  const json& spec = obj(o, "spec");
+  const json& status = obj(o, "status");
+  const json* hn = field(spec, "hostNetwork");
+  p.host_network = hn && hn->is_boolean() && hn->get<bool>();
+  p.service_account = str(spec, "serviceAccountName");
+  if (p.service_account.empty()) p.service_account = "default";  // what the API server fills in
+  p.phase = str(status, "phase");
+  const json* ips = field(status, "podIPs");
+  if (ips && ips->is_array()) {
+    for (const auto& ip : *ips)
+      if (auto s = str(ip, "ip"); !s.empty()) p.ips.push_back(s);
+  } else if (auto s = str(status, "podIP"); !s.empty()) {
+    p.ips.push_back(s);
   }
   return p;
+}
+
+Result<std::pair<std::string, Labels>> parse_namespace(const json& o) {
+  const json& m = obj(o, "metadata");
+  std::string name = str(m, "name");
+  if (name.empty()) return invalid("namespace without a name");
+  return std::make_pair(name, string_map(obj(m, "labels")));
+}
+
+Result<ListAnswer> parse_list(const json& l) {
+  const json* items = field(l, "items");
+  if (!items || !items->is_array()) return invalid("list answer without items");
+  ListAnswer a;
+  a.items.assign(items->begin(), items->end());
+  a.resource_version = str(obj(l, "metadata"), "resourceVersion");
+  return a;
+}
+
+Result<WatchEvent> parse_watch_event(const std::string& line) {
+  auto ev = json::parse(line, nullptr, false);  // invalid JSON or UTF-8: discarded
+  if (ev.is_discarded() || !ev.is_object()) return invalid("not a JSON object");
+  WatchEvent w;
+  w.type = str(ev, "type");
+  const json* o = field(ev, "object");
+  if (w.type.empty() || !o || !o->is_object()) return invalid("event without a type or an object");
+  w.object = *o;
+  w.resource_version = str(obj(*o, "metadata"), "resourceVersion");
+  if (w.type == "ERROR") {
+    const json* code = field(*o, "code");
+    w.error_code = code && code->is_number_integer() ? code->get<int>() : 0;
+  } else if (w.type != "ADDED" && w.type != "MODIFIED" && w.type != "DELETED" && w.type != "BOOKMARK") {
+    return invalid("unexpected event type '" + w.type + "'");
+  }
+  return w;
 }
 
 Source::Source(Client& client, std::string node_name, OnChange on_change)
@@ -71,6 +128,25 @@ void Source::stop() {
 Snapshot Source::snapshot() {
   std::lock_guard<std::mutex> g(mu_);
   return snap_;
+}
+
+std::optional<Pod> Source::pod(const std::string& uid) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = snap_.pods.find(uid);
+  if (it == snap_.pods.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<Labels> Source::namespace_labels(const std::string& name) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = snap_.namespaces.find(name);
+  if (it == snap_.namespaces.end()) return std::nullopt;
+  return it->second;
+}
+
+bool Source::synced() {
+  std::lock_guard<std::mutex> g(mu_);
+  return snap_.synced;
 }
 
 void Source::notify() {
@@ -96,17 +172,17 @@ bool Source::list(Kind kind, std::string& rv) {
     spdlog::warn("kube: list {}: {}", kind == Kind::Pods ? "pods" : "namespaces", r.error().message());
     return false;
   }
-  const json& l = *r;
-  if (!l.contains("items") || !l["items"].is_array()) {
+  auto l = parse_list(*r);
+  if (!l) {
     event_errors_++;
-    spdlog::warn("kube: list answer without items");
+    spdlog::warn("kube: {}", l.error().message());
     return false;
   }
   {
     std::lock_guard<std::mutex> g(mu_);
     if (kind == Kind::Pods) {
       snap_.pods.clear();
-      for (const auto& item : l["items"]) {
+      for (const auto& item : l->items) {
         auto p = parse_pod(item);
         if (p) snap_.pods[p->uid] = *p;
         else event_errors_++;
@@ -114,30 +190,31 @@ bool Source::list(Kind kind, std::string& rv) {
       pods_listed_ = true;
     } else {
       snap_.namespaces.clear();
-      for (const auto& item : l["items"])
-        if (item.contains("metadata") && item["metadata"].is_object())
-          snap_.namespaces[item["metadata"].value("name", "")] = string_map(item["metadata"].value("labels", json::object()));
+      for (const auto& item : l->items) {
+        auto n = parse_namespace(item);
+        if (n) snap_.namespaces[n->first] = n->second;
+        else event_errors_++;
+      }
       ns_listed_ = true;
     }
   }
-  rv = l.value("metadata", json::object()).value("resourceVersion", "");
+  rv = l->resource_version;
   notify();
   return true;
 }
 
-bool Source::apply(Kind kind, const std::string& type, const json& obj) {
+bool Source::apply(Kind kind, const std::string& type, const json& o) {
   std::lock_guard<std::mutex> g(mu_);
   if (kind == Kind::Pods) {
-    auto p = parse_pod(obj);
+    auto p = parse_pod(o);
     if (!p) return false;
     if (type == "DELETED") snap_.pods.erase(p->uid);
     else snap_.pods[p->uid] = *p;
   } else {
-    if (!obj.contains("metadata") || !obj["metadata"].is_object()) return false;
-    std::string name = obj["metadata"].value("name", "");
-    if (name.empty()) return false;
-    if (type == "DELETED") snap_.namespaces.erase(name);
-    else snap_.namespaces[name] = string_map(obj["metadata"].value("labels", json::object()));
+    auto n = parse_namespace(o);
+    if (!n) return false;
+    if (type == "DELETED") snap_.namespaces.erase(n->first);
+    else snap_.namespaces[n->first] = n->second;
   }
   return true;
 }
@@ -147,76 +224,78 @@ void Source::run(Kind kind) {
   std::string rv;
   int backoff_ms = 100;
   bool need_list = true;
+  auto pause = [&] {
+    for (int waited = 0; waited < backoff_ms && !stop_; waited += 50)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    backoff_ms = std::min(backoff_ms * 2, 5000);
+  };
   while (!stop_) {
     if (need_list) {
       if (!list(kind, rv)) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-        backoff_ms = std::min(backoff_ms * 2, 5000);
+        pause();
         continue;
       }
       need_list = false;
-      backoff_ms = 100;
     }
     std::string path = path_for(node_, kind == Kind::Pods);
     path += (path.find('?') == std::string::npos ? "?" : "&") +
             std::string("watch=1&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion=") + rv;
-    bool gone = false;
+    int error_code = 0;  // an ERROR event ended the stream
+    size_t events = 0;
     auto status = client_.watch(
         path,
         [&](const std::string& line) {
-          auto ev = json::parse(line, nullptr, false);
-          if (ev.is_discarded() || !ev.is_object() || !ev.contains("type") || !ev["type"].is_string() ||
-              !ev.contains("object")) {
+          auto ev = parse_watch_event(line);
+          if (!ev) {
             event_errors_++;
-            spdlog::warn("kube: malformed {} watch event ignored: {}", what, line.substr(0, 120));
+            spdlog::warn("kube: {} watch event ignored ({}): {}", what, ev.error().message(), line.substr(0, 120));
             return true;
           }
-          std::string type = ev["type"];
-          const json& obj = ev["object"];
-          if (type == "ERROR") {
-            if (obj.is_object() && obj.value("code", 0) == 410) gone = true;
-            else event_errors_++;
+          if (ev->type == "ERROR") {
+            error_code = ev->error_code ? ev->error_code : -1;
             return false;
           }
-          std::string new_rv = obj.is_object() && obj.contains("metadata") && obj["metadata"].is_object()
-                                    ? obj["metadata"].value("resourceVersion", "")
-                                    : "";
-          if (type == "BOOKMARK") {
-            if (!new_rv.empty()) rv = new_rv;
+          if (ev->type == "BOOKMARK") {
+            if (!ev->resource_version.empty()) rv = ev->resource_version;
             return true;
           }
-          if (type != "ADDED" && type != "MODIFIED" && type != "DELETED") {
+          if (!apply(kind, ev->type, ev->object)) {
             event_errors_++;
-            spdlog::warn("kube: unexpected {} event type '{}'", what, type);
+            spdlog::warn("kube: {} {} event with a malformed object ignored", what, ev->type);
             return true;
           }
-          if (!apply(kind, type, obj)) {
-            event_errors_++;
-            spdlog::warn("kube: {} event with a malformed object ignored", what);
-            return true;
-          }
-          if (!new_rv.empty()) rv = new_rv;
+          if (!ev->resource_version.empty()) rv = ev->resource_version;
+          ++events;
           notify();
           return true;
         },
         stop_);
     if (stop_) break;
-    if (gone || status == 410) {
+    if (error_code == 410 || status == 410) {
       spdlog::info("kube: {} watch: resourceVersion {} is gone (410), relisting", what, rv);
       relists_++;
       need_list = true;
+      backoff_ms = 100;
+      continue;
+    }
+    if (error_code) {
+      // Any other ERROR: the stream cannot be trusted to resume; list afresh, not at once.
+      event_errors_++;
+      relists_++;
+      spdlog::warn("kube: {} watch ended with an ERROR event (code {}): relisting in {} ms", what, error_code, backoff_ms);
+      need_list = true;
+      pause();
       continue;
     }
     if (status != 0 && status != 200) {
       spdlog::warn("kube: {} watch answered HTTP {}", what, status);
       need_list = status >= 500;
-      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-      backoff_ms = std::min(backoff_ms * 2, 5000);
+      pause();
       continue;
     }
     // stream ended (timeout, dropped connection): resume from the last resourceVersion
-    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-    backoff_ms = status == 200 ? 100 : std::min(backoff_ms * 2, 5000);
+    if (events > 0 || status == 200) backoff_ms = 100;
+    pause();
   }
 }
 

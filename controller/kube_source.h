@@ -1,7 +1,9 @@
 // The Kubernetes pod source: list then watch this node's pods (fieldSelector
 // spec.nodeName) and all namespaces, resuming from the last resourceVersion, relisting on
-// 410 Gone, accepting BOOKMARKs, reconnecting with backoff. Malformed or unexpected events
-// are logged and counted, never fatal. Every change, once both lists are done, calls
+// 410 Gone and, with backoff, on any other watch ERROR, accepting BOOKMARKs, reconnecting
+// with backoff. Malformed or unexpected input (wrong types, missing fields, oversized lines,
+// invalid UTF-8) is logged and counted, never fatal: the parsers below check types before
+// they read and never throw (tests/fuzz). Every change, once both lists are done, calls
 // on_change.
 #pragma once
 
@@ -11,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,16 +23,18 @@
 
 namespace podsteer::kube {
 
+using Labels = std::map<std::string, std::string>;
+
 struct Pod {
   std::string uid, name, namespace_, service_account, phase;
   bool host_network = false;
-  std::map<std::string, std::string> labels, annotations;
+  Labels labels, annotations;
   std::vector<std::string> ips;
 };
 
 struct Snapshot {
-  std::map<std::string, Pod> pods;                                      // by uid
-  std::map<std::string, std::map<std::string, std::string>> namespaces;  // name -> labels
+  std::map<std::string, Pod> pods;          // by uid
+  std::map<std::string, Labels> namespaces;  // name -> labels
   bool synced = false;  // both lists done at least once
 };
 
@@ -39,10 +44,28 @@ struct LabelPolicy {
   std::string key = "istio.io/dataplane-mode";
   std::string value = "ambient";
   std::string opt_out = "none";
-  bool enrolled(const Pod& pod, const std::map<std::string, std::string>* ns_labels) const;
+  bool enrolled(const Pod& pod, const Labels* ns_labels) const;
 };
 
+// A pod object as the API sends it. The service account is "default" when the spec has
+// none, as the API server fills it in.
 Result<Pod> parse_pod(const nlohmann::json& obj);
+// A namespace object: its name and labels.
+Result<std::pair<std::string, Labels>> parse_namespace(const nlohmann::json& obj);
+
+struct ListAnswer {
+  std::vector<nlohmann::json> items;
+  std::string resource_version;
+};
+Result<ListAnswer> parse_list(const nlohmann::json& list);
+
+struct WatchEvent {
+  std::string type;  // ADDED, MODIFIED, DELETED, BOOKMARK, ERROR
+  nlohmann::json object;
+  std::string resource_version;  // of the object, when it has one
+  int error_code = 0;            // ERROR: the Status code (410: Gone)
+};
+Result<WatchEvent> parse_watch_event(const std::string& line);
 
 class Source {
  public:
@@ -52,7 +75,10 @@ class Source {
   void start();
   void stop();
   Snapshot snapshot();
-  uint64_t event_errors() const { return event_errors_; }
+  std::optional<Pod> pod(const std::string& uid);
+  std::optional<Labels> namespace_labels(const std::string& name);
+  bool synced();
+  uint64_t event_errors() const { return event_errors_ + client_.oversized_lines(); }
   uint64_t relists() const { return relists_; }
 
  private:

@@ -55,6 +55,11 @@ int main(int argc, char** argv) {
   app.add_option("--http-addr", cfg.http_addr, "address of /metrics, /healthz, /readyz")->capture_default_str();
   app.add_option("--http-port", cfg.http_port, "port of /metrics, /healthz, /readyz")->capture_default_str();
   app.add_option("--ack-timeout-ms", cfg.ack_timeout_ms, "how long to wait for the proxy's ack")->capture_default_str();
+  app.add_option("--repair-interval-ms", cfg.repair_interval_ms, "how often every captured pod is checked and mended")
+      ->capture_default_str();
+  app.add_option("--watchdog-ms", cfg.watchdog_ms, "a CNI request taking longer makes /healthz fail")->capture_default_str();
+  app.add_option("--metrics-token-file", cfg.metrics_token_file,
+                 "require 'Authorization: Bearer <first line of this file>' on /metrics");
   app.add_option("--enroll-namespaces", enroll_namespaces, "namespaces whose pods the CNI source enrolls ('*' for all)")->delimiter(',');
   app.add_flag("--dns", cfg.dns, "capture DNS of enrolled pods");
   app.add_flag("--fail-open", cfg.fail_open, "enrolled pods go direct when the proxy is not listening");
@@ -66,6 +71,9 @@ int main(int argc, char** argv) {
   app.add_option("--kubeconfig", cfg.kubeconfig, "watch pods through this kubeconfig");
   app.add_flag("--in-cluster", cfg.in_cluster, "watch pods with the in-cluster service account");
   app.add_option("--node-name", cfg.node_name, "this node's name (default: $NODE_NAME)");
+  app.add_option("--daemonset", cfg.daemonset,
+                 "NAMESPACE/NAME of this agent's DaemonSet: on exit, podsteer-cni leaves the CNI config only if it "
+                 "is gone (default: $POD_NAMESPACE/podsteer-agent)");
   std::string label = "istio.io/dataplane-mode=ambient";
   app.add_option("--enroll-label", label, "KEY=VALUE on a pod or its namespace that enrolls it")->capture_default_str();
   app.add_flag("-v,--verbose", verbose);
@@ -73,6 +81,7 @@ int main(int argc, char** argv) {
   init_logging(verbose);
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
   if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");
+  if (cfg.daemonset.empty() && getenv("POD_NAMESPACE")) cfg.daemonset = std::string(getenv("POD_NAMESPACE")) + "/podsteer-agent";
   if (auto eq = label.find('='); eq != std::string::npos) {
     cfg.label_policy.key = label.substr(0, eq);
     cfg.label_policy.value = label.substr(eq + 1);
@@ -125,6 +134,18 @@ int main(int argc, char** argv) {
   spdlog::info("signal {}: stopping (the datapath stays in place)", sig);
   stop = true;
   if (watcher.joinable()) watcher.join();
+  if (install_cni) {
+    // Removed, or restarting? Removed: new pods must start without us, so our plugin
+    // leaves the chain. Restarting or upgrading: it stays, so a pod created meanwhile
+    // fails ADD and is retried until the next agent captures it.
+    if (agent.daemonset_removed()) {
+      auto ust = cni::uninstall(cni_opts);
+      if (ust) spdlog::info("cni: the agent's DaemonSet is gone: podsteer-cni removed from {}", cni_opts.conf_dir);
+      else spdlog::error("cni: remove podsteer-cni: {}", ust.error().message());
+    } else {
+      spdlog::info("cni: restart or upgrade (the DaemonSet is still there): podsteer-cni stays in the chain");
+    }
+  }
   agent.stop();
   return 0;
 }

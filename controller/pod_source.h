@@ -3,6 +3,7 @@
 // decides which of them belong in the mesh.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <set>
 #include <string>
@@ -17,6 +18,7 @@ struct PodInfo {
   std::string service_account;
   std::string container_id;
   std::string netns;     // path of the pod's netns
+  uint64_t netns_cookie = 0;  // what the netns is, once opened (a path may go away, e.g. /proc/PID)
   std::string ifname;    // the interface the CNI made
   std::vector<std::string> ips;
   std::optional<bool> enroll_hint;  // an explicit yes/no from the source (e.g. CNI_ARGS)

@@ -26,6 +26,8 @@ Status UnixListener::start(const std::string& path, int type, std::function<void
   int r = bind(fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   umask(old);
   if (r != 0) return sys_error("bind", path);
+  struct stat st {};
+  if (stat(path.c_str(), &st) == 0) ino_ = st.st_ino;
   if (listen(fd_.get(), 64) != 0) return sys_error("listen", path);
   thread_ = std::thread([this, on_conn = std::move(on_conn)] {
     while (!stopping_) {
@@ -43,7 +45,8 @@ void UnixListener::stop() {
   if (fd_.valid()) shutdown(fd_.get(), SHUT_RDWR);
   if (thread_.joinable()) thread_.join();
   fd_.reset();
-  if (!path_.empty()) unlink(path_.c_str());
+  struct stat st {};
+  if (!path_.empty() && stat(path_.c_str(), &st) == 0 && st.st_ino == ino_) unlink(path_.c_str());
 }
 
 }  // namespace podsteer

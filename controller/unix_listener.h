@@ -2,6 +2,8 @@
 // no window where others could connect, accepted on a thread that stops on request.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <functional>
 #include <string>
@@ -21,6 +23,7 @@ class UnixListener {
 
  private:
   std::string path_;
+  ino_t ino_ = 0;  // our socket file: stop() leaves one a newer agent bound at path_ alone
   Fd fd_;
   std::thread thread_;
   std::atomic<bool> stopping_{false};

@@ -2,13 +2,12 @@
 
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
-#include <unistd.h>
 
-#include <filesystem>
+#include <chrono>
+#include <thread>
 
 #include "log.h"
+#include "netns.h"
 #include "wire.h"
 #include "zds.pb.h"
 
@@ -16,98 +15,227 @@ namespace podsteer {
 
 namespace pb = istio::workload::zds;
 
-ZdsServer::ZdsServer(std::string path, int ack_timeout_ms, SnapshotFn snapshot)
-    : path_(std::move(path)), ack_timeout_ms_(ack_timeout_ms), snapshot_(std::move(snapshot)) {}
+namespace {
 
-ZdsServer::~ZdsServer() { stop(); }
-
-Status ZdsServer::start() {
-  PODSTEER_TRY(listener_.start(path_, SOCK_SEQPACKET, [this](Fd conn) {
-    auto st = handshake(std::move(conn));
-    if (!st) spdlog::warn("zds: proxy connection rejected: {}", st.error().message());
-  }));
-  spdlog::info("zds: listening on {}", path_);
-  return {};
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
-void ZdsServer::stop() { listener_.stop(); }
-
-Status ZdsServer::request_locked(const std::string& what, const google::protobuf::MessageLite& m, int fd) {
-  if (!conn_.valid()) return invalid("no node proxy is connected to " + path_);
-  auto st = zds::send(conn_.get(), m, fd);
-  if (!st) {
-    conn_.reset();
-    return st;
-  }
-  auto pkt = zds::receive(conn_.get(), ack_timeout_ms_);
-  if (!pkt) {
-    conn_.reset();  // lockstep is broken: the proxy reconnects and gets a snapshot
-    return Error{pkt.error().op, pkt.error().err, what};
-  }
-  auto resp = zds::parse<pb::WorkloadResponse>(*pkt);
-  if (!resp) {
-    conn_.reset();
-    return Error{resp.error().op, 0, what};
-  }
-  if (!resp->has_ack()) return invalid("proxy answered without an ack", what);
-  if (!resp->ack().error().empty()) return invalid("proxy refused: " + resp->ack().error(), what);
-  return {};
-}
-
-static pb::WorkloadRequest add_request(const PodInfo& pod) {
+pb::WorkloadRequest add_request(const PodInfo& pod) {
   pb::WorkloadRequest req;
   auto* add = req.mutable_add();
   add->set_uid(pod.uid);
   add->mutable_workload_info()->set_name(pod.name);
   add->mutable_workload_info()->set_namespace_(pod.namespace_);
-  add->mutable_workload_info()->set_service_account(pod.service_account);
+  // ztunnel finds the workload by name, namespace and service account: never empty
+  add->mutable_workload_info()->set_service_account(pod.service_account.empty() ? "default" : pod.service_account);
   return req;
 }
 
-Status ZdsServer::handshake(Fd conn) {
-  auto pkt = zds::receive(conn.get(), ack_timeout_ms_);
-  if (!pkt) return pkt.error();
-  auto hello = zds::parse<pb::ZdsHello>(*pkt);
-  if (!hello) return hello.error();
-  if (hello->version() != pb::V1) return invalid("unsupported ZDS version " + std::to_string(hello->version()));
-  std::lock_guard<std::mutex> g(mu_);
-  conn_ = std::move(conn);  // replaces (and closes) an older proxy connection
-  connections_++;
-  size_t n = 0;
-  for (auto& e : snapshot_()) {
-    auto st = request_locked("snapshot add " + e.pod.full_name(), add_request(e.pod), e.netns.get());
-    if (!st) return st;
-    ++n;
-  }
-  pb::WorkloadRequest done;
-  done.mutable_snapshot_sent();
-  PODSTEER_TRY(request_locked("snapshot sent", done, -1));
-  spdlog::info("zds: proxy connected, snapshot of {} pod(s) acked", n);
+}  // namespace
+
+struct ZdsServer::Conn {
+  Fd fd;
+  uint64_t id = 0;
+  std::mutex io;  // one request in flight on this connection (lockstep)
+  std::atomic<bool> dead{false};
+};
+
+ZdsServer::ZdsServer(std::string path, int ack_timeout_ms) : path_(std::move(path)), ack_timeout_ms_(ack_timeout_ms) {}
+
+ZdsServer::~ZdsServer() { stop(); }
+
+Status ZdsServer::start() {
+  PODSTEER_TRY(listener_.start(path_, SOCK_SEQPACKET, [this](Fd conn) { handshake(std::move(conn)); }));
+  spdlog::info("zds: listening on {}", path_);
   return {};
 }
 
-Status ZdsServer::add(const PodInfo& pod, int netns_fd) {
-  std::lock_guard<std::mutex> g(mu_);
-  return request_locked("add " + pod.full_name(), add_request(pod), netns_fd);
+void ZdsServer::stop() {
+  listener_.stop();
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& c : all_) shutdown(c->fd.get(), SHUT_RDWR);  // unblocks every handshake
+    threads.swap(handshakes_);
+    conns_.clear();
+    all_.clear();
+  }
+  for (auto& t : threads) t.join();
 }
 
-Status ZdsServer::del(const std::string& uid) {
+// Runs on the listener's thread: hands the connection to a thread of its own, so a slow
+// proxy never keeps the next one waiting.
+void ZdsServer::handshake(Fd fd) {
+  auto c = std::make_shared<Conn>();
+  c->fd = std::move(fd);
   std::lock_guard<std::mutex> g(mu_);
+  c->id = ++counters_.connections;
+  all_.push_back(c);
+  handshakes_.emplace_back([this, c] {
+    // holds the connection until its snapshot is done: requests for it wait behind it
+    std::unique_lock<std::mutex> lock(c->io);
+    auto pkt = zds::receive(c->fd.get(), ack_timeout_ms_);
+    auto hello = pkt ? zds::parse<pb::ZdsHello>(*pkt) : Result<pb::ZdsHello>(pkt.error());
+    if (!hello || hello->version() != pb::V1) {
+      spdlog::warn("zds: proxy {} rejected: {}", c->id,
+                   hello ? "unsupported ZDS version " + std::to_string(hello->version()) : hello.error().message());
+      return;
+    }
+    std::vector<PodInfo> snapshot;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      conns_.push_back(c);  // from here on, removals reach it too
+      for (const auto& [_, p] : workloads_) snapshot.push_back(p);
+    }
+    size_t adds = 0, keeps = 0;
+    for (const auto& p : snapshot) {
+      auto ns = open_netns(p.netns);
+      Status st;
+      if (ns && (p.netns_cookie == 0 || ns->cookie == p.netns_cookie)) {
+        st = request(*c, "snapshot add " + p.full_name(), add_request(p), ns->fd.get());
+        ++adds;
+      } else {
+        // The pod is ours but its netns does not open now (istio-cni does the same): the
+        // proxy keeps what it has instead of dropping it.
+        pb::WorkloadRequest keep;
+        keep.mutable_keep()->set_uid(p.uid);
+        st = request(*c, "snapshot keep " + p.full_name(), keep, -1);
+        ++keeps;
+        std::lock_guard<std::mutex> g(mu_);
+        counters_.keeps++;
+      }
+      if (!st && c->dead) return;
+      if (!st) spdlog::warn("zds: proxy {}: {} (the snapshot goes on)", c->id, st.error().message());
+    }
+    pb::WorkloadRequest done;
+    done.mutable_snapshot_sent();
+    auto st = request(*c, "snapshot sent", done, -1);
+    if (!st) {
+      spdlog::warn("zds: proxy {}: {}", c->id, st.error().message());
+      return;
+    }
+    spdlog::info("zds: proxy {} connected, snapshot of {} pod(s) ({} kept) acked", c->id, adds + keeps, keeps);
+  });
+}
+
+Status ZdsServer::request(Conn& c, const std::string& what, const google::protobuf::MessageLite& m, int fd) {
+  if (c.dead) return invalid("proxy connection closed", what);
+  uint64_t serial;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    serial = ++serial_;
+    pending_[serial] = now_ms();
+  }
+  auto done = [&](Status st) {
+    std::lock_guard<std::mutex> g(mu_);
+    pending_.erase(serial);
+    if (!st && st.error().op.find("proxy refused") != std::string::npos) counters_.nacks++;
+    else if (!st) counters_.failed_requests++;
+    return st;
+  };
+  auto st = zds::send(c.fd.get(), m, fd);
+  if (!st) {
+    c.dead = true;
+    return done(st);
+  }
+  auto pkt = zds::receive(c.fd.get(), ack_timeout_ms_);
+  if (!pkt) {
+    c.dead = true;  // lockstep is broken: the proxy reconnects and gets a snapshot
+    return done(Error{pkt.error().op, pkt.error().err, what});
+  }
+  auto resp = zds::parse<pb::WorkloadResponse>(*pkt);
+  if (!resp || !resp->has_ack()) {
+    c.dead = true;
+    return done(invalid("proxy answered with something other than an ack", what));
+  }
+  if (!resp->ack().error().empty()) return done(invalid("proxy refused: " + resp->ack().error(), what));
+  return done({});
+}
+
+std::vector<std::shared_ptr<ZdsServer::Conn>> ZdsServer::live() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::shared_ptr<Conn>> out;
+  for (auto it = conns_.begin(); it != conns_.end();) {
+    pollfd p{(*it)->fd.get(), POLLIN | POLLRDHUP, 0};
+    bool hung = poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR));
+    if ((*it)->dead || hung) {
+      (*it)->dead = true;
+      std::erase(all_, *it);
+      it = conns_.erase(it);
+      continue;
+    }
+    out.push_back(*it);
+    ++it;
+  }
+  return out;
+}
+
+std::shared_ptr<ZdsServer::Conn> ZdsServer::newest() {
+  auto all = live();
+  return all.empty() ? nullptr : all.back();
+}
+
+Status ZdsServer::add(const PodInfo& pod, int netns_fd) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    workloads_[pod.uid] = pod;
+  }
+  auto c = newest();
+  Status st = c ? Status() : invalid("no node proxy is connected to " + path_);
+  if (c) {
+    std::lock_guard<std::mutex> io(c->io);
+    st = request(*c, "add " + pod.full_name(), add_request(pod), netns_fd);
+  }
+  if (!st) {  // the caller rolls the capture back: later snapshots must not name the pod
+    std::lock_guard<std::mutex> g(mu_);
+    workloads_.erase(pod.uid);
+  }
+  return st;
+}
+
+std::vector<PodInfo> ZdsServer::workloads() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<PodInfo> out;
+  for (const auto& [_, p] : workloads_) out.push_back(p);
+  return out;
+}
+
+void ZdsServer::upsert(const PodInfo& pod) {
+  std::lock_guard<std::mutex> g(mu_);
+  workloads_[pod.uid] = pod;
+}
+
+void ZdsServer::remove(const std::string& uid) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    workloads_.erase(uid);
+  }
   pb::WorkloadRequest req;
   req.mutable_del()->set_uid(uid);
-  return request_locked("del " + uid, req, -1);
+  for (auto& c : live()) {
+    std::lock_guard<std::mutex> io(c->io);
+    auto st = request(*c, "del " + uid, req, -1);
+    if (!st) spdlog::warn("zds: proxy {}: {}", c->id, st.error().message());
+  }
 }
 
-bool ZdsServer::connected() {
-  std::unique_lock<std::mutex> g(mu_, std::try_to_lock);
-  if (!g.owns_lock()) return true;  // a request is in flight on a live connection
-  if (!conn_.valid()) return false;
-  pollfd p{conn_.get(), POLLIN | POLLRDHUP, 0};
-  if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
-    conn_.reset();
-    return false;
-  }
-  return true;
+bool ZdsServer::connected() { return !live().empty(); }
+
+size_t ZdsServer::proxies() { return live().size(); }
+
+ZdsCounters ZdsServer::counters() {
+  std::lock_guard<std::mutex> g(mu_);
+  return counters_;
+}
+
+int64_t ZdsServer::oldest_pending_ms() {
+  std::lock_guard<std::mutex> g(mu_);
+  int64_t oldest = 0;
+  for (const auto& [_, t] : pending_)
+    if (!oldest || t < oldest) oldest = t;
+  return oldest;
 }
 
 }  // namespace podsteer

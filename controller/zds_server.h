@@ -1,10 +1,17 @@
-// The agent's side of ZDS: one node proxy connected at a time (a new connection replaces
-// the old); every new connection gets the full snapshot, then SnapshotSent; each request
-// waits for its ack (strict lockstep).
+// The agent's side of ZDS, as istio-cni serves it. Any number of node proxies may be
+// connected at once (a ztunnel rolling upgrade runs two): each connection gets the full
+// snapshot (AddWorkload with the netns fd per pod, KeepWorkload for a pod whose netns
+// cannot be opened, then SnapshotSent); a new pod goes to the newest proxy, a removed pod
+// to every one. Each request waits for its ack (strict lockstep per connection); a nack is
+// logged and counted, and a snapshot goes on past it.
+//
+// The server keeps its own copy of the workloads it should announce, set by the agent
+// with upsert/remove: a proxy connecting never needs the agent (or its locks).
 #pragma once
 
 #include <atomic>
-#include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -21,36 +28,55 @@ class MessageLite;
 
 namespace podsteer {
 
-struct SnapshotEntry {
-  PodInfo pod;
-  Fd netns;
+struct ZdsCounters {
+  uint64_t connections = 0;     // proxies accepted
+  uint64_t nacks = 0;           // acks that carried an error
+  uint64_t keeps = 0;           // KeepWorkload sent in snapshots
+  uint64_t failed_requests = 0; // no ack (timeout, closed connection)
 };
 
 class ZdsServer {
  public:
-  using SnapshotFn = std::function<std::vector<SnapshotEntry>()>;
-  ZdsServer(std::string path, int ack_timeout_ms, SnapshotFn snapshot);
+  ZdsServer(std::string path, int ack_timeout_ms);
   ~ZdsServer();
   Status start();
   void stop();
 
-  // Sends AddWorkload with the netns fd and waits for the ack.
+  // Sends AddWorkload (with the netns fd) to the newest proxy and waits for its ack; the
+  // pod is part of every later snapshot whatever the answer.
   Status add(const PodInfo& pod, int netns_fd);
-  Status del(const std::string& uid);
+  // Forgets the pod and sends DelWorkload to every connected proxy.
+  void remove(const std::string& uid);
+  // Records a pod for snapshots without telling a proxy now (a pod adopted at start).
+  void upsert(const PodInfo& pod);
+  // The pods every proxy is told about.
+  std::vector<PodInfo> workloads();
   bool connected();
-  uint64_t connections() const { return connections_; }
+  size_t proxies();
+  ZdsCounters counters();
+  // Start time of the oldest request still waiting for its ack, 0 if none: a watchdog
+  // reads it to tell a stuck ZDS path.
+  int64_t oldest_pending_ms();
 
  private:
-  Status handshake(Fd conn);
-  Status request_locked(const std::string& what, const google::protobuf::MessageLite& m, int fd);
+  struct Conn;
+  void handshake(Fd fd);
+  Status request(Conn& c, const std::string& what, const google::protobuf::MessageLite& m, int fd);
+  std::shared_ptr<Conn> newest();
+  std::vector<std::shared_ptr<Conn>> live();
+  void drop(const std::shared_ptr<Conn>& c);
 
   std::string path_;
   int ack_timeout_ms_;
-  SnapshotFn snapshot_;
   UnixListener listener_;
-  std::mutex mu_;  // one request in flight at a time
-  Fd conn_;
-  std::atomic<uint64_t> connections_{0};
+  std::mutex mu_;  // conns_, workloads_, counters_, pending_
+  std::vector<std::shared_ptr<Conn>> conns_;  // proxies past their hello, oldest first
+  std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)
+  std::vector<std::thread> handshakes_;       // one per connection, joined on stop
+  std::map<std::string, PodInfo> workloads_;  // by uid
+  ZdsCounters counters_;
+  std::map<uint64_t, int64_t> pending_;  // request serial -> start (ms, steady clock)
+  uint64_t serial_ = 0;
 };
 
 }  // namespace podsteer

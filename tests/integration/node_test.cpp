@@ -217,7 +217,9 @@ TEST_F(NodeTest, ZdsWireFormatAndNetnsFdPassing) {
   auto r = node->add_pod(web, "ambient", "web");
   proxy_side.join();
   ASSERT_EQ(r.rc, 0) << r.out;
-  std::string info = field(1, "web") + field(2, "ambient");
+  // CNI_ARGS never carry the service account (containerd and CRI-O do not pass it); without
+  // an API to ask, it is Kubernetes' own default: ztunnel needs one to find the workload
+  std::string info = field(1, "web") + field(2, "ambient") + field(3, "default");
   std::string expected = field(1, field(1, "uid-web") + field(2, info));
   EXPECT_EQ(add_pkt.bytes, expected) << "AddWorkload on the wire";
   // and the protobuf library reads the same message

@@ -38,6 +38,10 @@ bool cut_mid_event = false;             // the next cut stops a stream halfway t
 uint64_t garbage_generation = 0;        // bumped to send every open watch a malformed line
 uint64_t gone_generation = 0;           // bumped to expire every open watch (ERROR 410)
 std::string token_file;
+bool api_down = false;
+uint64_t status_patches = 0;            // PATCHes of pods/status
+uint64_t lists = 0;                     // list requests (not watches), for relist backoff checks                  // every API request answers 503 (the API is unreachable)
+uint64_t error_generation = 0;          // bumped to end every open watch with a non-410 ERROR
 
 std::string now_rfc3339() {
   auto t = std::time(nullptr);
@@ -57,6 +61,13 @@ void reply(httplib::Response& res, int code, const json& j) {
 }
 
 bool authorized(const httplib::Request& req, httplib::Response& res) {
+  {
+    std::lock_guard<std::mutex> g(mu);
+    if (api_down) {
+      reply(res, 503, status(503, "ServiceUnavailable", "the API server is down (testctl)"));
+      return false;
+    }
+  }
   if (token_file.empty()) return true;
   std::ifstream in(token_file);
   std::string token;
@@ -117,6 +128,7 @@ void record(const std::string& type, const json& obj) {
 }
 
 std::string key(const std::string& kind, const std::string& ns, const std::string& name) {
+  if (kind == "daemonsets") return "daemonsets/" + ns + "/" + name;
   return kind == "pods" ? "pods/" + ns + "/" + name : "namespaces/" + name;
 }
 
@@ -147,6 +159,7 @@ void handle_list_or_watch(const httplib::Request& req, httplib::Response& res, c
   std::string w = req.get_param_value("watch");
   if (w != "1" && w != "true") {
     std::lock_guard<std::mutex> g(mu);
+    ++lists;
     json items = json::array();
     std::string prefix = kind + "/";
     for (const auto& [k, o] : objects)
@@ -168,12 +181,13 @@ void handle_list_or_watch(const httplib::Request& req, httplib::Response& res, c
   }
   bool bookmarks = req.get_param_value("allowWatchBookmarks") == "true";
   int timeout = req.has_param("timeoutSeconds") ? std::stoi(req.get_param_value("timeoutSeconds")) : 300;
-  uint64_t gen, garbage, gone;
+  uint64_t gen, garbage, gone, erroring;
   {
     std::lock_guard<std::mutex> g(mu);
     gen = watch_generation;
     garbage = garbage_generation;
     gone = gone_generation;
+    erroring = error_generation;
   }
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout);
   auto last_bookmark = std::chrono::steady_clock::now();
@@ -190,6 +204,12 @@ void handle_list_or_watch(const httplib::Request& req, httplib::Response& res, c
         sink.write(half.data(), half.size());
       }
       return false;  // the connection drops
+    }
+    if (erroring != error_generation) {  // an ERROR that is not 410: the client must not resume here
+      std::string e = json{{"type", "ERROR"}, {"object", status(500, "InternalError", "etcd is unhappy")}}.dump() + "\n";
+      sink.write(e.data(), e.size());
+      sink.done();
+      return true;
     }
     if (*cursor < compacted || gone != gone_generation) {
       std::string e = json{{"type", "ERROR"}, {"object", status(410, "Expired", "too old resource version")}}.dump() + "\n";
@@ -239,12 +259,12 @@ void upsert(const std::string& kind, json obj, httplib::Response& res, bool crea
   std::string k = key(kind, ns, name);
   if (create && objects.count(k)) return reply(res, 409, status(409, "AlreadyExists", name + " already exists"));
   ++rv;
-  if (kind == "pods") obj["metadata"]["namespace"] = ns;
+  if (kind == "pods" || kind == "daemonsets") obj["metadata"]["namespace"] = ns;
   if (!obj["metadata"].contains("uid")) obj["metadata"]["uid"] = "uid-" + name;
   if (!obj["metadata"].contains("creationTimestamp")) obj["metadata"]["creationTimestamp"] = now_rfc3339();
   obj["metadata"]["resourceVersion"] = std::to_string(rv);
-  obj["kind"] = kind == "pods" ? "Pod" : "Namespace";
-  obj["apiVersion"] = "v1";
+  obj["kind"] = kind == "pods" ? "Pod" : kind == "daemonsets" ? "DaemonSet" : "Namespace";
+  obj["apiVersion"] = kind == "daemonsets" ? "apps/v1" : "v1";
   bool existed = objects.count(k);
   objects[k] = obj;
   record(existed ? "MODIFIED" : "ADDED", obj);
@@ -350,6 +370,28 @@ int main(int argc, char** argv) {
   srv.Patch(R"(/api/v1/namespaces/([^/]+)/pods/([^/]+))", [&](const httplib::Request& req, httplib::Response& res) {
     if (authorized(req, res)) patch("pods", req.matches[1], req.matches[2], req, res);
   });
+  // The status subresource, as the API server's pod status strategy treats it: metadata and
+  // status change, the spec stays what it was.
+  srv.Patch(R"(/api/v1/namespaces/([^/]+)/pods/([^/]+)/status)", [&](const httplib::Request& req, httplib::Response& res) {
+    if (!authorized(req, res)) return;
+    auto p = json::parse(req.body, nullptr, false);
+    if (p.is_discarded() || !p.is_object()) return reply(res, 400, status(400, "BadRequest", "patch is not a JSON object"));
+    json obj;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto it = objects.find(key("pods", req.matches[1], req.matches[2]));
+      if (it == objects.end()) return reply(res, 404, status(404, "NotFound", "not found"));
+      obj = it->second;
+    }
+    json spec = obj.value("spec", json::object());
+    obj.merge_patch(p);
+    obj["spec"] = spec;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      status_patches++;
+    }
+    upsert("pods", obj, res, false);
+  });
   srv.Patch(R"(/api/v1/namespaces/([^/]+))", [&](const httplib::Request& req, httplib::Response& res) {
     if (authorized(req, res)) patch("namespaces", "", req.matches[1], req, res);
   });
@@ -377,6 +419,22 @@ int main(int argc, char** argv) {
     objects.erase(it);
     record("DELETED", o);
     reply(res, 200, o);
+  });
+  srv.Get(R"(/apis/apps/v1/namespaces/([^/]+)/daemonsets/([^/]+))", [&](const httplib::Request& req, httplib::Response& res) {
+    if (authorized(req, res)) get_one(key("daemonsets", req.matches[1], req.matches[2]), res, req.matches[2]);
+  });
+  srv.Post(R"(/apis/apps/v1/namespaces/([^/]+)/daemonsets)", [](const httplib::Request& req, httplib::Response& res) {
+    if (!authorized(req, res)) return;
+    auto o = json::parse(req.body, nullptr, false);
+    if (o.is_discarded() || !o.contains("metadata")) return reply(res, 400, status(400, "BadRequest", "not a daemonset"));
+    o["metadata"]["namespace"] = std::string(req.matches[1]);
+    upsert("daemonsets", o, res, true);
+  });
+  srv.Delete(R"(/apis/apps/v1/namespaces/([^/]+)/daemonsets/([^/]+))", [](const httplib::Request& req, httplib::Response& res) {
+    if (!authorized(req, res)) return;
+    std::lock_guard<std::mutex> g(mu);
+    objects.erase(key("daemonsets", req.matches[1], req.matches[2]));
+    reply(res, 200, status(200, "Success", "deleted"));
   });
   srv.Get(R"(/apis/.*|/api/v1/namespaces/[^/]+/(serviceaccounts|configmaps)/.*)",
           [](const httplib::Request&, httplib::Response& res) { reply(res, 404, status(404, "NotFound", "not found")); });
@@ -408,6 +466,21 @@ int main(int argc, char** argv) {
     std::lock_guard<std::mutex> g(mu);
     split_chunks = req.get_param_value("on") == "true";
     reply(res, 200, json::object());
+  });
+  srv.Post("/testctl/down", [](const httplib::Request& req, httplib::Response& res) {
+    std::lock_guard<std::mutex> g(mu);
+    api_down = req.get_param_value("on") == "true";
+    reply(res, 200, json::object());
+  });
+  srv.Post("/testctl/error-event", [](const httplib::Request&, httplib::Response& res) {
+    std::lock_guard<std::mutex> g(mu);
+    ++error_generation;
+    changed.notify_all();
+    reply(res, 200, json::object());
+  });
+  srv.Get("/testctl/stats", [](const httplib::Request&, httplib::Response& res) {
+    std::lock_guard<std::mutex> g(mu);
+    reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}});
   });
   srv.Get("/testctl/watchers", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);

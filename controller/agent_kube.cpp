@@ -1,0 +1,144 @@
+// The Kubernetes pod source at work: pods that are enrolled by their labels but not
+// captured (they ran before the agent, or were labelled later) are captured through their
+// netns found in /proc; captured pods whose labels now say no are released. A pod is never
+// released because the API does not show it yet, lacks IPs, or is Pending: the CNI path
+// may have captured it a moment ago, and a deleted pod's netns goes away with it (drift
+// repair releases those).
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "agent.h"
+#include "log.h"
+#include "netns.h"
+
+namespace podsteer {
+
+using json = nlohmann::json;
+
+std::optional<std::string> find_pod_netns(const kube::Pod& pod, const std::string& proc_root) {
+  if (pod.ips.empty()) return std::nullopt;  // nothing to confirm the netns by
+  std::string uid_us = pod.uid;
+  std::replace(uid_us.begin(), uid_us.end(), '-', '_');  // systemd slice names
+  std::set<ino_t> tried;
+  DIR* d = opendir(proc_root.c_str());
+  if (!d) return std::nullopt;
+  std::optional<std::string> found;
+  while (dirent* e = readdir(d)) {
+    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0]))) continue;
+    std::string base = proc_root + "/" + e->d_name;
+    std::ifstream cg(base + "/cgroup");
+    std::stringstream ss;
+    ss << cg.rdbuf();
+    std::string text = ss.str();
+    if (text.find("pod" + pod.uid) == std::string::npos && text.find("pod" + uid_us) == std::string::npos) continue;
+    std::string ns_path = base + "/ns/net";
+    struct stat st {};
+    if (stat(ns_path.c_str(), &st) != 0 || !tried.insert(st.st_ino).second) continue;
+    auto ns = open_netns(ns_path);
+    if (!ns) continue;
+    auto ifaces = list_interfaces(ns->fd.get());
+    if (!ifaces) continue;
+    for (const auto& i : *ifaces) {
+      for (const auto& a : i.ip4)
+        if (std::find(pod.ips.begin(), pod.ips.end(), format_ip(a)) != pod.ips.end()) found = ns_path;
+      for (const auto& a : i.ip6)
+        if (std::find(pod.ips.begin(), pod.ips.end(), format_ip(a)) != pod.ips.end()) found = ns_path;
+    }
+    if (found) break;
+  }
+  closedir(d);
+  return found;
+}
+
+std::optional<std::string> find_netns_by_inode(uint64_t ino, const std::string& proc_root) {
+  if (!ino) return std::nullopt;
+  DIR* d = opendir(proc_root.c_str());
+  if (!d) return std::nullopt;
+  std::optional<std::string> found;
+  while (dirent* e = readdir(d)) {
+    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0]))) continue;
+    std::string p = proc_root + "/" + e->d_name + "/ns/net";
+    struct stat st {};
+    if (stat(p.c_str(), &st) == 0 && st.st_ino == ino) {
+      found = p;
+      break;
+    }
+  }
+  closedir(d);
+  return found;
+}
+
+void Agent::annotate(const kube::Pod& pod, bool captured) {
+  const std::string key = "podsteer.io/captured";
+  bool has = pod.annotations.count(key) && pod.annotations.at(key) == "true";
+  if (has == captured) return;
+  // Through the status subresource: the agent's RBAC grants patch on pods/status only,
+  // which cannot touch a pod's spec (see deploy/rbac.yaml).
+  json patch = {{"metadata", {{"annotations", {{key, captured ? json("true") : json(nullptr)}}}}}};
+  auto r = kube_client_->merge_patch("/api/v1/namespaces/" + pod.namespace_ + "/pods/" + pod.name + "/status", patch);
+  if (!r) spdlog::warn("kube: annotate {}/{}: {}", pod.namespace_, pod.name, r.error().message());
+}
+
+void Agent::kube_worker() {
+  while (!stopping_) {
+    {
+      std::unique_lock<std::mutex> g(kube_mu_);
+      // also on a timer: a pod whose netns was not found yet, or a proxy that was away
+      kube_cv_.wait_for(g, std::chrono::seconds(2), [this] { return kube_dirty_ || stopping_.load(); });
+      kube_dirty_ = false;
+    }
+    if (stopping_) break;
+    auto snap = kube_source_->snapshot();
+    if (!snap.synced) continue;
+    reconcile_kube(snap);
+    kube_reconciled_ = true;
+  }
+}
+
+void Agent::reconcile_kube(const kube::Snapshot& snap) {
+  auto current = dp()->pods(Datapath::Detail::Summary);
+  if (!current) return;
+  std::map<std::string, PodStatus> captured;  // by uid
+  for (auto& p : *current)
+    if (p.meta.uid[0]) captured[p.meta.uid] = p;
+  for (const auto& [uid, pod] : snap.pods) {
+    auto ns = snap.namespaces.find(pod.namespace_);
+    bool want = cfg_.label_policy.enrolled(pod, ns == snap.namespaces.end() ? nullptr : &ns->second);
+    bool have = captured.count(uid);
+    PodInfo info;
+    info.uid = uid;
+    info.name = pod.name;
+    info.namespace_ = pod.namespace_;
+    info.service_account = pod.service_account;
+    if (want && !have) {
+      if (pod.phase != "Running" && pod.phase != "Pending") continue;  // Succeeded, Failed: nothing runs
+      if (!zds_->connected()) continue;  // captured only with a proxy to take it: retried on the timer
+      auto path = find_pod_netns(pod, cfg_.proc_root);
+      if (!path) {
+        spdlog::debug("kube: no netns found yet for {}/{}", pod.namespace_, pod.name);
+        continue;
+      }
+      info.netns = *path;
+      auto st = capture(info);
+      if (!st) {
+        spdlog::warn("kube: capture {}: {}", info.full_name(), st.error().message());
+        continue;
+      }
+      spdlog::info("kube: captured running pod {} (netns {})", info.full_name(), *path);
+      annotate(pod, true);
+    } else if (!want && have) {
+      auto st = release(info, "its labels no longer enroll it");
+      if (!st) spdlog::warn("kube: release {}: {}", info.full_name(), st.error().message());
+      else annotate(pod, false);
+    } else if (want && have) {
+      annotate(pod, true);
+    }
+  }
+}
+
+}  // namespace podsteer

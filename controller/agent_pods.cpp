@@ -1,0 +1,106 @@
+// Capture and release of one pod: the datapath and the node proxies, in that order, one
+// operation per pod at a time.
+#include "agent.h"
+#include "log.h"
+#include "netns.h"
+
+namespace podsteer {
+
+std::string Agent::pod_key(const PodInfo& pod) {
+  if (!pod.uid.empty()) return "uid:" + pod.uid;
+  if (!pod.container_id.empty()) return "ctr:" + pod.container_id;
+  return "netns:" + pod.netns;
+}
+
+std::shared_ptr<std::mutex> Agent::pod_lock(const std::string& key) {
+  std::lock_guard<std::mutex> g(pod_locks_mu_);
+  auto& weak = pod_locks_[key];
+  auto lock = weak.lock();
+  if (!lock) {
+    lock = std::make_shared<std::mutex>();
+    weak = lock;
+  }
+  for (auto it = pod_locks_.begin(); it != pod_locks_.end();)  // keep the map small
+    it = it->second.expired() && it->first != key ? pod_locks_.erase(it) : std::next(it);
+  return lock;
+}
+
+std::shared_ptr<Datapath> Agent::dp() {
+  std::lock_guard<std::mutex> g(dp_mu_);
+  return dp_;
+}
+
+PodInfo Agent::pod_from_meta(const PodStatus& s) {
+  PodInfo p;
+  p.uid = s.meta.uid;
+  p.namespace_ = s.meta.namespace_;
+  p.name = s.meta.name;
+  p.service_account = s.meta.service_account;
+  p.container_id = s.meta.container_id;
+  p.netns = s.meta.netns_path;
+  p.netns_cookie = s.cookie;
+  return p;
+}
+
+PodOptions Agent::options_for(const PodInfo& pod) const {
+  PodOptions o;
+  o.namespace_ = pod.namespace_;
+  o.name = pod.name;
+  o.uid = pod.uid;
+  o.service_account = pod.service_account.empty() ? "default" : pod.service_account;
+  o.container_id = pod.container_id;
+  o.dns = cfg_.dns;
+  o.fail_open = cfg_.fail_open;
+  return o;
+}
+
+std::optional<PodStatus> Agent::find_captured(const PodInfo& pod) {
+  auto d = dp();
+  auto pods = d->pods(Datapath::Detail::Summary);
+  if (!pods) return std::nullopt;
+  for (auto& p : *pods) {
+    if ((!pod.uid.empty() && pod.uid == p.meta.uid) ||
+        (!pod.container_id.empty() && pod.container_id == p.meta.container_id) ||
+        (pod.netns_cookie && pod.netns_cookie == p.cookie))
+      return std::move(p);
+  }
+  return std::nullopt;
+}
+
+Status Agent::capture(const PodInfo& in) {
+  auto lock = pod_lock(pod_key(in));
+  std::lock_guard<std::mutex> g(*lock);
+  auto ns = open_netns(in.netns);
+  if (!ns) return ns.error();
+  PodInfo pod = in;
+  pod.netns_cookie = ns->cookie;
+  if (pod.service_account.empty()) pod.service_account = "default";
+  auto d = dp();
+  auto r = d->enroll(*ns, options_for(pod));
+  if (!r) return r.error();
+  auto st = zds_->add(pod, ns->fd.get());
+  if (!st) {
+    // Not captured with the proxy's ack: undo, so a retry starts clean and the app never
+    // runs half-captured.
+    if (*r == EnrollOutcome::Enrolled) (void)d->unenroll(ns->cookie);
+    return Error{"node proxy did not take the pod: " + st.error().message(), 0, pod.full_name()};
+  }
+  spdlog::info("captured {} (netns {}, uid {}, service account {})", pod.full_name(), pod.netns, pod.uid,
+               pod.service_account);
+  return {};
+}
+
+Status Agent::release(const PodInfo& pod, const std::string& why) {
+  auto lock = pod_lock(pod_key(pod));
+  std::lock_guard<std::mutex> g(*lock);
+  auto found = find_captured(pod);
+  if (!found) return {};  // already released: idempotent
+  std::string uid = found->meta.uid;
+  if (!uid.empty()) zds_->remove(uid);  // DelWorkload to every proxy
+  auto st = dp()->unenroll(found->cookie);
+  if (!st) return st;
+  spdlog::info("released {} ({})", found->full_name(), why);
+  return {};
+}
+
+}  // namespace podsteer

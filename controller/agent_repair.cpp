@@ -1,0 +1,125 @@
+// Drift repair (Istio #61182: a pod bypassed the mesh for 29 days because a piece of its
+// capture was gone and nothing looked). Every repair_interval_ms the agent checks the
+// install (state dir, socket hooks at the hook cgroup) and every captured pod (pod entry,
+// sk_lookup link, return path rules, routes and sysctl, its netns), puts back whatever is
+// missing, and counts and logs each piece. The pass also refreshes the status cache that
+// /metrics reads, so a scrape never opens a pod's netns.
+#include <chrono>
+
+#include "agent.h"
+#include "log.h"
+#include "netns.h"
+
+namespace podsteer {
+
+namespace {
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The options a captured pod was enrolled with, as its entries record them.
+PodOptions options_from_status(const PodStatus& s) {
+  PodOptions o;
+  o.namespace_ = s.meta.namespace_;
+  o.name = s.meta.name;
+  o.uid = s.meta.uid;
+  o.service_account = s.meta.service_account;
+  o.container_id = s.meta.container_id;
+  uint32_t flags = s.has_entry ? s.entry.flags : s.meta.flags;
+  o.dns = flags & PODSTEER_POD_DNS;
+  o.fail_open = flags & PODSTEER_POD_FAIL_OPEN;
+  o.exclude_inbound_ports = s.excluded_inbound_ports;
+  o.exclude_outbound_ports = s.excluded_outbound_ports;
+  for (const auto& c : s.excluded_cidrs)
+    if (auto parsed = parse_cidr(c); parsed) o.exclude_outbound_cidrs.push_back(*parsed);
+  return o;
+}
+
+}  // namespace
+
+void Agent::count_repair(const std::string& piece, const std::string& pod) {
+  spdlog::warn("repair: {}{} was missing and is back", piece, pod.empty() ? "" : " of " + pod);
+  std::lock_guard<std::mutex> g(count_mu_);
+  repairs_[piece]++;
+}
+
+void Agent::repair_worker() {
+  while (!stopping_) {
+    repair_tick_ms_ = now_ms();
+    repair_once();
+    std::unique_lock<std::mutex> g(repair_mu_);
+    repair_cv_.wait_for(g, std::chrono::milliseconds(cfg_.repair_interval_ms), [this] { return stopping_.load(); });
+  }
+}
+
+void Agent::repair_once() {
+  auto d = dp();
+  // The install itself: gone (uninstalled under us, bpffs lost) means everything goes
+  // back, from what the proxies were told.
+  if (!d->check_installed()) {
+    auto fresh = Datapath::open(cfg_.state_dir, cfg_.node, true);
+    if (!fresh) {
+      spdlog::error("repair: cannot reinstall the datapath: {}", fresh.error().message());
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(dp_mu_);
+      dp_ = std::make_shared<Datapath>(std::move(*fresh));
+    }
+    d = dp();
+    count_repair("datapath install", "");
+    for (const auto& pod : zds_->workloads()) {
+      auto st = capture(pod);
+      if (!st) spdlog::warn("repair: recapture {}: {}", pod.full_name(), st.error().message());
+    }
+  }
+  for (const auto& name : d->missing_hooks()) {
+    auto st = d->repair_hooks();
+    if (!st) spdlog::error("repair: socket hooks: {}", st.error().message());
+    else count_repair("socket hook " + name, "");
+  }
+
+  auto pods = d->pods(Datapath::Detail::Full);
+  if (!pods) return;
+  for (auto& p : *pods) {
+    auto missing = p.missing();
+    if (missing.empty() || p.meta.netns_path[0] == 0) continue;
+    PodInfo info = pod_from_meta(p);
+    auto lock = pod_lock(pod_key(info));
+    std::unique_lock<std::mutex> g(*lock);
+    auto now = d->pod(p.cookie, Datapath::Detail::Full);  // again, under the pod's lock
+    if (!now || now->missing().empty()) continue;
+    std::string path = now->meta.netns_path;
+    if (!now->netns_alive) {
+      // the netns decides, not the path: a /proc/PID path dies with its PID while the
+      // pod's netns lives on in its other processes
+      auto moved = find_netns_by_inode(now->meta.netns_ino, cfg_.proc_root);
+      if (!moved) {
+        g.unlock();  // release() takes the pod's lock itself
+        auto st = release(info, "its netns is gone");
+        if (!st) spdlog::warn("repair: release {}: {}", info.full_name(), st.error().message());
+        continue;
+      }
+      path = *moved;
+    }
+    auto ns = open_netns(path);
+    if (!ns || ns->cookie != p.cookie) continue;
+    auto r = d->enroll(*ns, options_from_status(*now));
+    if (!r) {
+      spdlog::error("repair: {}: {}", now->full_name(), r.error().message());
+      continue;
+    }
+    if (path != std::string(now->meta.netns_path)) count_repair("netns path", now->full_name());
+    for (const auto& piece : now->missing())
+      if (piece.find("network namespace") == std::string::npos) count_repair(piece, now->full_name());
+  }
+  auto fresh = d->pods(Datapath::Detail::Full);
+  if (fresh) {
+    std::lock_guard<std::mutex> g(cache_mu_);
+    cache_ = std::move(*fresh);
+  }
+}
+
+}  // namespace podsteer
