@@ -97,6 +97,7 @@ int cmd_status(Datapath& dp, bool as_json) {
     for (const auto& l : *links)
       jl.push_back({{"program", l.program}, {"link_id", l.link_id}, {"prog_id", l.prog_id}, {"cgroup_id", l.cgroup_id}});
     out["cgroup_links"] = jl;
+    out["missing_hooks"] = dp.missing_hooks();
     json jp = json::array();
     for (const auto& p : *pods) jp.push_back(pod_json(p));
     out["pods"] = jp;
@@ -105,6 +106,9 @@ int cmd_status(Datapath& dp, bool as_json) {
   }
   fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
+  if (auto gone = dp.missing_hooks(); !gone.empty())
+    fmt::print("socket hooks NOT ATTACHED: {} (podsteer-agent puts them back within a second)\n",
+               fmt::join(gone, ", "));
   fmt::print("listeners   outbound {}  inbound {}  hbone {} (never redirected)  dns 127.0.0.1/[::1]:{}  proxy mark {:#x}/{:#x}\n",
              c.outbound_port, c.inbound_port, c.hbone_port, c.dns_port, c.proxy_mark, c.proxy_mark_mask);
   fmt::print("return path app mark {:#x}/{:#x} -> rule pref {} -> table {} (local default route)\n", c.app_mark,

@@ -7,6 +7,9 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <optional>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -131,26 +134,81 @@ Result<bool> chain_into(const std::string& content, const std::string& agent_soc
   return true;
 }
 
+// Writes content to a temporary file next to path (a name libcni ignores), fsynced.
+Result<std::string> write_temp(const std::string& path, const std::string& content, mode_t mode) {
+  std::string tmp = fs::path(path).parent_path().string() + "/.podsteer-" + fs::path(path).filename().string() + ".swap";
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  // write_atomic into a name of our own, then that name is swapped with the real one
+  PODSTEER_TRY(write_atomic(tmp, content, mode));
+  return tmp;
+}
+
+// Replaces path's content (as read in snap) with transform(content), nullopt meaning "as
+// it is". The primary CNI may rewrite its file at any moment: our version goes in with an
+// atomic exchange (renameat2 RENAME_EXCHANGE), which hands back what it displaced. If that
+// is not what our version was made from, the primary wrote in between, and the next round
+// transforms what it wrote. No rewrite of the primary's is ever lost.
+using Transform = std::function<Result<std::optional<std::string>>(const std::string&)>;
+Result<bool> rewrite(const std::string& path, const Snapshot& snap, const Transform& transform,
+                     const std::function<void()>& before_replace) {
+  std::string expected = snap.content, base = snap.content;
+  for (int round = 0; round < 20; ++round) {
+    auto t = transform(base);
+    if (!t) return t.error();
+    std::string updated = t->value_or(base);
+    if (!*t && base == expected) return round > 0;
+    auto tmp = write_temp(path, updated, snap.st.st_mode & 07777);
+    if (!tmp) return tmp.error();
+    if (before_replace) before_replace();
+    if (renameat2(AT_FDCWD, tmp->c_str(), AT_FDCWD, path.c_str(), RENAME_EXCHANGE) != 0) {
+      if (errno != EINVAL && errno != ENOSYS) {
+        auto e = sys_error("exchange", path);
+        unlink(tmp->c_str());
+        return e;
+      }
+      // a filesystem without RENAME_EXCHANGE: a plain rename, if nothing changed since
+      // our read (a rewrite in the moment between the check and the rename is lost)
+      if (!unchanged(path, snap.st) || rename(tmp->c_str(), path.c_str()) != 0) {
+        unlink(tmp->c_str());
+        return invalid("the CNI config changed under us; will retry", path);
+      }
+      return true;
+    }
+    auto displaced = read_file(*tmp);
+    unlink(tmp->c_str());
+    if (!displaced) return displaced.error();
+    if (displaced->content == expected) return true;
+    expected = updated;
+    base = displaced->content;
+  }
+  return invalid("the CNI config kept changing under us; will retry", path);
+}
+
 Result<bool> ensure_chained(const InstallOptions& o) {
-  // The primary CNI may rewrite its file at any moment: if it changed between our read
-  // and our rename, start over from its new content instead of writing over it.
-  for (int attempt = 0; attempt < 20; ++attempt) {
-    auto path = primary_conflist(o.conf_dir);
-    if (!path) return path.error();
-    auto snap = read_file(*path);
-    if (!snap) return snap.error();
+  auto path = primary_conflist(o.conf_dir);
+  if (!path) return path.error();
+  auto snap = read_file(*path);
+  if (!snap) return snap.error();
+  mode_t mode = snap->st.st_mode & 07777;
+  if (fs::path(*path).extension() != ".conflist") {
+    // a single plugin: it becomes a .conflist (which sorts after the .conf of the same
+    // name: if the primary CNI writes its .conf again, the next pass converts that one)
     std::string updated;
     auto changed = chain_into(snap->content, o.agent_socket, updated);
     if (!changed) return Error{changed.error().op, 0, *path};
-    if (!*changed) return false;
-    std::string target = *path;
-    if (fs::path(target).extension() != ".conflist") target = fs::path(target).replace_extension(".conflist").string();
-    if (!unchanged(*path, snap->st)) continue;
-    PODSTEER_TRY(write_atomic(target, updated, snap->st.st_mode & 07777));
-    if (target != *path) unlink(path->c_str());  // converted: the list replaces the single plugin
+    std::string target = fs::path(*path).replace_extension(".conflist").string();
+    PODSTEER_TRY(write_atomic(target, updated, mode));
+    if (unchanged(*path, snap->st)) unlink(path->c_str());
     return true;
   }
-  return invalid("the primary CNI config kept changing under us; will retry", o.conf_dir);
+  return rewrite(*path, *snap, [&](const std::string& base) -> Result<std::optional<std::string>> {
+    std::string updated;
+    auto changed = chain_into(base, o.agent_socket, updated);
+    if (!changed) return Error{changed.error().op, 0, *path};
+    if (!*changed) return std::optional<std::string>();
+    return std::optional<std::string>(updated);
+  }, o.before_replace);
 }
 
 Status install(const InstallOptions& o) {
@@ -174,15 +232,19 @@ Status uninstall(const InstallOptions& o) {
     if (!is_config_name(e.path())) continue;
     auto snap = read_file(e.path().string());
     if (!snap) continue;
-    auto conf = json::parse(snap->content, nullptr, false);
-    if (conf.is_discarded() || !conf.is_object() || !conf.contains("plugins") || !conf["plugins"].is_array()) continue;
-    auto& plugins = conf["plugins"];
-    json kept = json::array();
-    for (const auto& p : plugins)
-      if (!is_ours(p)) kept.push_back(p);
-    if (kept.size() == plugins.size()) continue;
-    plugins = kept;
-    PODSTEER_TRY(write_atomic(e.path().string(), conf.dump(2) + "\n", snap->st.st_mode & 07777));
+    auto r = rewrite(e.path().string(), *snap, [](const std::string& base) -> Result<std::optional<std::string>> {
+      auto conf = json::parse(base, nullptr, false);
+      if (conf.is_discarded() || !conf.is_object() || !conf.contains("plugins") || !conf["plugins"].is_array())
+        return std::optional<std::string>();
+      auto& plugins = conf["plugins"];
+      json kept = json::array();
+      for (const auto& p : plugins)
+        if (!is_ours(p)) kept.push_back(p);
+      if (kept.size() == plugins.size()) return std::optional<std::string>();
+      plugins = kept;
+      return std::optional<std::string>(conf.dump(2) + "\n");
+    }, o.before_replace);
+    if (!r) return r.error();
   }
   if (!o.bin_dir.empty()) fs::remove(o.bin_dir + "/" + kType, ec);
   return {};

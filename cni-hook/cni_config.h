@@ -4,6 +4,7 @@
 // and back out again. Every write is atomic and keeps the file's mode.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "result.h"
@@ -15,6 +16,9 @@ struct InstallOptions {
   std::string conf_dir = "/etc/cni/net.d";
   std::string plugin_binary;  // the podsteer-cni to copy
   std::string agent_socket = "/var/run/podsteer/cni.sock";
+  // Tests: runs between reading a config file and putting our version in its place (where
+  // a primary CNI's rewrite must not get lost).
+  std::function<void()> before_replace;
 };
 
 // The primary config file in conf_dir, or an error when there is none.

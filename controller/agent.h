@@ -141,7 +141,8 @@ class Agent {
   std::mutex kube_mu_;
   std::condition_variable kube_cv_;
   bool kube_dirty_ = false;
-  std::atomic<bool> kube_reconciled_{false};  // the first reconcile after the first list
+  std::atomic<bool> kube_reconciled_{false};
+  std::set<std::string> kube_seen_;  // pod uids the cache has shown (kube worker only)  // the first reconcile after the first list
 
   std::thread repair_thread_;
   std::mutex repair_mu_;

@@ -95,8 +95,11 @@ void Agent::kube_worker() {
     if (stopping_) break;
     auto snap = kube_source_->snapshot();
     if (!snap.synced) continue;
+    // Ready only after a pass that could capture: with a proxy connected (a node that
+    // rebooted has pods to capture again before it says ready)
+    bool proxy = zds_->connected();
     reconcile_kube(snap);
-    kube_reconciled_ = true;
+    if (proxy) kube_reconciled_ = true;
   }
 }
 
@@ -106,6 +109,18 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
   std::map<std::string, PodStatus> captured;  // by uid
   for (auto& p : *current)
     if (p.meta.uid[0]) captured[p.meta.uid] = p;
+  // Deleted from the API after the cache saw it: released (the kubelet's CNI DEL may
+  // never come for a pod captured through /proc). A pod the cache never saw is left
+  // alone: the CNI path may have captured it before the API caught up.
+  for (const auto& [uid, status] : captured) {
+    if (snap.pods.count(uid) || !kube_seen_.count(uid)) continue;
+    PodInfo gone = pod_from_meta(status);
+    auto st = release(gone, "it was deleted from the API");
+    if (!st) spdlog::warn("kube: release {}: {}", gone.full_name(), st.error().message());
+  }
+  for (auto it = kube_seen_.begin(); it != kube_seen_.end();)
+    it = snap.pods.count(*it) || captured.count(*it) ? std::next(it) : kube_seen_.erase(it);
+  for (const auto& [uid, pod] : snap.pods) kube_seen_.insert(uid);
   for (const auto& [uid, pod] : snap.pods) {
     auto ns = snap.namespaces.find(pod.namespace_);
     bool want = cfg_.label_policy.enrolled(pod, ns == snap.namespaces.end() ? nullptr : &ns->second);

@@ -49,6 +49,12 @@ void Agent::repair_worker() {
   while (!stopping_) {
     repair_tick_ms_ = now_ms();
     repair_once();
+    if (kube_source_ && !kube_reconciled_ && zds_->connected()) {
+      // a proxy is here now: the pass that makes the agent ready need not wait for the timer
+      std::lock_guard<std::mutex> g(kube_mu_);
+      kube_dirty_ = true;
+      kube_cv_.notify_all();
+    }
     std::unique_lock<std::mutex> g(repair_mu_);
     repair_cv_.wait_for(g, std::chrono::milliseconds(cfg_.repair_interval_ms), [this] { return stopping_.load(); });
   }
@@ -96,6 +102,9 @@ void Agent::repair_once() {
       // the netns decides, not the path: a /proc/PID path dies with its PID while the
       // pod's netns lives on in its other processes
       auto moved = find_netns_by_inode(now->meta.netns_ino, cfg_.proc_root);
+      // No path and no process: the runtime deleted it (a CNI DEL we did not see). Its
+      // sk_lookup link may still run there, kept alive by the proxies' netns fds: only the
+      // DelWorkload that release() sends lets it go.
       if (!moved) {
         g.unlock();  // release() takes the pod's lock itself
         auto st = release(info, "its netns is gone");

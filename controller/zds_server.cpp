@@ -79,6 +79,10 @@ void ZdsServer::handshake(Fd fd) {
     auto pkt = zds::receive(c->fd.get(), ack_timeout_ms_);
     auto hello = pkt ? zds::parse<pb::ZdsHello>(*pkt) : Result<pb::ZdsHello>(pkt.error());
     if (!hello || hello->version() != pb::V1) {
+      if (pkt) {
+        std::lock_guard<std::mutex> g(mu_);
+        counters_.malformed++;
+      }
       spdlog::warn("zds: proxy {} rejected: {}", c->id,
                    hello ? "unsupported ZDS version " + std::to_string(hello->version()) : hello.error().message());
       return;
@@ -148,6 +152,10 @@ Status ZdsServer::request(Conn& c, const std::string& what, const google::protob
   auto resp = zds::parse<pb::WorkloadResponse>(*pkt);
   if (!resp || !resp->has_ack()) {
     c.dead = true;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      counters_.malformed++;
+    }
     return done(invalid("proxy answered with something other than an ack", what));
   }
   if (!resp->ack().error().empty()) return done(invalid("proxy refused: " + resp->ack().error(), what));

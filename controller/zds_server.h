@@ -33,6 +33,7 @@ struct ZdsCounters {
   uint64_t nacks = 0;           // acks that carried an error
   uint64_t keeps = 0;           // KeepWorkload sent in snapshots
   uint64_t failed_requests = 0; // no ack (timeout, closed connection)
+  uint64_t malformed = 0;       // frames that are not the message the protocol expects there
 };
 
 class ZdsServer {

@@ -3,7 +3,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <fstream>
 #include <iostream>
+
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "proxy.h"
@@ -24,12 +27,33 @@ int main(int argc, char** argv) {
   app.add_option("--dns-upstream", cfg.dns_upstream, "resolver for captured UDP DNS (default: /etc/resolv.conf's)");
   app.add_option("--default-upstream", cfg.default_upstream,
                  "IP:PORT for connections made straight to a listener (no original destination)");
+  std::string workloads_file;
+  app.add_option("--workloads", workloads_file,
+                 "JSON list of {namespace, name, serviceAccount}: the workloads this proxy knows, as ztunnel knows "
+                 "them from xDS; an AddWorkload matching none gets its connections failed, as ztunnel fails them")
+      ->check(CLI::ExistingFile);
+  app.add_option("--idle-timeout-ms", cfg.idle_timeout_ms, "close connections idle this long")->capture_default_str();
+  app.add_option("--max-dns-queries", cfg.max_dns_queries, "UDP DNS queries in flight at most")->capture_default_str();
   bool no_orig_src = false;
   app.add_flag("--no-orig-src", no_orig_src,
                "connect to apps from the pod's own address, not the client's (ztunnel: ENABLE_ORIG_SRC=false)");
   app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
   cfg.orig_src = !no_orig_src;
+  if (!workloads_file.empty()) {
+    std::ifstream in(workloads_file);
+    auto list = nlohmann::json::parse(in, nullptr, false);
+    if (!list.is_array()) {
+      std::cerr << "--workloads: " << workloads_file << " is not a JSON array\n";
+      return 2;
+    }
+    cfg.check_identity = true;
+    for (const auto& w : list) {
+      if (!w.is_object()) continue;
+      auto str = [&](const char* k) { return w.contains(k) && w[k].is_string() ? w[k].get<std::string>() : std::string(); };
+      cfg.known_workloads.insert(str("namespace") + "/" + str("name") + "/" + str("serviceAccount"));
+    }
+  }
   signal(SIGPIPE, SIG_IGN);
   std::ios::sync_with_stdio(false);
 

@@ -1,6 +1,7 @@
 #include "proxy.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/epoll.h>
@@ -34,12 +35,14 @@ constexpr size_t kBuf = 64 * 1024;
 constexpr int kSoOriginalDst = 80;
 
 struct Proxy::Pod {
-  std::string uid, name, namespace_;
+  std::string uid, name, namespace_, service_account;
+  bool known = true;  // ztunnel found the workload (see Config::check_identity)
   Fd netns;
   ino_t netns_ino = 0;
   std::vector<Fd> listeners;
   sockaddr_storage dns_upstream{};
   socklen_t dns_upstream_len = 0;
+  std::chrono::steady_clock::time_point dns_looked_up{};
 };
 
 struct Proxy::Conn {
@@ -49,6 +52,7 @@ struct Proxy::Conn {
   std::string to_up, to_down;
   bool connecting = true, down_eof = false, up_eof = false, up_shut = false, down_shut = false;
   uint64_t bytes_up = 0, bytes_down = 0;
+  std::chrono::steady_clock::time_point last_active = std::chrono::steady_clock::now();
 };
 
 struct Proxy::DnsQuery {
@@ -94,8 +98,8 @@ bool parse_hostport(const std::string& s, sockaddr_storage& out, socklen_t& len)
   return false;
 }
 
-std::string resolv_conf_nameserver() {
-  std::ifstream in("/etc/resolv.conf");
+std::string resolv_conf_nameserver(const std::string& path) {
+  std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
     std::istringstream ss(line);
@@ -182,6 +186,7 @@ Proxy::Handle* Proxy::watch(int fd, Kind kind, uint32_t events, Pod* pod, Conn* 
 
 void Proxy::unwatch(int fd) {
   epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  paused_.erase(fd);
   handles_.erase(fd);
 }
 
@@ -268,8 +273,10 @@ Status Proxy::do_add(Workload& w) {
   pod->namespace_ = w.namespace_;
   pod->netns = std::move(w.netns);
   pod->netns_ino = st.st_ino;
-  std::string upstream = cfg_.dns_upstream.empty() ? resolv_conf_nameserver() : cfg_.dns_upstream;
-  if (!upstream.empty()) parse_hostport(upstream, pod->dns_upstream, pod->dns_upstream_len);
+  pod->service_account = w.service_account;
+  std::string who = w.namespace_ + "/" + w.name + "/" + w.service_account;
+  pod->known = !cfg_.check_identity || cfg_.known_workloads.count(who);
+  if (!cfg_.dns_upstream.empty()) parse_hostport(cfg_.dns_upstream, pod->dns_upstream, pod->dns_upstream_len);
 
   struct Want {
     Kind kind;
@@ -306,7 +313,8 @@ Status Proxy::do_add(Workload& w) {
     raw->listeners.push_back(std::move(fd));
   }
   pods_[raw->uid] = std::move(pod);
-  log_line({{"event", "pod_added"}, {"pod", raw->namespace_ + "/" + raw->name}, {"uid", raw->uid}});
+  log_line({{"event", "pod_added"}, {"pod", raw->namespace_ + "/" + raw->name}, {"uid", raw->uid},
+            {"service_account", raw->service_account}, {"identity", raw->known ? "found" : "unknown"}});
   return {};
 }
 
@@ -326,7 +334,8 @@ void Proxy::do_del(const std::string& uid) {
     unwatch(q->upstream.get());
     dns_.erase(q);
   }
-  log_line({{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid}});
+  log_line({{"event", "pod_removed"}, {"pod", it->second->namespace_ + "/" + it->second->name}, {"uid", uid},
+            {"open_connections", busy}});
   if (busy) draining_.push_back(std::move(it->second));
   pods_.erase(it);
 }
@@ -343,7 +352,19 @@ void Proxy::on_accept(Handle* h) {
   sockaddr_storage peer{};
   socklen_t plen = sizeof(peer);
   Fd down(accept4(h->fd, reinterpret_cast<sockaddr*>(&peer), &plen, SOCK_NONBLOCK | SOCK_CLOEXEC));
-  if (!down.valid()) return;
+  if (!down.valid()) {
+    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+      // The connection stays queued and the listener stays readable: without a pause the
+      // loop would spin on it. Out of the loop for 100 ms; the backlog waits.
+      if (!paused_.count(h->fd))
+        log_line({{"event", "accept_paused"}, {"error", std::strerror(errno)}, {"pod", h->pod->namespace_ + "/" + h->pod->name}});
+      epoll_event e{};
+      e.data.fd = h->fd;
+      epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, h->fd, &e);
+      paused_[h->fd] = Clock::now() + std::chrono::milliseconds(100);
+    }
+    return;
+  }
   auto c = std::make_unique<Conn>();
   c->pod = h->pod;
   c->src = addr_str(peer);
@@ -351,6 +372,12 @@ void Proxy::on_accept(Handle* h) {
                  : h->kind == Kind::InboundListener ? "inbound"
                  : h->kind == Kind::HboneListener   ? "hbone"
                                                     : "dns-tcp";
+  if (!h->pod->known) {
+    c->dst = "-";
+    log_conn(c.get(), "unknown workload " + h->pod->namespace_ + "/" + h->pod->name + " (service account \"" +
+                          h->pod->service_account + "\"): no identity, no certificate");
+    return;
+  }
   if (h->kind == Kind::HboneListener) {
     // HBONE (mTLS + HTTP/2 CONNECT) is ztunnel's; this proxy does not speak it.
     c->dst = "-";
@@ -428,13 +455,17 @@ void Proxy::finish(Conn* c, const std::string& error) {
     if (it->get() != pod) continue;
     bool busy = false;
     for (auto& [other, _] : conns_) busy |= other->pod == pod;
-    if (!busy) draining_.erase(it);
+    if (!busy) {
+      log_line({{"event", "pod_netns_closed"}, {"pod", pod->namespace_ + "/" + pod->name}, {"uid", pod->uid}});
+      draining_.erase(it);
+    }
     break;
   }
 }
 
 void Proxy::on_conn(Handle* h, uint32_t events) {
   Conn* c = h->conn;
+  c->last_active = Clock::now();
   bool is_up = h->kind == Kind::ConnUp;
   if (is_up && c->connecting) {
     int err = 0;
@@ -495,7 +526,15 @@ void Proxy::on_dns_query(Handle* h) {
   q->listener = h->fd;
   q->client_len = sizeof(q->client);
   ssize_t n = recvfrom(h->fd, buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&q->client), &q->client_len);
-  if (n < 0 || !h->pod->dns_upstream_len) return;
+  if (n < 0) return;
+  if (dns_.size() >= cfg_.max_dns_queries) {
+    log_line({{"event", "dns_dropped"}, {"pod", h->pod->namespace_ + "/" + h->pod->name}, {"why", "too many queries in flight"}});
+    return;  // the client retries, as it would after a lost datagram
+  }
+  if (!dns_upstream(h->pod)) {
+    log_line({{"event", "dns_dropped"}, {"pod", h->pod->namespace_ + "/" + h->pod->name}, {"why", "no resolver known for the pod"}});
+    return;
+  }
   auto up = socket_in(h->pod, h->pod->dns_upstream.ss_family, SOCK_DGRAM);
   if (!up) return;
   if (sendto(up->get(), buf, n, 0, reinterpret_cast<sockaddr*>(&h->pod->dns_upstream), h->pod->dns_upstream_len) < 0)
@@ -518,6 +557,60 @@ void Proxy::on_dns_reply(Handle* h) {
   dns_.erase(q);
 }
 
+// The pod's own resolver: the nameserver of /etc/resolv.conf as a process in the pod's
+// netns sees it (the runtime bind-mounts the pod's resolv.conf into its containers). The
+// node's file is no substitute: it often names 127.0.0.53, which means nothing in a pod.
+bool Proxy::dns_upstream(Pod* pod) {
+  if (pod->dns_upstream_len) return true;
+  auto now = Clock::now();
+  if (now - pod->dns_looked_up < std::chrono::seconds(1)) return false;
+  pod->dns_looked_up = now;
+  std::string self = std::to_string(getpid());
+  DIR* d = opendir("/proc");
+  if (!d) return false;
+  std::string found;
+  while (dirent* e = readdir(d)) {
+    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0])) || self == e->d_name) continue;
+    std::string base = std::string("/proc/") + e->d_name;
+    struct stat st {};
+    if (stat((base + "/ns/net").c_str(), &st) != 0 || st.st_ino != pod->netns_ino) continue;
+    found = resolv_conf_nameserver(base + "/root/etc/resolv.conf");
+    if (!found.empty()) break;
+  }
+  closedir(d);
+  if (found.empty()) return false;
+  if (!parse_hostport(found, pod->dns_upstream, pod->dns_upstream_len)) return false;
+  log_line({{"event", "dns_upstream"}, {"pod", pod->namespace_ + "/" + pod->name}, {"upstream", found}});
+  return true;
+}
+
+void Proxy::expire_idle() {
+  auto now = Clock::now();
+  if (now - last_sweep_ < std::chrono::seconds(1) && cfg_.idle_timeout_ms >= 1000) return;
+  last_sweep_ = now;
+  std::vector<Conn*> idle;
+  for (auto& [c, _] : conns_)
+    if (now - c->last_active > std::chrono::milliseconds(cfg_.idle_timeout_ms)) idle.push_back(c);
+  for (auto* c : idle) finish(c, "idle timeout");
+}
+
+void Proxy::resume_listeners() {
+  auto now = Clock::now();
+  for (auto it = paused_.begin(); it != paused_.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    if (handles_.count(it->first)) {
+      epoll_event e{};
+      e.events = EPOLLIN;
+      e.data.fd = it->first;
+      epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, it->first, &e);
+    }
+    it = paused_.erase(it);
+  }
+}
+
 void Proxy::expire_dns() {
   auto now = Clock::now();
   std::vector<DnsQuery*> old;
@@ -532,7 +625,8 @@ void Proxy::expire_dns() {
 void Proxy::run() {
   epoll_event events[64];
   for (;;) {
-    int n = epoll_wait(epoll_.get(), events, 64, 1000);
+    int timeout = paused_.empty() ? std::min(1000, std::max(cfg_.idle_timeout_ms / 2, 10)) : 50;
+    int n = epoll_wait(epoll_.get(), events, 64, timeout);
     for (int i = 0; i < n; ++i) {
       auto it = handles_.find(events[i].data.fd);
       if (it == handles_.end()) continue;  // removed by an earlier event in this batch
@@ -568,6 +662,8 @@ void Proxy::run() {
       }
     }
     expire_dns();
+    expire_idle();
+    resume_listeners();
   }
 }
 

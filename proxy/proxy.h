@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -39,10 +40,20 @@ struct Config {
   // IP_FREEBIND), as ztunnel does by default (ENABLE_ORIG_SRC): the app sees who called.
   bool orig_src = true;
   bool quiet = false;
+  // ztunnel finds the workload of an AddWorkload by namespace, name and service account
+  // in its xDS workload store; one it cannot find gets no certificate and every
+  // connection of the pod fails. When check_identity is set, known_workloads is that
+  // store ("namespace/name/service-account"), and this proxy fails the same way.
+  bool check_identity = false;
+  std::set<std::string> known_workloads;
+  // A connection with no bytes either way for this long is closed: a deleted pod's
+  // connections must not pin its netns (and this process's memory) forever.
+  int idle_timeout_ms = 3600 * 1000;
+  size_t max_dns_queries = 1024;  // UDP DNS queries in flight, all pods together
 };
 
 struct Workload {
-  std::string uid, name, namespace_;
+  std::string uid, name, namespace_, service_account;
   Fd netns;
 };
 
@@ -83,6 +94,9 @@ class Proxy {
   Handle* watch(int fd, Kind kind, uint32_t events, Pod* pod, Conn* conn = nullptr, DnsQuery* dns = nullptr);
   void unwatch(int fd);
   void expire_dns();
+  void expire_idle();
+  void resume_listeners();
+  bool dns_upstream(Pod* pod);
   void log_conn(const Conn* c, const std::string& error);
 
   Config cfg_;
@@ -97,6 +111,9 @@ class Proxy {
   std::map<int, std::unique_ptr<Handle>> handles_;
   std::map<Conn*, std::unique_ptr<Conn>> conns_;
   std::map<DnsQuery*, std::unique_ptr<DnsQuery>> dns_;
+  // listeners taken out of the loop after accept() ran out of fds, and when they return
+  std::map<int, std::chrono::steady_clock::time_point> paused_;
+  std::chrono::steady_clock::time_point last_sweep_{};
 };
 
 // The ZDS client: connects (and reconnects) to the agent, says hello, and applies each

@@ -28,7 +28,8 @@ static Status serve(Proxy& proxy, int sock) {
   std::set<std::string> in_snapshot;
   bool snapshot_done = false;
   while (true) {
-    auto pkt = zds::receive(sock, -1);
+    // ztunnel's read buffer: a longer message fails here as it fails there
+    auto pkt = zds::receive(sock, -1, zds::kZtunnelReadBuffer);
     if (!pkt) return pkt.error();
     auto req = zds::parse<pb::WorkloadRequest>(*pkt);
     pb::WorkloadResponse resp;
@@ -36,8 +37,8 @@ static Status serve(Proxy& proxy, int sock) {
     if (!req) {
       ack->set_error(req.error().message());
     } else if (req->has_add()) {
-      Workload w{req->add().uid(), req->add().workload_info().name(), req->add().workload_info().namespace_(),
-                 std::move(pkt->fd)};
+      const auto& info = req->add().workload_info();
+      Workload w{req->add().uid(), info.name(), info.namespace_(), info.service_account(), std::move(pkt->fd)};
       auto st = proxy.add_workload(std::move(w));
       if (!st) ack->set_error(st.error().message());
       if (!snapshot_done) in_snapshot.insert(req->add().uid());

@@ -29,12 +29,12 @@ Status send(int sock, const google::protobuf::MessageLite& m, int pass_fd) {
   return {};
 }
 
-Result<Packet> receive(int sock, int timeout_ms) {
+Result<Packet> receive(int sock, int timeout_ms, size_t max_bytes) {
   pollfd p{sock, POLLIN, 0};
   int r = poll(&p, 1, timeout_ms);
   if (r < 0) return sys_error("poll ZDS socket");
   if (r == 0) return Error{"timed out waiting for the ZDS peer", ETIMEDOUT, ""};
-  std::vector<char> buf(65536);
+  std::vector<char> buf(max_bytes);
   iovec iov{buf.data(), buf.size()};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -60,6 +60,8 @@ Result<Packet> receive(int sock, int timeout_ms) {
   // ZDS messages are never empty (every one has a field or a oneof tag), so a
   // zero-length read is the peer going away.
   if (n == 0 && !out.fd.valid()) return Error{"peer closed", 0, ""};
+  if (msg.msg_flags & MSG_TRUNC)
+    return Error{"ZDS message longer than the " + std::to_string(max_bytes) + "-byte read buffer", EMSGSIZE, ""};
   out.bytes.assign(buf.data(), n);
   return out;
 }

@@ -23,7 +23,10 @@ Status send(int sock, const google::protobuf::MessageLite& m, int pass_fd = -1);
 
 // Receives one packet, waiting up to timeout_ms (-1: forever). A closed peer is an Error
 // with op "peer closed".
-Result<Packet> receive(int sock, int timeout_ms);
+// max_bytes: the reader's buffer. ztunnel reads into 1,024 bytes; a longer message is an
+// error (MSG_TRUNC), never silently cut.
+constexpr size_t kZtunnelReadBuffer = 1024;
+Result<Packet> receive(int sock, int timeout_ms, size_t max_bytes = 65536);
 
 template <typename M>
 Result<M> parse(const Packet& p) {

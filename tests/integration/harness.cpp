@@ -147,6 +147,20 @@ void Peer::stop() {
   if (!out_path_.empty()) unlink(out_path_.c_str());
 }
 
+int Peer::terminate(int timeout_ms) {
+  if (pid_ <= 0) return -1;
+  kill(pid_, SIGTERM);
+  for (int waited = 0; waited < timeout_ms; waited += 20) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;  // still running: stop() kills it
+}
+
 void Peer::send_line(const std::string& s) {
   std::string l = s + "\n";
   if (write(stdin_fd_, l.data(), l.size()) < 0) ADD_FAILURE() << "write to peer stdin failed";

@@ -45,6 +45,8 @@ class Peer {
   void send_line(const std::string& s);
   std::string output();  // everything printed so far, JSON or not
   void stop();
+  // SIGTERM, then waits for the exit; its exit status, or -1 when it did not exit in time.
+  int terminate(int timeout_ms = 10000);
   int pid() const { return pid_; }
 
  private:

@@ -9,35 +9,11 @@
 
 #include <fmt/format.h>
 
-#include "harness.h"
+#include "node.h"
 
 using namespace podsteer::test;
 
 namespace {
-
-// Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
-std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
-                              const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> argv = {KUBE_SERVER_BIN, "--port-file", dir + "/port"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  server = std::make_unique<Peer>(argv);
-  std::string port;
-  for (int i = 0; i < 100 && port.empty(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    port = read_file(dir + "/port");
-  }
-  port.erase(port.find_last_not_of("\n") + 1);
-  return port;
-}
-
-// A kubeconfig for the test server; user is the YAML of the user entry (e.g. "{}").
-void write_kubeconfig(const std::string& path, const std::string& port, const std::string& user) {
-  std::ofstream(path) << fmt::format(
-      "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n"
-      "    server: http://127.0.0.1:{}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: u\n"
-      "    namespace: shop\nusers:\n- name: u\n  user: {}\n",
-      port, user);
-}
 
 class KubeTest : public ::testing::Test {
  protected:
@@ -120,12 +96,12 @@ class KubeTest : public ::testing::Test {
   }
   // Waits until podsteer status shows `want` pods captured.
   bool captured(size_t want, int timeout_ms = 8000) {
-    for (int waited = 0; waited < timeout_ms; waited += 100) {
+    for (int waited = 0;; waited += 100) {
       auto st = env->status();
       if (st.is_object() && st["pods"].size() == want) return true;
+      if (waited >= timeout_ms) return false;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    return false;
   }
   int proxy_inbound() {
     int n = 0;
@@ -209,6 +185,64 @@ TEST_F(KubeTest, RestartedAgentFindsRunningPodsThroughProc) {
   // the pod's own opt-out beats its namespace
   ASSERT_EQ(kubectl({"label", "pod", "web", "istio.io/dataplane-mode=none"}).rc, 0);
   EXPECT_TRUE(captured(0)) << agent->output();
+}
+
+// Open fds of pid that refer to the netns at path.
+int netns_fds(int pid, const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return -1;
+  std::string want = "net:[" + std::to_string(st.st_ino) + "]";
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    char buf[64] = {};
+    if (readlink(e.path().c_str(), buf, sizeof(buf) - 1) > 0 && want == buf) n++;
+  }
+  return n;
+}
+
+TEST_F(KubeTest, PodCapturedThroughTheApiIsReleasedWhenDeleted) {
+  ASSERT_EQ(kubectl({"label", "namespace", "shop", "istio.io/dataplane-mode=ambient"}).rc, 0);
+  start_agent();
+  ASSERT_TRUE(captured(1)) << agent->output();
+  ASSERT_FALSE(proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_added"; }).is_null());
+  EXPECT_GT(netns_fds(proxy->pid(), env->pod_ns), 0) << "the proxy holds the pod's netns while it serves it";
+  auto del = kubectl({"delete", "pod", "web", "--wait=false"});
+  ASSERT_EQ(del.rc, 0) << del.out;
+  EXPECT_TRUE(captured(0)) << agent->output();
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("event", "") == "pod_removed"; }).is_null())
+      << "DelWorkload reached the proxy";
+  EXPECT_EQ(netns_fds(agent->pid(), env->pod_ns), 0) << "the agent keeps no fd of a released pod's netns";
+  for (int i = 0; i < 20 && netns_fds(proxy->pid(), env->pod_ns) > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(netns_fds(proxy->pid(), env->pod_ns), 0) << "nor does the proxy, once told";
+  auto c = remote_call();
+  EXPECT_NE(c.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << "direct again: " << c;
+}
+
+TEST_F(KubeTest, RebootedNodeCapturesItsPodsAgainBeforeReady) {
+  ASSERT_EQ(kubectl({"label", "namespace", "shop", "istio.io/dataplane-mode=ambient"}).rc, 0);
+  start_agent();
+  ASSERT_TRUE(captured(1)) << agent->output();
+  // A reboot: bpffs is empty, nothing is attached, the proxy is gone; the pods (here: the
+  // app process, in its netns) come back before the agent does.
+  agent->stop();
+  proxy.reset();
+  auto un = env->podsteer({"uninstall"});
+  ASSERT_EQ(un.rc, 0) << un.out;
+  ASSERT_FALSE(std::filesystem::exists(env->state_dir + "/maps")) << "bpffs state is gone";
+  start_agent();
+  std::string url = fmt::format("http://127.0.0.1:{}/readyz", 21000 + getpid() % 20000);
+  bool ready = false;
+  for (int i = 0; i < 100 && !ready; ++i) {
+    ready = run({"curl", "-s", "-i", url}).out.find("200 OK") != std::string::npos;
+    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(ready) << agent->output();
+  // at the moment it first says ready, the pod is captured again
+  EXPECT_TRUE(captured(1, 0)) << agent->output();
+  auto c = remote_call();
+  EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
+  EXPECT_FALSE(proxy->wait_for([](const json& j) { return j.value("direction", "") == "inbound"; }).is_null());
 }
 
 TEST_F(KubeTest, WatchFaultsConverge) {

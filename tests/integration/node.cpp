@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include <fmt/format.h>
@@ -65,7 +66,9 @@ Node::~Node() {
 void Node::start_agent(const std::vector<std::string>& extra) {
   std::vector<std::string> argv = {AGENT_BIN, "--state-dir", state_dir, "--hook-cgroup", cgroup, "--cni-socket",
                                    cni_socket, "--zds-socket", zds_socket, "--http-port", std::to_string(http_port),
-                                   "--enroll-namespaces", "ambient", "--ack-timeout-ms", "2000"};
+                                   "--enroll-namespaces", "ambient"};
+  if (std::find(extra.begin(), extra.end(), "--ack-timeout-ms") == extra.end())
+    argv.insert(argv.end(), {"--ack-timeout-ms", "2000"});
   argv.insert(argv.end(), extra.begin(), extra.end());
   agent = std::make_unique<Peer>(argv);
   for (int i = 0; i < 250 && agent->output().find("http: /metrics") == std::string::npos; ++i)
@@ -81,8 +84,8 @@ void Node::start_proxy() {
 
 CmdResult Node::plugin(const std::string& type, const std::string& command, const Pod& pod, const std::string& stdin_data,
                        const std::string& args_extra) {
-  std::string args = fmt::format("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID=uid-{}",
-                                 pod.namespace_, pod.name, pod.container_id, pod.name);
+  std::string args = fmt::format("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                                 pod.namespace_, pod.name, pod.container_id, pod.uid.empty() ? "uid-" + pod.name : pod.uid);
   if (!args_extra.empty()) args += ";" + args_extra;
   std::string cni_path = std::string(kCniDirs[0]) + ":" + kCniDirs[1];
   return run({"nsenter", "--net=/var/run/netns/" + node_ns_name, plugin_path(type)},
@@ -116,9 +119,9 @@ ChainResult Node::chain(const std::string& command, const Pod& pod, const json& 
 ChainResult Node::add_pod(Pod& pod, const std::string& pod_namespace, const std::string& name) {
   pod.name = name;
   pod.namespace_ = pod_namespace;
-  pod.netns_name = "pst-" + id + "-" + name;
+  if (pod.netns_name.empty()) pod.netns_name = "pst-" + id + "-" + name;
   pod.netns = "/var/run/netns/" + pod.netns_name;
-  pod.container_id = "ctr-" + id + "-" + name;
+  if (pod.container_id.empty()) pod.container_id = "ctr-" + id + "-" + name;
   if (std::find(netns_made_.begin(), netns_made_.end(), pod.netns_name) == netns_made_.end()) {
     EXPECT_EQ(sh("ip netns add " + pod.netns_name + " && ip -n " + pod.netns_name + " link set lo up").rc, 0);
     netns_made_.push_back(pod.netns_name);
@@ -131,6 +134,48 @@ ChainResult Node::add_pod(Pod& pod, const std::string& pod_namespace, const std:
   }
   return r;
 }
+
+// Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
+std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
+                              const std::vector<std::string>& extra) {
+  std::vector<std::string> argv = {KUBE_SERVER_BIN, "--port-file", dir + "/port"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  server = std::make_unique<Peer>(argv);
+  std::string port;
+  for (int i = 0; i < 100 && port.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    port = read_file(dir + "/port");
+  }
+  port.erase(port.find_last_not_of("\n") + 1);
+  return port;
+}
+
+// A kubeconfig for the test server; user is the YAML of the user entry (e.g. "{}").
+void write_kubeconfig(const std::string& path, const std::string& port, const std::string& user) {
+  std::ofstream(path) << fmt::format(
+      "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n"
+      "    server: http://127.0.0.1:{}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: u\n"
+      "    namespace: shop\nusers:\n- name: u\n  user: {}\n",
+      port, user);
+}
+
+KubeApi::KubeApi(const std::string& dir) {
+  port = start_kube_server(server, dir);
+  EXPECT_FALSE(port.empty()) << server->output();
+  kubeconfig = dir + "/kubeconfig";
+  write_kubeconfig(kubeconfig, port, "{}");
+}
+
+CmdResult KubeApi::call(const std::string& method, const std::string& path, const json& body) {
+  std::vector<std::string> argv = {"curl", "-s", "-X", method, "-H", "Content-Type: application/json",
+                                   "http://127.0.0.1:" + port + path};
+  if (!body.is_null()) argv.insert(argv.end() - 1, {"-d", body.dump()});
+  return run(argv);
+}
+
+json KubeApi::get(const std::string& path) { return json::parse(call("GET", path).out, nullptr, false); }
+
+void KubeApi::testctl(const std::string& what) { EXPECT_EQ(call("POST", "/testctl/" + what, json::object()).rc, 0); }
 
 json Node::status() {
   auto r = run({podsteer_bin(), "--state-dir", state_dir, "status", "--json"});

@@ -11,7 +11,8 @@
 namespace podsteer::test {
 
 struct Pod {
-  std::string name, namespace_, container_id, netns_name, netns, ip;
+  // uid (default "uid-<name>"), netns_name and container_id are chosen by add_pod unless set
+  std::string name, namespace_, uid, container_id, netns_name, netns, ip;
   json result;  // the chain's ADD result, cached as a runtime does
 };
 
@@ -45,6 +46,23 @@ class Node {
 
  private:
   std::vector<std::string> netns_made_;
+};
+
+// Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
+std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
+                              const std::vector<std::string>& extra = {});
+// A kubeconfig for the test server; user is the YAML of the user entry (e.g. "{}").
+void write_kubeconfig(const std::string& path, const std::string& port, const std::string& user);
+
+// kube-testserver as a node's API server, with a kubeconfig for it in dir.
+class KubeApi {
+ public:
+  explicit KubeApi(const std::string& dir);
+  CmdResult call(const std::string& method, const std::string& path, const json& body = nullptr);
+  json get(const std::string& path);
+  void testctl(const std::string& what);  // POST /testctl/<what>
+  std::unique_ptr<Peer> server;
+  std::string port, kubeconfig;
 };
 
 }  // namespace podsteer::test

@@ -41,6 +41,8 @@ std::string token_file;
 bool api_down = false;
 uint64_t status_patches = 0;            // PATCHes of pods/status
 uint64_t lists = 0;                     // list requests (not watches), for relist backoff checks                  // every API request answers 503 (the API is unreachable)
+bool hold_watches = false;              // open watches deliver nothing (a lagging watch cache)
+uint64_t gets = 0;                      // GETs of one pod or namespace
 uint64_t error_generation = 0;          // bumped to end every open watch with a non-410 ERROR
 
 std::string now_rfc3339() {
@@ -217,6 +219,7 @@ void handle_list_or_watch(const httplib::Request& req, httplib::Response& res, c
       sink.done();
       return true;
     }
+    if (hold_watches) return true;  // events wait; the cursor stays where it is
     std::string out;
     if (garbage != garbage_generation) {
       garbage = garbage_generation;
@@ -339,6 +342,7 @@ int main(int argc, char** argv) {
   });
   auto get_one = [](const std::string& k, httplib::Response& res, const std::string& name) {
     std::lock_guard<std::mutex> g(mu);
+    gets++;
     auto it = objects.find(k);
     if (it == objects.end()) return reply(res, 404, status(404, "NotFound", "\"" + name + "\" not found"));
     reply(res, 200, it->second);
@@ -472,6 +476,12 @@ int main(int argc, char** argv) {
     api_down = req.get_param_value("on") == "true";
     reply(res, 200, json::object());
   });
+  srv.Post("/testctl/hold-watches", [](const httplib::Request& req, httplib::Response& res) {
+    std::lock_guard<std::mutex> g(mu);
+    hold_watches = req.get_param_value("on") == "true";
+    changed.notify_all();
+    reply(res, 200, json::object());
+  });
   srv.Post("/testctl/error-event", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
     ++error_generation;
@@ -480,7 +490,7 @@ int main(int argc, char** argv) {
   });
   srv.Get("/testctl/stats", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
-    reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}});
+    reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}, {"gets", gets}});
   });
   srv.Get("/testctl/watchers", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);

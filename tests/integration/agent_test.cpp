@@ -1,0 +1,659 @@
+// podsteer-agent as ztunnel and the kubelet expect it: the Kubernetes source and the CNI
+// path together against the test API server (pods that start Pending without IPs), a
+// proxy that checks identity the way ztunnel does (workload by namespace, name and
+// service account; 1,024-byte ZDS reads), ZDS snapshots with KeepWorkload and nacks, two
+// proxies at once, CNI DEL with the agent away through a libcni-faithful chain, DaemonSet
+// removal against restart, drift repair of every piece, and the agent under concurrent
+// CNI requests while proxies reconnect.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "node.h"
+#include "wire.h"
+#include "zds.pb.h"
+
+using namespace podsteer::test;
+namespace pb = istio::workload::zds;
+using Ms = std::chrono::milliseconds;
+
+namespace {
+
+bool got(const json& c, const std::string& text) { return c.value("reply", "").find("got=" + text) != std::string::npos; }
+
+// A hand-written ZDS client: the test decides what each ack says.
+class ZdsClient {
+ public:
+  explicit ZdsClient(const std::string& path) {
+    sock = podsteer::Fd(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ok = connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    pb::ZdsHello h;
+    h.set_version(pb::V1);
+    ok = ok && podsteer::zds::send(sock.get(), h).ok();
+  }
+  // The next request, or nullopt on timeout or close.
+  std::optional<std::pair<pb::WorkloadRequest, podsteer::zds::Packet>> next(int timeout_ms = 5000) {
+    auto p = podsteer::zds::receive(sock.get(), timeout_ms, podsteer::zds::kZtunnelReadBuffer);
+    if (!p) return std::nullopt;
+    auto req = podsteer::zds::parse<pb::WorkloadRequest>(*p);
+    if (!req) return std::nullopt;
+    return std::make_pair(*req, std::move(*p));
+  }
+  bool ack(const std::string& error = "") {
+    pb::WorkloadResponse r;
+    r.mutable_ack()->set_error(error);
+    return podsteer::zds::send(sock.get(), r).ok();
+  }
+  // Acks everything up to and including SnapshotSent; returns the requests seen.
+  std::vector<pb::WorkloadRequest> take_snapshot() {
+    std::vector<pb::WorkloadRequest> out;
+    while (auto r = next()) {
+      out.push_back(r->first);
+      ack();
+      if (r->first.has_snapshot_sent()) break;
+    }
+    return out;
+  }
+  podsteer::Fd sock;
+  bool ok = false;
+};
+
+// The value of one sample in Prometheus text ("name{labels}" as printed), -1 if absent;
+// a bare name sums the samples of every label set.
+double metric(const std::string& text, const std::string& sample) {
+  double sum = -1;
+  std::istringstream in(text);
+  std::string line;
+  bool labels = sample.find('{') != std::string::npos;
+  while (std::getline(in, line)) {
+    auto space = line.rfind(' ');
+    if (line.empty() || line[0] == '#' || space == std::string::npos) continue;
+    std::string name = line.substr(0, space);
+    if (name == sample || (!labels && name.rfind(sample + "{", 0) == 0))
+      sum = (sum < 0 ? 0 : sum) + std::stod(line.substr(space + 1));
+  }
+  return sum;
+}
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_PRIVILEGES();
+    node = std::make_unique<Node>();
+    api = std::make_unique<KubeApi>(node->dir);
+    ASSERT_FALSE(api->port.empty());
+  }
+  void TearDown() override {
+    if (node) {
+      node->proxy.reset();
+      node->agent.reset();
+    }
+    api.reset();
+  }
+  void api_namespace(const std::string& name, bool ambient) {
+    json labels = ambient ? json{{"istio.io/dataplane-mode", "ambient"}} : json::object();
+    ASSERT_EQ(api->call("POST", "/api/v1/namespaces", {{"metadata", {{"name", name}, {"labels", labels}}}}).rc, 0);
+  }
+  // A pod as the scheduler leaves it: bound to this node, Pending, no IPs yet.
+  void api_pod(const std::string& ns, const std::string& name, const std::string& uid, const std::string& sa) {
+    json spec = {{"nodeName", node->id}, {"containers", {{{"name", "app"}, {"image", "app"}}}}};
+    if (!sa.empty()) spec["serviceAccountName"] = sa;
+    auto r = api->call("POST", "/api/v1/namespaces/" + ns + "/pods",
+                       {{"metadata", {{"name", name}, {"uid", uid}}}, {"spec", spec}, {"status", {{"phase", "Pending"}}}});
+    ASSERT_EQ(r.rc, 0) << r.out;
+  }
+  std::vector<std::string> kube_flags() { return {"--kubeconfig", api->kubeconfig, "--node-name", node->id}; }
+  // ztunnel's view of the cluster: the workloads it has from xDS.
+  std::string workloads_file(const std::vector<std::array<std::string, 3>>& known) {
+    json list = json::array();
+    for (const auto& [ns, name, sa] : known) list.push_back({{"namespace", ns}, {"name", name}, {"serviceAccount", sa}});
+    std::string path = node->dir + "/workloads.json";
+    std::ofstream(path) << list.dump();
+    return path;
+  }
+  std::unique_ptr<Peer> start_proxy(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {PROXY_BIN, "--zds-socket", node->zds_socket};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = std::make_unique<Peer>(argv, false, node->proxy_cgroup);
+    EXPECT_FALSE(p->wait_for([](const json& j) { return j.value("event", "") == "snapshot_received"; }, 8000).is_null())
+        << "proxy never got a snapshot:\n" << p->output() << "\nagent:\n" << node->agent->output();
+    return p;
+  }
+  bool wait_ready(int timeout_ms = 8000) {
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+      if (node->http_get("/readyz").find("200 OK") != std::string::npos) return true;
+      std::this_thread::sleep_for(Ms(100));
+    }
+    return false;
+  }
+  std::vector<std::string> captured_pods() {
+    std::vector<std::string> out;
+    auto st = node->status();
+    if (st.is_object())
+      for (const auto& p : st["pods"]) out.push_back(p["pod"]);
+    return out;
+  }
+  bool wait_captured(size_t n, int timeout_ms = 5000) {
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+      if (captured_pods().size() == n) return true;
+      std::this_thread::sleep_for(Ms(100));
+    }
+    return false;
+  }
+  json connect_from(const Pod& pod, const std::string& to, int port, const std::string& text) {
+    return peer_once({testpeer_bin(), "--netns", pod.netns, "--cgroup", node->app_cgroup, "connect", "--to", to, "--port",
+                      std::to_string(port), "--send", text, "--timeout-ms", "2000"});
+  }
+  static int count(Peer& p, const std::function<bool(const json&)>& pred) {
+    int n = 0;
+    for (const auto& j : p.lines()) n += pred(j);
+    return n;
+  }
+  static std::function<bool(const json&)> event(const std::string& e, const std::string& pod = "") {
+    return [=](const json& j) { return j.value("event", "") == e && (pod.empty() || j.value("pod", "") == pod); };
+  }
+  std::unique_ptr<Node> node;
+  std::unique_ptr<KubeApi> api;
+};
+
+TEST_F(AgentTest, PendingPodCapturedAtCniAddStaysCapturedWithItsIdentity) {
+  api_namespace("ambient", true);
+  api_namespace("default", false);
+  api_pod("ambient", "web", "uid-web", "web-sa");
+  api_pod("default", "other", "uid-other", "");
+  auto known = workloads_file({{"ambient", "web", "web-sa"}, {"ambient", "late", "late-sa"}});
+  node->start_agent(kube_flags());
+  node->proxy = start_proxy({"--workloads", known});
+  ASSERT_TRUE(wait_ready()) << node->http_get("/readyz") << node->agent->output();
+
+  Pod web, other, late;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  auto r = node->add_pod(web, "ambient", "web");
+  ASSERT_EQ(r.rc, 0) << r.out << node->agent->output();
+  auto added = node->proxy->wait_for(event("pod_added", "ambient/web"));
+  EXPECT_EQ(added.value("service_account", ""), "web-sa") << "the service account from the pod's spec";
+  EXPECT_EQ(added.value("identity", ""), "found") << added;
+
+  // The watch lags: a pod it has not delivered yet is fetched from the API (GET pod, GET
+  // namespace) instead of being guessed about.
+  api->testctl("hold-watches?on=true");
+  double gets_before = api->get("/testctl/stats").value("gets", 0.0);
+  api_pod("ambient", "late", "uid-late", "late-sa");
+  auto rl = node->add_pod(late, "ambient", "late");
+  ASSERT_EQ(rl.rc, 0) << rl.out << node->agent->output();
+  EXPECT_GT(api->get("/testctl/stats").value("gets", 0.0), gets_before) << "the agent asked the API";
+  EXPECT_EQ(node->proxy->wait_for(event("pod_added", "ambient/late")).value("service_account", ""), "late-sa");
+  api->testctl("hold-watches?on=false");
+
+  // The API still shows both Pending without IPs: several reconcile and repair passes
+  // later, both are still captured and no proxy was told to drop them.
+  std::this_thread::sleep_for(Ms(2500));
+  EXPECT_EQ(captured_pods().size(), 2u) << node->agent->output();
+  EXPECT_EQ(count(*node->proxy, event("pod_removed")), 0) << node->proxy->output();
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  auto out = connect_from(web, other.ip, 8080, "out");
+  EXPECT_TRUE(got(out, "out")) << out;
+  auto conn = node->proxy->wait_for([](const json& j) { return j.value("direction", "") == "outbound"; });
+  EXPECT_EQ(conn.value("pod", ""), "ambient/web");
+  EXPECT_FALSE(conn.contains("error")) << "the proxy knew the workload: " << conn;
+
+  // the API catches up: Running, with the IP the CNI gave it
+  ASSERT_EQ(api->call("PATCH", "/api/v1/namespaces/ambient/pods/web/status",
+                      {{"status", {{"phase", "Running"}, {"podIP", web.ip}, {"podIPs", {{{"ip", web.ip}}}}}}})
+                .rc,
+            0);
+  std::string annotation;
+  for (int i = 0; i < 50 && annotation != "true"; ++i) {
+    std::this_thread::sleep_for(Ms(100));
+    auto p = api->get("/api/v1/namespaces/ambient/pods/web");
+    annotation = p["metadata"].value("annotations", json::object()).value("podsteer.io/captured", "");
+  }
+  EXPECT_EQ(annotation, "true");
+  EXPECT_EQ(captured_pods().size(), 2u);
+
+  // deleted from the API: released (DelWorkload, maps cleared), and its traffic goes direct
+  ASSERT_EQ(api->call("DELETE", "/api/v1/namespaces/ambient/pods/web").rc, 0);
+  EXPECT_FALSE(node->proxy->wait_for(event("pod_removed", "ambient/web")).is_null()) << node->agent->output();
+  EXPECT_TRUE(wait_captured(1));
+  EXPECT_EQ(captured_pods(), std::vector<std::string>{"ambient/late"});
+  int through_proxy = count(*node->proxy, event("connection"));
+  EXPECT_TRUE(got(connect_from(web, other.ip, 8080, "direct"), "direct"));
+  std::this_thread::sleep_for(Ms(200));
+  EXPECT_EQ(count(*node->proxy, event("connection")), through_proxy);
+  // and the kubelet's CNI DEL that follows finds nothing to do
+  EXPECT_EQ(node->chain("DEL", web).rc, 0);
+  EXPECT_EQ(node->chain("DEL", late).rc, 0);
+  EXPECT_FALSE(node->proxy->wait_for(event("pod_removed", "ambient/late")).is_null());
+  EXPECT_TRUE(wait_captured(0));
+}
+
+TEST_F(AgentTest, ApiUnreachableFailsAddAndReadyWaitsForTheFirstList) {
+  api_namespace("ambient", true);
+  api->testctl("down?on=true");
+  node->start_agent(kube_flags());
+  node->proxy = start_proxy();
+  auto early = node->http_get("/readyz");
+  EXPECT_NE(early.find("503"), std::string::npos) << early;
+  EXPECT_NE(early.find("first list"), std::string::npos) << early;
+  api->testctl("down?on=false");
+  EXPECT_TRUE(wait_ready()) << node->http_get("/readyz");
+
+  // a pod the watch has not shown, and an API that does not answer: ADD fails (the
+  // runtime retries), nothing stays attached
+  api->testctl("hold-watches?on=true");
+  api_pod("ambient", "web", "uid-web", "");
+  api->testctl("down?on=true");
+  Pod web;
+  auto r = node->add_pod(web, "ambient", "web");
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("cannot tell whether the pod is enrolled"), std::string::npos) << r.out;
+  EXPECT_TRUE(captured_pods().empty());
+  EXPECT_EQ(count(*node->proxy, event("pod_added")), 0);
+  // the API is back: the runtime's retry (DEL, then ADD) captures it, with the default
+  // service account Kubernetes fills in
+  api->testctl("down?on=false");
+  node->chain("DEL", web);
+  auto again = node->add_pod(web, "ambient", "web");
+  EXPECT_EQ(again.rc, 0) << again.out;
+  EXPECT_EQ(node->proxy->wait_for(event("pod_added", "ambient/web")).value("service_account", ""), "default");
+}
+
+TEST_F(AgentTest, MaximumLengthNamesFitZtunnelsReadBuffer) {
+  // 253 characters each (a DNS subdomain's limit), a real UID and container id
+  std::string ns(253, 'n'), name(253, 'w'), sa(253, 's');
+  std::string uid = "3f5b2c1a-9d4e-4f7a-8b6c-0e1d2f3a4b5c";
+  api_namespace(ns, true);
+  api_pod(ns, name, uid, sa);
+  auto known = workloads_file({{ns, name, sa}});
+  node->start_agent(kube_flags());
+  node->proxy = start_proxy({"--workloads", known});
+  Pod pod;
+  pod.uid = uid;
+  pod.netns_name = "pst-" + node->id + "-long";
+  pod.container_id = std::string(64, 'c');
+  auto r = node->add_pod(pod, ns, name);
+  ASSERT_EQ(r.rc, 0) << r.out << node->agent->output();
+  auto added = node->proxy->wait_for(event("pod_added", ns + "/" + name));
+  ASSERT_FALSE(added.is_null()) << node->proxy->output();
+  EXPECT_EQ(added.value("service_account", ""), sa);
+  EXPECT_EQ(added.value("identity", ""), "found");
+  EXPECT_EQ(node->status()["pods"][0]["pod"], ns + "/" + name) << "status shows the names whole";
+  // and in a snapshot, to a proxy that starts after the pod
+  node->proxy = start_proxy({"--workloads", known});
+  auto again = node->proxy->wait_for(event("pod_added", ns + "/" + name));
+  EXPECT_EQ(again.value("service_account", ""), sa) << node->proxy->output();
+  EXPECT_EQ(node->proxy->output().find("zds_disconnected"), std::string::npos) << node->proxy->output();
+  // the largest message the agent sends is well inside the buffer
+  pb::WorkloadRequest biggest;
+  biggest.mutable_add()->set_uid(uid);
+  auto* info = biggest.mutable_add()->mutable_workload_info();
+  info->set_name(name);
+  info->set_namespace_(ns);
+  info->set_service_account(sa);
+  EXPECT_LE(biggest.ByteSizeLong(), podsteer::zds::kZtunnelReadBuffer);
+}
+
+TEST_F(AgentTest, RollingProxyUpgradeTwoProxiesAtOnceAndDelToEvery) {
+  api_namespace("ambient", true);
+  api_namespace("default", false);
+  api_pod("ambient", "web", "uid-web", "web-sa");
+  api_pod("default", "other", "uid-other", "");
+  node->start_agent(kube_flags());
+  node->proxy = start_proxy();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::thread client([&] {
+    while (!stop) (got(connect_from(web, other.ip, 8080, "load"), "load") ? ok : failed)++;
+  });
+  // the new proxy comes up next to the old one and gets the pod in its snapshot; the
+  // old one goes; connections never fail
+  std::this_thread::sleep_for(Ms(300));
+  auto next = start_proxy();
+  EXPECT_FALSE(next->wait_for(event("pod_added", "ambient/web")).is_null());
+  std::this_thread::sleep_for(Ms(300));
+  node->proxy->stop();
+  std::this_thread::sleep_for(Ms(700));
+  stop = true;
+  client.join();
+  EXPECT_EQ(failed, 0);
+  EXPECT_GT(ok, 5);
+  EXPECT_GT(count(*next, [](const json& j) { return j.value("direction", "") == "outbound"; }), 0)
+      << "the new proxy serves the pod";
+
+  // a third, hand-written proxy: AddWorkload goes to the newest only, DelWorkload to all
+  ZdsClient third(node->zds_socket);
+  ASSERT_TRUE(third.ok);
+  auto snap = third.take_snapshot();
+  ASSERT_EQ(snap.size(), 2u);
+  EXPECT_EQ(snap[0].add().uid(), "uid-web");
+  std::thread answer([&] {
+    auto del = third.next();
+    if (del) {
+      EXPECT_TRUE(del->first.has_del()) << del->first.DebugString();
+      EXPECT_EQ(del->first.del().uid(), "uid-web");
+      third.ack();
+    } else {
+      ADD_FAILURE() << "the newest proxy got no DelWorkload";
+    }
+  });
+  EXPECT_EQ(node->chain("DEL", web).rc, 0);
+  answer.join();
+  EXPECT_FALSE(next->wait_for(event("pod_removed", "ambient/web")).is_null()) << "the older proxy was told too";
+}
+
+TEST_F(AgentTest, SnapshotKeepsAPodWhoseNetnsDoesNotOpenAndGoesOnAfterANack) {
+  // repair only at start: the test holds a pod whose netns path is gone
+  node->start_agent({"--repair-interval-ms", "60000"});
+  node->proxy = start_proxy();
+  Pod web, hidden;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  ASSERT_EQ(node->add_pod(hidden, "ambient", "hidden").rc, 0);
+  // the netns lives on (this fd) but its path is gone
+  podsteer::Fd keep(open(hidden.netns.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(keep.valid());
+  ASSERT_EQ(sh("ip netns del " + hidden.netns_name).rc, 0);
+
+  ZdsClient proxy(node->zds_socket);
+  ASSERT_TRUE(proxy.ok);
+  std::vector<pb::WorkloadRequest> seen;
+  bool first = true;
+  while (auto r = proxy.next()) {
+    seen.push_back(r->first);
+    proxy.ack(first ? "this proxy refuses the first request" : "");  // a nack
+    first = false;
+    if (r->first.has_snapshot_sent()) break;
+  }
+  ASSERT_EQ(seen.size(), 3u) << "add, keep, SnapshotSent: the nack did not stop the snapshot";
+  int adds = 0, keeps = 0;
+  for (const auto& m : seen) {
+    if (m.has_add()) adds += m.add().uid() == "uid-web";
+    if (m.has_keep()) keeps += m.keep().uid() == "uid-hidden";
+  }
+  EXPECT_EQ(adds, 1);
+  EXPECT_EQ(keeps, 1);
+  EXPECT_TRUE(seen.back().has_snapshot_sent());
+  auto m = node->http_get("/metrics");
+  EXPECT_GE(metric(m, "podsteer_zds_keeps_total"), 1) << m;
+  EXPECT_GE(metric(m, "podsteer_zds_nacks_total"), 1) << m;
+  EXPECT_NE(node->agent->output().find("the snapshot goes on"), std::string::npos) << "the nack is logged";
+  // a frame that is not an ack: counted, the connection dropped, the agent unharmed
+  ZdsClient rude(node->zds_socket);
+  ASSERT_TRUE(rude.next().has_value());
+  ASSERT_EQ(send(rude.sock.get(), "\xff\xff\xff", 3, 0), 3);
+  std::this_thread::sleep_for(Ms(300));
+  EXPECT_GE(metric(node->http_get("/metrics"), "podsteer_zds_malformed_total"), 1);
+  EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos);
+}
+
+TEST_F(AgentTest, CniDelWithTheAgentAwayRunsTheWholeChain) {
+  node->start_agent();
+  node->proxy = start_proxy();
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  std::string lease = node->dir + "/ipam/podnet/" + web.ip;
+  ASSERT_EQ(access(lease.c_str(), F_OK), 0) << "host-local keeps a lease file per address";
+  node->agent->stop();
+  // libcni runs DEL in reverse and stops at the first error: podsteer-cni must not be it
+  auto del = node->chain("DEL", web);
+  EXPECT_EQ(del.rc, 0) << del.out;
+  EXPECT_NE(access(lease.c_str(), F_OK), 0) << "the bridge plugin's DEL ran: its address is free again";
+  // the runtime deletes the netns; the agent comes back and lets the pod go
+  ASSERT_EQ(sh("ip netns del " + web.netns_name).rc, 0);
+  node->start_agent();
+  EXPECT_TRUE(wait_captured(0)) << node->agent->output();
+  EXPECT_FALSE(node->proxy->wait_for(event("pod_removed", "ambient/web"), 8000).is_null())
+      << "the proxy was told (and closes its netns fd)";
+}
+
+TEST_F(AgentTest, DaemonSetRemovalTakesThePluginOutRestartLeavesIt) {
+  std::string bin = node->dir + "/opt-cni-bin", conf = node->dir + "/etc-cni-net.d";
+  ASSERT_EQ(sh("mkdir -p " + bin + " " + conf).rc, 0);
+  json primary = node->conflist;
+  primary["plugins"].erase(1);  // the bridge alone, as the cluster's CNI installed it
+  std::ofstream(conf + "/10-podnet.conflist") << primary.dump(2);
+  api_namespace("ambient", true);
+  api_namespace("kube-system", false);
+  ASSERT_EQ(api->call("POST", "/apis/apps/v1/namespaces/kube-system/daemonsets",
+                      {{"metadata", {{"name", "podsteer-agent"}}}, {"spec", json::object()}})
+                .rc,
+            0);
+  auto flags = kube_flags();
+  for (const auto& f : {"--install-cni", "--cni-bin-dir", bin.c_str(), "--cni-conf-dir", conf.c_str(), "--cni-plugin",
+                        CNI_PLUGIN_DIR "/podsteer-cni", "--daemonset", "kube-system/podsteer-agent"})
+    flags.push_back(f);
+  auto installed = [&] {
+    auto j = json::parse(read_file(conf + "/10-podnet.conflist"), nullptr, false);
+    return !j.is_discarded() && j["plugins"].size() == 2 && j["plugins"][1]["type"] == "podsteer-cni";
+  };
+  node->start_agent(flags);
+  for (int i = 0; i < 100 && !installed(); ++i) std::this_thread::sleep_for(Ms(20));
+  ASSERT_TRUE(installed());
+
+  // a restart (the DaemonSet is still there): the plugin stays, so a pod created before
+  // the next agent is up waits for it instead of starting uncaptured
+  EXPECT_EQ(node->agent->terminate(), 0) << node->agent->output();
+  EXPECT_TRUE(installed()) << read_file(conf + "/10-podnet.conflist");
+  EXPECT_EQ(access((bin + "/podsteer-cni").c_str(), X_OK), 0);
+  api_pod("ambient", "web", "uid-web", "");
+  Pod web;
+  auto file_chain = [&] { return json::parse(read_file(conf + "/10-podnet.conflist")); };
+  auto waiting = node->add_pod(web, "ambient", "web");
+  EXPECT_NE(waiting.rc, 0) << "the agent is away: ADD fails and the runtime retries";
+  node->chain("DEL", web, file_chain());
+
+  // removal: the DaemonSet is deleted, then its pod is terminated
+  node->start_agent(flags);
+  ASSERT_EQ(api->call("DELETE", "/apis/apps/v1/namespaces/kube-system/daemonsets/podsteer-agent").rc, 0);
+  EXPECT_EQ(node->agent->terminate(), 0) << node->agent->output();
+  auto left = json::parse(read_file(conf + "/10-podnet.conflist"));
+  EXPECT_EQ(left["plugins"].size(), 1u) << left;
+  EXPECT_NE(access((bin + "/podsteer-cni").c_str(), F_OK), 0);
+  // and every pod starts and stops normally with the chain as the runtime now reads it
+  Pod plain = web;  // the runtime's retry of the same sandbox
+  plain.container_id = "ctr-" + node->id + "-plain";
+  auto add = node->chain("ADD", plain, left);
+  EXPECT_EQ(add.rc, 0) << add.out;
+  plain.result = add.result;
+  EXPECT_EQ(node->chain("DEL", plain, left).rc, 0);
+}
+
+TEST_F(AgentTest, DriftRepairPutsBackEveryPieceWithinASecond) {
+  // a slow repair first: CNI CHECK and podsteer status report what is missing
+  node->start_agent({"--repair-interval-ms", "60000"});
+  node->proxy = start_proxy();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  ASSERT_EQ(sh("ip -n " + web.netns_name + " rule del pref 32764").rc, 0);
+  auto check = node->chain("CHECK", web);
+  EXPECT_NE(check.rc, 0);
+  EXPECT_NE(check.out.find("not whole"), std::string::npos) << check.out;
+  auto st = node->status();
+  ASSERT_EQ(st["pods"].size(), 1u);
+  EXPECT_FALSE(st["pods"][0]["missing"].empty()) << st["pods"][0];
+  auto text = run({podsteer_bin(), "--state-dir", node->state_dir, "status"});
+  EXPECT_NE(text.out.find("rule"), std::string::npos) << text.out;
+
+  // the agent as deployed: every piece back within a second
+  node->agent->stop();
+  node->start_agent({"--repair-interval-ms", "500"});
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  std::string cookie = std::to_string(node->status()["pods"][0]["netns_cookie"].get<uint64_t>());
+  uint64_t c = std::stoull(cookie);
+  std::string key_hex;
+  for (int i = 0; i < 8; ++i) key_hex += fmt::format(" 0x{:02x}", (c >> (8 * i)) & 0xff);
+  std::string maps = node->state_dir + "/maps", ns = "ip -n " + web.netns_name + " ";
+  struct Piece {
+    std::string name, remove;
+  };
+  std::vector<Piece> pieces = {
+      {"pod entry", "bpftool map delete pinned " + maps + "/podsteer_pods key" + key_hex},
+      {"sk_lookup link", "bpftool link detach pinned " + node->state_dir + "/pods/" + cookie + "/inbound"},
+      {"return path rule (IPv4)", ns + "rule del pref 32764"},
+      {"return path rule (IPv6)", ns + "-6 rule del pref 32764"},
+      {"return path route", ns + "route del local 0.0.0.0/0 dev lo table 100"},
+      {"tcp_fwmark_accept", "ip netns exec " + web.netns_name + " sysctl -qw net.ipv4.tcp_fwmark_accept=0"},
+      {"socket hook connect4", "bpftool link detach pinned " + node->state_dir + "/links/podsteer_connect4"},
+      {"socket hook sockops", "bpftool link detach pinned " + node->state_dir + "/links/podsteer_sockops"},
+  };
+  auto whole = [&] {
+    auto s = node->status();
+    return s.is_object() && s["pods"].size() == 1 && s["pods"][0]["missing"].empty() && s["missing_hooks"].empty();
+  };
+  ASSERT_TRUE(whole()) << node->status().dump(2);
+  for (const auto& p : pieces) {
+    double before = metric(node->http_get("/metrics"), "podsteer_repairs_total");
+    auto r = sh(p.remove);
+    ASSERT_EQ(r.rc, 0) << p.name << ": " << r.out;
+    auto t0 = std::chrono::steady_clock::now();
+    bool back = false;
+    while (!back && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3)) {
+      std::this_thread::sleep_for(Ms(50));
+      back = whole();
+    }
+    auto ms = std::chrono::duration_cast<Ms>(std::chrono::steady_clock::now() - t0).count();
+    fprintf(stderr, "drift repair: %-26s back after %4lld ms\n", p.name.c_str(), static_cast<long long>(ms));
+    EXPECT_TRUE(back) << p.name << " not repaired:\n" << node->status().dump(2) << node->agent->output();
+    // the repair interval is 500 ms; the status poll adds its own time
+    EXPECT_LT(ms, 1500) << p.name;
+    EXPECT_GT(metric(node->http_get("/metrics"), "podsteer_repairs_total"), before) << p.name << " was not counted";
+    // and it works: outbound through the proxy, the app's traffic captured
+    auto out = connect_from(web, other.ip, 8080, "after");
+    EXPECT_TRUE(got(out, "after")) << p.name << ": " << out;
+  }
+  EXPECT_NE(node->agent->output().find("repair:"), std::string::npos) << "repairs are logged";
+}
+
+TEST_F(AgentTest, ConcurrentCniRequestsWhileProxiesReconnectAllFinish) {
+  node->start_agent({"--ack-timeout-ms", "2000"});
+  node->proxy = start_proxy();
+  // 10 pods (netns without the bridge: podsteer-cni alone, with a prevResult)
+  const int kPods = 10, kRounds = 3;
+  std::vector<Pod> pods(kPods);
+  for (int i = 0; i < kPods; ++i) {
+    auto& p = pods[i];
+    p.name = "p" + std::to_string(i);
+    p.namespace_ = "ambient";
+    p.container_id = "ctr-" + node->id + "-" + p.name;
+    p.netns_name = "pst-" + node->id + "-" + p.name;
+    p.netns = "/var/run/netns/" + p.netns_name;
+    ASSERT_EQ(sh("ip netns add " + p.netns_name + " && ip -n " + p.netns_name + " link set lo up").rc, 0);
+  }
+  auto conf = [&](const Pod&) {
+    json c = node->conflist["plugins"][1];
+    c["cniVersion"] = "1.0.0";
+    c["name"] = "podnet";
+    c["prevResult"] = {{"cniVersion", "1.0.0"}, {"ips", json::array()}};
+    return c.dump();
+  };
+  std::atomic<bool> done{false};
+  std::atomic<int> reconnects{0};
+  std::thread flapper([&] {
+    // a proxy that connects, takes its snapshot, and goes, over and over
+    auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while ((!done || reconnects < 20) && std::chrono::steady_clock::now() < give_up) {
+      ZdsClient c(node->zds_socket);
+      if (c.ok) {
+        c.take_snapshot();
+        reconnects++;
+      }
+      std::this_thread::sleep_for(Ms(30));
+    }
+  });
+  std::atomic<int> finished{0}, slowest_ms{0};
+  std::vector<std::thread> workers;
+  for (int i = 0; i < kPods; ++i) {
+    workers.emplace_back([&, i] {
+      for (int round = 0; round < kRounds; ++round) {
+        for (const char* cmd : {"ADD", "DEL"}) {
+          auto t0 = std::chrono::steady_clock::now();
+          node->plugin("podsteer-cni", cmd, pods[i], conf(pods[i]));
+          int ms = std::chrono::duration_cast<Ms>(std::chrono::steady_clock::now() - t0).count();
+          int prev = slowest_ms;
+          while (ms > prev && !slowest_ms.compare_exchange_weak(prev, ms)) {
+          }
+          finished++;
+        }
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  done = true;
+  flapper.join();
+  fprintf(stderr, "%d CNI requests, %d proxy reconnects, slowest request %d ms\n", finished.load(), reconnects.load(),
+          slowest_ms.load());
+  EXPECT_EQ(finished, kPods * kRounds * 2);
+  EXPECT_GE(reconnects, 20);
+  // an ADD waits for at most one ack timeout per proxy it tries
+  EXPECT_LT(slowest_ms, 8000);
+  EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos);
+  // and the agent still serves: a pod captured, proxies still welcome
+  auto r = node->plugin("podsteer-cni", "ADD", pods[0], conf(pods[0]));
+  EXPECT_EQ(r.rc, 0) << r.out << node->agent->output();
+  auto again = start_proxy();
+  EXPECT_FALSE(again->wait_for(event("pod_added", "ambient/p0")).is_null());
+  for (auto& p : pods) {
+    node->plugin("podsteer-cni", "DEL", p, conf(p));
+    sh("ip netns del " + p.netns_name);
+  }
+}
+
+TEST_F(AgentTest, HealthzTurnsRedWhileACniRequestIsStuck) {
+  node->start_agent({"--ack-timeout-ms", "4000", "--watchdog-ms", "1000"});
+  // a proxy that takes its snapshot and then never answers again
+  ZdsClient mute(node->zds_socket);
+  ASSERT_TRUE(mute.ok);
+  mute.take_snapshot();
+  Pod web;
+  std::thread add([&] { node->add_pod(web, "ambient", "web"); });
+  std::string during;
+  for (int i = 0; i < 40; ++i) {
+    std::this_thread::sleep_for(Ms(100));
+    during = node->http_get("/healthz");
+    if (during.find("503") != std::string::npos) break;
+  }
+  EXPECT_NE(during.find("503"), std::string::npos) << during;
+  EXPECT_NE(node->http_get("/readyz").find("503"), std::string::npos);
+  add.join();
+  EXPECT_TRUE(captured_pods().empty()) << "no ack: undone";
+  EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos) << "healthy again once it ended";
+  // malformed CNI requests are answered, counted, and change nothing
+  for (const std::string& bad : {std::string("{not json\n"), std::string("{\"command\":7}\n"), std::string(5 << 20, 'x') + "\n"}) {
+    podsteer::Fd s(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    strncpy(addr.sun_path, node->cni_socket.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(connect(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    (void)!write(s.get(), bad.data(), bad.size());
+    shutdown(s.get(), SHUT_WR);
+    char buf[512];
+    (void)!read(s.get(), buf, sizeof(buf));
+  }
+  auto m = node->http_get("/metrics");
+  EXPECT_GE(metric(m, "podsteer_cni_requests_total{command=\"malformed\",result=\"error\"}"), 2) << m;
+  EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos);
+}
+
+}  // namespace
