@@ -32,8 +32,7 @@ size_t collect(char* p, size_t size, size_t n, void* user) {
 }
 
 struct Stream {
-  std::string buf;
-  bool skipping = false;  // inside an oversized line: drop until its end
+  LineSplitter lines;
   const std::function<bool(const std::string&)>* on_line;
   const std::atomic<bool>* stop;
   std::atomic<uint64_t>* oversized;
@@ -44,25 +43,15 @@ struct Stream {
 size_t stream_write(char* p, size_t size, size_t n, void* user) noexcept {
   auto* s = static_cast<Stream*>(user);
   try {
-    s->buf.append(p, size * n);
-    size_t nl;
-    while ((nl = s->buf.find('\n')) != std::string::npos) {
-      std::string line = s->buf.substr(0, nl);
-      s->buf.erase(0, nl + 1);
-      if (s->skipping) {
-        s->skipping = false;
-        continue;
-      }
-      if (!line.empty() && !(*s->on_line)(line)) {
-        s->aborted = true;
-        return 0;
-      }
-    }
-    if (s->buf.size() > Client::kMaxLine) {
-      spdlog::warn("kube: a watch line longer than {} bytes was dropped", Client::kMaxLine);
+    uint64_t before = s->lines.oversized();
+    bool go_on = s->lines.feed(p, size * n, *s->on_line);
+    if (s->lines.oversized() != before) {
+      spdlog::warn("kube: a watch line longer than {} bytes was dropped", kMaxWatchLine);
       ++*s->oversized;
-      s->buf.clear();
-      s->skipping = true;
+    }
+    if (!go_on) {
+      s->aborted = true;
+      return 0;
     }
   } catch (const std::exception& e) {
     spdlog::warn("kube: watch line dropped: {}", e.what());
@@ -195,6 +184,36 @@ Result<json> Client::request(const std::string& method, const std::string& path,
   return j;
 }
 
+bool LineSplitter::feed(const char* data, size_t n, const std::function<bool(const std::string&)>& on_line) {
+  size_t start = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (data[i] != '\n') continue;
+    size_t len = i - start;
+    if (skipping_) {
+      skipping_ = false;  // the end of a line already counted
+    } else if (buf_.size() + len > max_) {
+      ++oversized_;
+      buf_.clear();
+    } else {
+      buf_.append(data + start, len);
+      std::string line;
+      line.swap(buf_);
+      if (!line.empty() && !on_line(line)) return false;
+    }
+    start = i + 1;
+  }
+  size_t rest = n - start;
+  if (skipping_) return true;
+  if (buf_.size() + rest > max_) {
+    ++oversized_;
+    buf_.clear();
+    skipping_ = true;
+    return true;
+  }
+  buf_.append(data + start, rest);
+  return true;
+}
+
 Result<json> Client::get(const std::string& path) { return request("GET", path, ""); }
 
 Result<json> Client::merge_patch(const std::string& path, const json& patch) {
@@ -203,7 +222,7 @@ Result<json> Client::merge_patch(const std::string& path, const json& patch) {
 
 long Client::watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
                    const std::atomic<bool>& stop) {
-  Stream s{"", false, &on_line, &stop, &oversized_};
+  Stream s{LineSplitter(), &on_line, &stop, &oversized_};
   Transfer t(cfg_, cfg_.server + path, bearer(), nullptr);
   curl_easy_setopt(t.get(), CURLOPT_WRITEFUNCTION, stream_write);
   curl_easy_setopt(t.get(), CURLOPT_WRITEDATA, &s);

@@ -28,6 +28,25 @@ Result<Config> load_kubeconfig(const std::string& path);
 // KUBERNETES_SERVICE_HOST/PORT and /var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt}
 Result<Config> in_cluster_config(const std::string& sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount");
 
+// No API object is this long (etcd stops at 1.5 MB): a longer watch line is dropped.
+constexpr size_t kMaxWatchLine = 4 << 20;
+
+// Splits a watch stream into lines as its chunks arrive, however they are cut. A line
+// longer than max_line is dropped whole and counted (tests/fuzz/kube_watch).
+class LineSplitter {
+ public:
+  explicit LineSplitter(size_t max_line = kMaxWatchLine) : max_(max_line) {}
+  // on_line gets each complete, non-empty line; false from it stops (and feed says false).
+  bool feed(const char* data, size_t n, const std::function<bool(const std::string&)>& on_line);
+  uint64_t oversized() const { return oversized_; }
+
+ private:
+  std::string buf_;
+  bool skipping_ = false;  // inside an oversized line: drop until its end
+  size_t max_;
+  uint64_t oversized_ = 0;
+};
+
 class Client {
  public:
   explicit Client(Config cfg);
@@ -36,12 +55,10 @@ class Client {
   Result<nlohmann::json> merge_patch(const std::string& path, const nlohmann::json& patch);
   // Streams a watch: on_line gets each complete line (one event); on_line returning false,
   // or stop, ends it. Returns the HTTP status (0 when the connection failed).
-  // Lines longer than kMaxLine (no API object is: etcd stops at 1.5 MB) are dropped and
-  // counted in oversized_lines().
+  // Lines longer than kMaxWatchLine are dropped and counted in oversized_lines().
   long watch(const std::string& path, const std::function<bool(const std::string&)>& on_line,
              const std::atomic<bool>& stop);
   uint64_t oversized_lines() const { return oversized_; }
-  static constexpr size_t kMaxLine = 4 << 20;
 
  private:
   Result<nlohmann::json> request(const std::string& method, const std::string& path, const std::string& body);

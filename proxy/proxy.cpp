@@ -565,15 +565,19 @@ bool Proxy::dns_upstream(Pod* pod) {
   auto now = Clock::now();
   if (now - pod->dns_looked_up < std::chrono::seconds(1)) return false;
   pod->dns_looked_up = now;
-  std::string self = std::to_string(getpid());
+  // A container has a mount namespace of its own; a process that merely entered the
+  // pod's netns (setns, nsenter --net) shares ours and sees the node's file: skipped.
+  struct stat own_mnt {};
+  stat("/proc/self/ns/mnt", &own_mnt);
   DIR* d = opendir("/proc");
   if (!d) return false;
   std::string found;
   while (dirent* e = readdir(d)) {
-    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0])) || self == e->d_name) continue;
+    if (!std::isdigit(static_cast<unsigned char>(e->d_name[0]))) continue;
     std::string base = std::string("/proc/") + e->d_name;
-    struct stat st {};
-    if (stat((base + "/ns/net").c_str(), &st) != 0 || st.st_ino != pod->netns_ino) continue;
+    struct stat net {}, mnt {};
+    if (stat((base + "/ns/net").c_str(), &net) != 0 || net.st_ino != pod->netns_ino) continue;
+    if (stat((base + "/ns/mnt").c_str(), &mnt) != 0 || mnt.st_ino == own_mnt.st_ino) continue;
     found = resolv_conf_nameserver(base + "/root/etc/resolv.conf");
     if (!found.empty()) break;
   }

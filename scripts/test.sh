@@ -1,14 +1,54 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is needed, builds, runs ctest (unit, BPF and the
-# real-kernel integration tests, one at a time: they share the kernel), then sweeps for
-# anything a test left behind.
+# real-kernel integration tests, one at a time: they share the kernel), runs them again
+# from an AddressSanitizer + UBSan build, runs every fuzz target briefly, boots the
+# Debian 6.1 kernel under qemu for the datapath and agent tests there, then sweeps for
+# anything a test left behind. Prints what each part cost at the end (README, "Tests").
+#
+# PODSTEER_TEST_PARTS selects parts (default: all): any of
+#   main asan fuzz kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-scripts/build.sh
+PARTS=" ${PODSTEER_TEST_PARTS:-main asan fuzz kernels} "
 BUILD_DIR=${BUILD_DIR:-build}
-BUILD_DIR=$BUILD_DIR scripts/build-previous.sh  # the ABI 1 release, for the migration test
 status=0
-(cd "$BUILD_DIR" && ctest --output-on-failure) || status=$?
-tests/residue.sh || status=1
+timings=()
+part() {  # part NAME COMMAND...: runs it, records its time and result, goes on after a failure
+  local name=$1 start rc=0
+  shift
+  start=$(date +%s)
+  echo "=== $name"
+  "$@" || rc=$?
+  timings+=("$(printf '%-44s %5ss  %s' "$name" $(($(date +%s) - start)) "$([ $rc -eq 0 ] && echo ok || echo FAILED)")")
+  [ $rc -eq 0 ] || status=1
+}
+want() { [[ $PARTS == *" $1 "* ]]; }
+
+part "setup (Debian packages, bpffs)" scripts/setup.sh
+part "build" scripts/build.sh
+if want main; then
+  part "build of the ABI-1 release (migration test)" env BUILD_DIR="$BUILD_DIR" scripts/build-previous.sh
+  part "ctest: unit, BPF, integration" bash -c "cd '$BUILD_DIR' && ctest --output-on-failure"
+fi
+if want asan; then
+  part "build with ASan + UBSan (clang-14)" scripts/build-asan.sh
+  # the 200,000-connection run is a load test, not a sanitizer test: 2,000 here
+  part "ctest under ASan + UBSan" bash -c "cd build-asan && PODSTEER_TEST_CONNECTIONS=2000 \
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --output-on-failure -E 'Migrates|bench_smoke'"
+fi
+if want fuzz; then
+  part "fuzz smoke: 7 targets x ${FUZZ_SECONDS:-20}s" env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
+fi
+if want kernels; then
+  # a subset on 6.1 (software-emulated here: ~10 s per test); all kernels, all tests:
+  # scripts/test-kernels.sh 6.1 6.12
+  part "kernel 6.1 under qemu (datapath + agent subset)" env BUILD_DIR="$BUILD_DIR" \
+    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade)|AgentTest\.(Pending|Drift)' \
+    scripts/test-kernels.sh 6.1
+fi
+part "residue sweep" tests/residue.sh
+echo
+echo "=== what each part cost"
+printf '%s\n' "${timings[@]}"
 exit $status

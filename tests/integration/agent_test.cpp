@@ -225,6 +225,9 @@ TEST_F(AgentTest, PendingPodCapturedAtCniAddStaysCapturedWithItsIdentity) {
   }
   EXPECT_EQ(annotation, "true");
   EXPECT_EQ(captured_pods().size(), 2u);
+  auto stats = api->get("/testctl/stats");
+  EXPECT_GE(stats.value("status_patches", 0), 1) << "annotated through pods/status";
+  EXPECT_EQ(stats.value("pod_patches", -1), 0) << "never through a patch of the pod itself (RBAC grants none)";
 
   // deleted from the API: released (DelWorkload, maps cleared), and its traffic goes direct
   ASSERT_EQ(api->call("DELETE", "/api/v1/namespaces/ambient/pods/web").rc, 0);
@@ -559,7 +562,7 @@ TEST_F(AgentTest, ConcurrentCniRequestsWhileProxiesReconnectAllFinish) {
     p.container_id = "ctr-" + node->id + "-" + p.name;
     p.netns_name = "pst-" + node->id + "-" + p.name;
     p.netns = "/var/run/netns/" + p.netns_name;
-    ASSERT_EQ(sh("ip netns add " + p.netns_name + " && ip -n " + p.netns_name + " link set lo up").rc, 0);
+    ASSERT_TRUE(node->make_netns(p.netns_name));
   }
   auto conf = [&](const Pod&) {
     json c = node->conflist["plugins"][1];
@@ -654,6 +657,126 @@ TEST_F(AgentTest, HealthzTurnsRedWhileACniRequestIsStuck) {
   auto m = node->http_get("/metrics");
   EXPECT_GE(metric(m, "podsteer_cni_requests_total{command=\"malformed\",result=\"error\"}"), 2) << m;
   EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos);
+}
+
+TEST_F(AgentTest, OldAgentLeavingNeverTakesTheNewAgentsSockets) {
+  node->start_agent();
+  auto old_agent = std::move(node->agent);
+  // the new agent starts before the old one has gone (a DaemonSet with maxSurge)
+  node->start_agent({"--http-port", std::to_string(node->http_port + 1)});
+  node->proxy = start_proxy();
+  struct stat cni {}, zds {};
+  ASSERT_EQ(stat(node->cni_socket.c_str(), &cni), 0);
+  ASSERT_EQ(stat(node->zds_socket.c_str(), &zds), 0);
+  EXPECT_EQ(old_agent->terminate(), 0) << old_agent->output();
+  struct stat cni_after {}, zds_after {};
+  ASSERT_EQ(stat(node->cni_socket.c_str(), &cni_after), 0) << "the old agent unlinked the new one's CNI socket";
+  ASSERT_EQ(stat(node->zds_socket.c_str(), &zds_after), 0) << "the old agent unlinked the new one's ZDS socket";
+  EXPECT_EQ(cni_after.st_ino, cni.st_ino);
+  EXPECT_EQ(zds_after.st_ino, zds.st_ino);
+  Pod web;
+  auto r = node->add_pod(web, "ambient", "web");
+  EXPECT_EQ(r.rc, 0) << r.out << node->agent->output();
+}
+
+// podsteer-proxy, as a node proxy must behave on a real node.
+
+TEST_F(AgentTest, ProxyAsksThePodsOwnResolver) {
+  node->start_agent({"--dns"});
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  Peer resolver({testpeer_bin(), "--netns", other.netns, "serve-udp", "--port", "53"});
+  ASSERT_FALSE(resolver.wait_for(event("ready")).is_null());
+  // no --dns-upstream: the proxy must find the pod's resolv.conf, not read the node's
+  node->proxy = start_proxy();
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  // the pod's container: its own mount namespace, with the pod's resolv.conf
+  std::string etc = "/etc/netns/" + web.netns_name;
+  node->remove_later(etc);
+  ASSERT_EQ(sh("mkdir -p " + etc + " && echo 'nameserver " + other.ip + "' > " + etc + "/resolv.conf").rc, 0);
+  Peer container({"ip", "netns", "exec", web.netns_name, "sleep", "60"}, false, node->app_cgroup);
+  std::this_thread::sleep_for(Ms(200));
+  auto q = peer_once({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "udp", "--to", "10.211.0.250",
+                      "--port", "53", "--send", "example.org?"});
+  EXPECT_EQ(q.value("reply", ""), "resolver:example.org?") << q << node->proxy->output();
+  EXPECT_EQ(node->proxy->wait_for(event("dns_upstream", "ambient/web")).value("upstream", ""), other.ip);
+}
+
+TEST_F(AgentTest, ProxyBoundsDnsQueriesInFlight) {
+  node->start_agent({"--dns"});
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  // an upstream that never answers (nothing listens; ICMP errors are not replies)
+  node->proxy = start_proxy({"--dns-upstream", other.ip + ":5353", "--max-dns-queries", "2"});
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  for (int i = 0; i < 5; ++i)
+    peer_once({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "udp", "--to", "10.211.0.250", "--port",
+               "53", "--send", "q" + std::to_string(i), "--timeout-ms", "100"});
+  EXPECT_EQ(count(*node->proxy, event("dns")), 2) << node->proxy->output();
+  EXPECT_EQ(count(*node->proxy, event("dns_dropped", "ambient/web")), 3) << node->proxy->output();
+}
+
+TEST_F(AgentTest, ProxyIdleTimeoutLetsARemovedPodsNetnsGo) {
+  node->start_agent();
+  node->proxy = start_proxy({"--idle-timeout-ms", "1500"});
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  Peer session({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "session", "--to", other.ip, "--port",
+                "8080"},
+               true);
+  ASSERT_TRUE(session.wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+  session.send_line("busy");
+  ASSERT_FALSE(session.wait_for([](const json& j) { return j.value("request", "") == "busy"; }).is_null());
+  // the pod goes; its open connection drains, then idles out, and the proxy lets its
+  // netns go
+  ASSERT_EQ(node->chain("DEL", web).rc, 0);
+  auto removed = node->proxy->wait_for(event("pod_removed", "ambient/web"));
+  EXPECT_TRUE(removed.value("open_connections", false)) << removed;
+  auto idle = node->proxy->wait_for([](const json& j) { return j.value("error", "") == "idle timeout"; }, 5000);
+  EXPECT_FALSE(idle.is_null()) << node->proxy->output();
+  EXPECT_FALSE(node->proxy->wait_for(event("pod_netns_closed", "ambient/web"), 2000).is_null()) << node->proxy->output();
+}
+
+TEST_F(AgentTest, ProxyOutOfFdsPausesAcceptInsteadOfSpinning) {
+  node->start_agent();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  // few fds: the pod's listeners and a handful of connections
+  node->proxy = std::make_unique<Peer>(
+      std::vector<std::string>{"prlimit", "--nofile=40:40", "--", PROXY_BIN, "--zds-socket", node->zds_socket}, false,
+      node->proxy_cgroup);
+  ASSERT_FALSE(node->proxy->wait_for(event("snapshot_received"), 8000).is_null()) << node->proxy->output();
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  std::vector<std::unique_ptr<Peer>> sessions;
+  for (int i = 0; i < 20; ++i)
+    sessions.push_back(std::make_unique<Peer>(
+        std::vector<std::string>{testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "session", "--to", other.ip,
+                                 "--port", "8080"},
+        true));
+  EXPECT_FALSE(node->proxy->wait_for(event("accept_paused"), 5000).is_null()) << node->proxy->output();
+  // while connections wait in the backlog, the proxy sleeps instead of spinning
+  auto cpu = [&] {
+    std::istringstream in(read_file("/proc/" + std::to_string(node->proxy->pid()) + "/stat"));
+    std::string f;
+    long ticks = 0;
+    for (int i = 1; i <= 15 && in >> f; ++i)
+      if (i >= 14) ticks += std::stol(f);
+    return ticks;
+  };
+  // prlimit execs the proxy in place: the pid is the proxy's
+  long before = cpu();
+  std::this_thread::sleep_for(Ms(1000));
+  long used = cpu() - before;
+  EXPECT_LT(used, 30) << "CPU ticks in one second with accept() failing";
+  // fds come back: the waiting connections are served
+  sessions.resize(5);
+  auto late = connect_from(web, other.ip, 8080, "late");
+  EXPECT_TRUE(got(late, "late")) << late << node->proxy->output();
 }
 
 }  // namespace

@@ -124,7 +124,7 @@ Peer::Peer(const std::vector<std::string>& argv, bool with_stdin, const std::str
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
-    execv(args[0], args.data());
+    execvp(args[0], args.data());
     _exit(127);
   }
   close(out);

@@ -303,8 +303,17 @@ TEST(Deploy, ManifestsPassKubectlClientDryRun) {
                {"KUBECONFIG=" + dir + "/kubeconfig"});
   EXPECT_EQ(r.rc, 0) << r.out;
   for (const char* obj : {"daemonset.apps/podsteer-agent created", "clusterrole.rbac.authorization.k8s.io/podsteer-agent created",
-                          "serviceaccount/podsteer-agent created", "configmap/podsteer-config created"})
+                          "serviceaccount/podsteer-agent created", "configmap/podsteer-config created",
+                          "role.rbac.authorization.k8s.io/podsteer-agent created"})
     EXPECT_NE(r.out.find(obj), std::string::npos) << obj << " in:\n" << r.out;
+  // least privilege: no patch on pods themselves, only on their status subresource
+  auto rbac = read_file(std::string(DEPLOY_DIR) + "/rbac.yaml");
+  EXPECT_NE(rbac.find("resources: [\"pods/status\"]\n  verbs: [\"patch\"]"), std::string::npos) << rbac;
+  EXPECT_NE(rbac.find("resources: [\"pods\"]\n  verbs: [\"get\", \"list\", \"watch\"]\n"), std::string::npos) << rbac;
+  // /metrics on localhost, probes from the node
+  auto ds = read_file(std::string(DEPLOY_DIR) + "/daemonset.yaml");
+  EXPECT_EQ(ds.find("0.0.0.0 --http-port"), std::string::npos);
+  EXPECT_NE(ds.find("httpGet: {host: 127.0.0.1, path: /healthz"), std::string::npos);
   server.reset();
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);

@@ -50,6 +50,7 @@ Node::Node() {
 }
 
 Node::~Node() {
+  std::error_code ec;
   proxy.reset();
   agent.reset();
   auto r = run({podsteer_bin(), "--state-dir", state_dir, "uninstall"});
@@ -58,17 +59,19 @@ Node::~Node() {
   kill_cgroup(app_cgroup);
   kill_cgroup(cgroup);
   for (const auto& ns : netns_made_) sh("ip netns del " + ns + " 2>/dev/null");
+  for (const auto& p : paths_made_) std::filesystem::remove_all(p, ec);
   sh("ip netns del " + node_ns_name + " 2>/dev/null");
-  std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
 
 void Node::start_agent(const std::vector<std::string>& extra) {
   std::vector<std::string> argv = {AGENT_BIN, "--state-dir", state_dir, "--hook-cgroup", cgroup, "--cni-socket",
-                                   cni_socket, "--zds-socket", zds_socket, "--http-port", std::to_string(http_port),
-                                   "--enroll-namespaces", "ambient"};
-  if (std::find(extra.begin(), extra.end(), "--ack-timeout-ms") == extra.end())
-    argv.insert(argv.end(), {"--ack-timeout-ms", "2000"});
+                                   cni_socket, "--zds-socket", zds_socket, "--enroll-namespaces", "ambient"};
+  auto unless_given = [&](const std::string& flag, const std::string& value) {
+    if (std::find(extra.begin(), extra.end(), flag) == extra.end()) argv.insert(argv.end(), {flag, value});
+  };
+  unless_given("--ack-timeout-ms", "2000");
+  unless_given("--http-port", std::to_string(http_port));
   argv.insert(argv.end(), extra.begin(), extra.end());
   agent = std::make_unique<Peer>(argv);
   for (int i = 0; i < 250 && agent->output().find("http: /metrics") == std::string::npos; ++i)
@@ -176,6 +179,11 @@ CmdResult KubeApi::call(const std::string& method, const std::string& path, cons
 json KubeApi::get(const std::string& path) { return json::parse(call("GET", path).out, nullptr, false); }
 
 void KubeApi::testctl(const std::string& what) { EXPECT_EQ(call("POST", "/testctl/" + what, json::object()).rc, 0); }
+
+bool Node::make_netns(const std::string& name) {
+  netns_made_.push_back(name);
+  return sh("ip netns add " + name + " && ip -n " + name + " link set lo up").rc == 0;
+}
 
 json Node::status() {
   auto r = run({podsteer_bin(), "--state-dir", state_dir, "status", "--json"});

@@ -43,9 +43,12 @@ class Node {
                    const std::string& args_extra = "");
   json status();
   std::string http_get(const std::string& path);
+  // A netns (lo up) removed with the node; and a path removed with the node.
+  bool make_netns(const std::string& name);
+  void remove_later(const std::string& path) { paths_made_.push_back(path); }
 
  private:
-  std::vector<std::string> netns_made_;
+  std::vector<std::string> netns_made_, paths_made_;
 };
 
 // Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).

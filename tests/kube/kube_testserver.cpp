@@ -43,6 +43,7 @@ uint64_t status_patches = 0;            // PATCHes of pods/status
 uint64_t lists = 0;                     // list requests (not watches), for relist backoff checks                  // every API request answers 503 (the API is unreachable)
 bool hold_watches = false;              // open watches deliver nothing (a lagging watch cache)
 uint64_t gets = 0;                      // GETs of one pod or namespace
+uint64_t pod_patches = 0;               // PATCHes of pods themselves (not their status)
 uint64_t error_generation = 0;          // bumped to end every open watch with a non-410 ERROR
 
 std::string now_rfc3339() {
@@ -329,7 +330,11 @@ int main(int argc, char** argv) {
                      {"resources", {{{"name", "clusterroles"}, {"singularName", "clusterrole"}, {"namespaced", false},
                                      {"kind", "ClusterRole"}, {"verbs", verbs}},
                                     {{"name", "clusterrolebindings"}, {"singularName", "clusterrolebinding"},
-                                     {"namespaced", false}, {"kind", "ClusterRoleBinding"}, {"verbs", verbs}}}}});
+                                     {"namespaced", false}, {"kind", "ClusterRoleBinding"}, {"verbs", verbs}},
+                                    {{"name", "roles"}, {"singularName", "role"}, {"namespaced", true},
+                                     {"kind", "Role"}, {"verbs", verbs}},
+                                    {{"name", "rolebindings"}, {"singularName", "rolebinding"}, {"namespaced", true},
+                                     {"kind", "RoleBinding"}, {"verbs", verbs}}}}});
   });
   srv.Get("/api/v1/pods", [](const httplib::Request& req, httplib::Response& res) {
     if (authorized(req, res)) handle_list_or_watch(req, res, "pods", "");
@@ -372,7 +377,12 @@ int main(int argc, char** argv) {
     upsert(kind, obj, res, false);
   };
   srv.Patch(R"(/api/v1/namespaces/([^/]+)/pods/([^/]+))", [&](const httplib::Request& req, httplib::Response& res) {
-    if (authorized(req, res)) patch("pods", req.matches[1], req.matches[2], req, res);
+    if (!authorized(req, res)) return;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      pod_patches++;
+    }
+    patch("pods", req.matches[1], req.matches[2], req, res);
   });
   // The status subresource, as the API server's pod status strategy treats it: metadata and
   // status change, the spec stays what it was.
@@ -490,7 +500,7 @@ int main(int argc, char** argv) {
   });
   srv.Get("/testctl/stats", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
-    reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}, {"gets", gets}});
+    reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}, {"gets", gets}, {"pod_patches", pod_patches}});
   });
   srv.Get("/testctl/watchers", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
