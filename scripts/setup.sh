@@ -13,6 +13,8 @@ PACKAGES=(
   libnl-3-dev libnl-route-3-dev
   # scripts/test-kernels.sh: other kernels under qemu
   qemu-system-x86 busybox-static cpio kmod xz-utils
+  # tests/e2e: a real container runtime calls the CNI chain
+  podman runc conmon
   # scripts/build-asan.sh, scripts/fuzz.sh: sanitizers and libFuzzer
   libclang-rt-14-dev
   # tests/adversarial: crafted packets

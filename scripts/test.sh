@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is needed, builds, runs ctest (unit, BPF and the
-# real-kernel integration tests, one at a time: they share the kernel), runs them again
-# from an AddressSanitizer + UBSan build, runs every fuzz target briefly, boots the
-# Debian 6.1 kernel under qemu for the datapath and agent tests there, then sweeps for
-# anything a test left behind. Prints what each part cost at the end (README, "Tests").
+# real-kernel integration tests, one at a time: they share the kernel), runs podman end to
+# end, runs the ctest suite again from an AddressSanitizer + UBSan build, runs every fuzz
+# target briefly, boots the Debian 6.1 kernel under qemu for the datapath and agent tests
+# there, then sweeps for anything a test left behind. Prints what each part cost at the end (README, "Tests").
 #
 # PODSTEER_TEST_PARTS selects parts (default: all): any of
-#   main asan fuzz kernels
+#   main e2e asan fuzz kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=" ${PODSTEER_TEST_PARTS:-main asan fuzz kernels} "
+PARTS=" ${PODSTEER_TEST_PARTS:-main e2e asan fuzz kernels} "
 BUILD_DIR=${BUILD_DIR:-build}
 status=0
 timings=()
@@ -29,6 +29,9 @@ part "build" scripts/build.sh
 if want main; then
   part "build of the ABI-1 release (migration test)" env BUILD_DIR="$BUILD_DIR" scripts/build-previous.sh
   part "ctest: unit, BPF, integration" bash -c "cd '$BUILD_DIR' && ctest --output-on-failure"
+fi
+if want e2e; then
+  part "podman creates the pods (tests/e2e/podman.sh)" env BUILD_DIR="$BUILD_DIR" tests/e2e/podman.sh
 fi
 if want asan; then
   part "build with ASan + UBSan (clang-14)" scripts/build-asan.sh
