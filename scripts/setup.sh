@@ -13,8 +13,9 @@ PACKAGES=(
   libnl-3-dev libnl-route-3-dev
   # scripts/test-kernels.sh: other kernels under qemu
   qemu-system-x86 busybox-static cpio kmod xz-utils
-  # tests/e2e: a real container runtime calls the CNI chain
-  podman runc conmon
+  # tests/e2e: a real container runtime calls the CNI chain (podman; containerd's CRI plugin,
+  # driven by tests/cri/cri_client over gRPC)
+  podman runc conmon containerd libgrpc++-dev protobuf-compiler-grpc golang-github-gogo-protobuf-dev
   # scripts/build-asan.sh, scripts/fuzz.sh: sanitizers and libFuzzer
   libclang-rt-14-dev
   # tests/adversarial: crafted packets
@@ -30,6 +31,28 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The CRI protocol (tests/cri): api.proto ships in trixie's golang-github-kubernetes-cri-api-dev;
+# the .deb is downloaded through a temporary sources list (nothing is installed from trixie)
+# and only the proto is kept.
+CRI_DIR=/var/cache/podsteer/cri-api
+if [ ! -f "$CRI_DIR/api.proto" ]; then
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+  echo "deb http://deb.debian.org/debian trixie main" >"$tmp/sources.list"
+  apt_opts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+    -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache" -o APT::Sandbox::User=root)
+  if apt-get "${apt_opts[@]}" update -qq >/dev/null 2>&1 &&
+    (cd "$tmp" && apt-get "${apt_opts[@]}" download golang-github-kubernetes-cri-api-dev >/dev/null 2>&1); then
+    dpkg-deb -x "$tmp"/golang-github-kubernetes-cri-api-dev_*.deb "$tmp/x"
+    mkdir -p "$CRI_DIR"
+    cp "$(find "$tmp/x" -path '*cri-api/pkg/apis/runtime/v1/api.proto')" "$CRI_DIR/api.proto"
+    echo "setup: CRI api.proto from $(basename "$tmp"/golang-github-kubernetes-cri-api-dev_*.deb)"
+  else
+    echo "setup: could not fetch the CRI api.proto from trixie: the CRI tests will be skipped"
+  fi
+  rm -rf "$tmp"
 fi
 
 # The state dir lives on bpffs.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is needed, builds, runs ctest (unit, BPF and the
-# real-kernel integration tests, one at a time: they share the kernel), runs podman end to
-# end, runs the ctest suite again from an AddressSanitizer + UBSan build, runs every fuzz
+# real-kernel integration tests, one at a time: they share the kernel), runs podman and
+# containerd's CRI end to end, runs the ctest suite again from an AddressSanitizer + UBSan build, runs every fuzz
 # target briefly, boots the Debian 6.1 kernel under qemu for the datapath and agent tests
 # there, then sweeps for anything a test left behind. Prints what each part cost at the end (README, "Tests").
 #
@@ -32,6 +32,7 @@ if want main; then
 fi
 if want e2e; then
   part "podman creates the pods (tests/e2e/podman.sh)" env BUILD_DIR="$BUILD_DIR" tests/e2e/podman.sh
+  part "containerd CRI creates the pods (tests/e2e/containerd.sh)" env BUILD_DIR="$BUILD_DIR" tests/e2e/containerd.sh
 fi
 if want asan; then
   part "build with ASan + UBSan (clang-14)" scripts/build-asan.sh
