@@ -4,6 +4,8 @@
 # shellcheck shell=bash
 
 BUILD_DIR=$(realpath "${BUILD_DIR:-build}")
+# shellcheck source=scripts/lib/podman.sh
+source scripts/lib/podman.sh  # make_rootfs, plain_addr (and pm for the podman test)
 skip() { echo; echo "*** SKIPPING $E2E_NAME: $* ***"; echo; exit 0; }
 [ "$(id -u)" = 0 ] || skip "needs root"
 [ -x "$BUILD_DIR/controller/podsteer-agent" ] || { echo "$E2E_NAME: no build in $BUILD_DIR" >&2; exit 2; }
@@ -57,20 +59,6 @@ snapshots() { grep -c snapshot_received "$DIR/proxy.log"; }
 proxy_resynced() {  # proxy_resynced N
   for _ in $(seq 100); do [ "$(snapshots)" -gt "$1" ] && return; sleep 0.05; done
 }
-
-# A root filesystem from Debian's busybox-static: httpd serving "hello", a CGI that says
-# whom the app sees, wget and a shell.
-make_rootfs() {  # make_rootfs DIR
-  local r=$1
-  mkdir -p "$r/bin" "$r/www/cgi-bin" "$r/tmp" "$r/etc"
-  cp "$(command -v busybox)" "$r/bin/busybox"
-  for a in sh cat echo wget httpd sleep; do ln -sf busybox "$r/bin/$a"; done
-  echo hello >"$r/www/index.html"
-  printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "$REMOTE_ADDR"\n' >"$r/www/cgi-bin/who"
-  chmod +x "$r/www/cgi-bin/who"
-}
-# What an app saw as its peer, as busybox httpd (dual stack) reports it.
-plain_addr() { local a=${1#"[::ffff:"}; echo "${a%"]"}"; }
 
 status_json() { "$BUILD_DIR/cli/podsteer" --state-dir "$STATE" status --json; }
 captured() { status_json | jq -r '.pods[].pod' 2>/dev/null | sort | tr '\n' ' '; }

@@ -11,9 +11,8 @@
 #     started again with the agent back, it is captured)
 #   - nothing is left behind, podman's own state included
 # podman runs with private containers.conf and storage.conf (no host config is read or
-# written), its image imported from Debian's busybox-static (no registry needed). Every
-# podman call runs as `nsenter --net=NODE podman` (not `ip netns exec`, whose private mount
-# namespace would hide podman's overlay mounts), so the plugins run in the node netns.
+# written), its image imported from Debian's busybox-static (no registry needed), every call
+# in the node netns (scripts/lib/podman.sh).
 #
 # Usage: tests/e2e/podman.sh   (root; BUILD_DIR=build by default). Exit 0: every check held.
 set -uo pipefail
@@ -24,53 +23,21 @@ source tests/e2e/lib.sh
 command -v podman >/dev/null || skip "podman is not installed (scripts/setup.sh installs it)"
 command -v runc >/dev/null || skip "runc is not installed"
 
-pm() {  # podman in the node netns, with our private config and storage only
-  CONTAINERS_CONF=$DIR/containers.conf CONTAINERS_STORAGE_CONF=$DIR/storage.conf \
-    CONTAINERS_REGISTRIES_CONF=$DIR/registries.conf \
-    nsenter --net=/var/run/netns/$NODE podman "$@"
-}
+PODMAN_DIR=$DIR/podman
 cleanup() {
-  pm rm -af -t 0 >/dev/null 2>&1
-  pm system reset -f >/dev/null 2>&1 </dev/null
+  podman_teardown
   node_down
 }
 trap cleanup EXIT
 node_up
-mkdir -p "$DIR"/{cni/net.d,storage,run,tmp,image}
-
-cat >"$DIR/containers.conf" <<CONF
-[containers]
-# root here lacks CAP_SYS_RESOURCE: podman's defaults for root would raise these
-default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
-[network]
-network_backend = "cni"
-cni_plugin_dirs = ["$BUILD_DIR/cni-hook", "/usr/lib/cni"]
-network_config_dir = "$DIR/cni/net.d"
-default_network = "podnet"
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "$DIR/events.log"
-runtime = "runc"
-tmp_dir = "$DIR/tmp"
-volume_path = "$DIR/storage/volumes"
-CONF
-cat >"$DIR/storage.conf" <<CONF
-[storage]
-driver = "overlay"
-runroot = "$DIR/run"
-graphroot = "$DIR/storage"
-CONF
-echo 'unqualified-search-registries = []' >"$DIR/registries.conf"
+mkdir -p "$DIR/cni/net.d"
 cat >"$DIR/cni/net.d/podnet.conflist" <<CONF
 {"cniVersion": "1.0.0", "name": "podnet", "plugins": [
   {"type": "bridge", "bridge": "psbr0", "isGateway": true, "ipMasq": false,
    "ipam": {"type": "host-local", "subnet": "10.213.0.0/24", "dataDir": "$DIR/ipam"}},
   {"type": "podsteer-cni", "agentSocket": "$DIR/cni.sock", "enrollNamespaces": ["ambient"]}]}
 CONF
-make_rootfs "$DIR/image/rootfs"
-tar -C "$DIR/image/rootfs" -cf "$DIR/image/busybox.tar" .
-pm import -q "$DIR/image/busybox.tar" localhost/podsteer-busybox:e2e >/dev/null || { echo "podman import failed"; exit 1; }
+podman_setup "$DIR/cni/net.d" "$BUILD_DIR/cni-hook" /usr/lib/cni || { echo "podman setup failed"; exit 1; }
 
 start_agent
 start_proxy
@@ -80,7 +47,7 @@ run_pod() {  # run_pod NAME NAMESPACE COMMAND...: a container as a pod of that n
   shift 2
   # podman passes K8S_POD_NAME=<name> and appends $CNI_ARGS
   CNI_ARGS="K8S_POD_NAMESPACE=$ns;K8S_POD_UID=uid-$ID-$name" pm run -d --name "$name" --network podnet \
-    --cgroup-parent "/$CG_NAME/pods" localhost/podsteer-busybox:e2e "$@"
+    --cgroup-parent "/$CG_NAME/pods" localhost/podsteer-busybox:latest "$@"
 }
 ip_of() { pm inspect -f '{{.NetworkSettings.Networks.podnet.IPAddress}}' "$1"; }
 
@@ -133,6 +100,6 @@ check "  ... and serves through the proxy" grep -q "\"original_dst\":\"$LATE:909
 
 pm rm -af -t 0 >/dev/null
 check "every container removed: nothing captured" [ "$(captured)" = "" ]
-pm system reset -f >/dev/null 2>&1 </dev/null
+podman_teardown
 check_nothing_left
 finish
