@@ -32,6 +32,7 @@ const volatile __u16 cfg_dns_port = PODSTEER_DEFAULT_DNS_PORT;
 const volatile __u32 cfg_proxy_mark = PODSTEER_DEFAULT_PROXY_MARK;
 const volatile __u32 cfg_proxy_mark_mask = PODSTEER_DEFAULT_PROXY_MARK_MASK;
 const volatile __u32 cfg_app_mark = PODSTEER_DEFAULT_APP_MARK;
+const volatile __u32 cfg_nr_cpus = 1; /* possible CPUs, for the podsteer_conns fallback */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -89,6 +90,20 @@ struct {
 	__type(key, int);
 	__type(value, struct podsteer_addr);
 } podsteer_skorig SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct podsteer_conn_ring);
+} podsteer_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct podsteer_events);
+} podsteer_events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);

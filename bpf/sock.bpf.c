@@ -38,12 +38,14 @@ static __always_inline int own_address(const struct podsteer_pod *pod, const __u
 	return (pod->flags & PODSTEER_POD_HAS_IP6) && same_addr(a, pod->ip6);
 }
 
-static __always_inline int excluded(__u64 cookie, const __u8 *a, __u16 port)
+static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie, const __u8 *a, __u16 port)
 {
 	struct podsteer_port_key pk = {.netns_cookie = cookie, .port = port,
 				       .direction = PODSTEER_DIR_OUTBOUND};
-	if (bpf_map_lookup_elem(&podsteer_ports, &pk))
+	if (!(pod->flags & PODSTEER_POD_NO_OUT_PORTS) && bpf_map_lookup_elem(&podsteer_ports, &pk))
 		return 1;
+	if (pod->flags & PODSTEER_POD_NO_OUT_CIDRS)
+		return 0;
 	struct podsteer_cidr_key ck = {
 		.prefixlen = PODSTEER_CIDR_COOKIE_BITS + 128,
 		.netns_cookie_hi = bpf_htonl((__u32)(cookie >> 32)),
@@ -74,7 +76,7 @@ static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 co
 	} else if (is_loopback(addr16) || (!dns && own_address(pod, addr16))) {
 		return LEAVE;
 	}
-	if (excluded(cookie, addr16, port)) {
+	if (excluded(pod, cookie, addr16, port)) {
 		COUNT(c, bypassed);
 		return LEAVE;
 	}
@@ -92,6 +94,25 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const __u8 *addr1
 	o->port = port;
 	o->family = family;
 	o->pad = 0;
+	return 0;
+}
+
+/* A redirected TCP socket's original destination, for sock_ops in the same connect():
+ * into this CPU's ring, keyed by socket cookie (no per-socket allocation). */
+static __always_inline int stash(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 port, __u16 family)
+{
+	__u32 zero = 0;
+	struct podsteer_conn_ring *r = bpf_map_lookup_elem(&podsteer_conns, &zero);
+	if (!r)
+		return -1;
+	__u32 i = r->next & (PODSTEER_CONN_SLOTS - 1);
+	r->next = i + 1;
+	struct podsteer_conn_slot *s = &r->slot[i];
+	s->sock_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(s->orig.addr, addr16, 16);
+	s->orig.port = port;
+	s->orig.family = family;
+	s->orig.pad = 0;
 	return 0;
 }
 
@@ -178,7 +199,9 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, 
 		COUNT(c, proxy_missing);
 		return 0;
 	}
-	if (remember(ctx, addr16, nport, family))
+	/* TCP: sock_ops takes it over in this same connect(); UDP (DNS): kept with the socket,
+	 * for recvmsg to restore the resolver's address on every reply */
+	if (ctx->type == SOCK_STREAM ? stash(ctx, addr16, nport, family) : remember(ctx, addr16, nport, family))
 		return -1;
 	if (v == TO_DNS)
 		COUNT(c, dns_redirected);
@@ -246,13 +269,45 @@ int podsteer_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* The application's socket sees its original destination: a reply from the DNS listener
- * comes from the resolver, getpeername() returns what connect() was given. */
+ * comes from the resolver, getpeername() returns what connect() was given. A TCP socket's
+ * is in podsteer_orig (sock_ops put it there, keyed by the tuple); a UDP socket's, and one
+ * redirected by an older build, in its socket storage. */
+static __always_inline struct podsteer_addr *original_of(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
+{
+	if (sk->type == SOCK_STREAM) {
+		__u16 peer_port = bpf_ntohs((__u16)ctx->user_port);
+		if (peer_port != cfg_outbound_port && peer_port != cfg_dns_port)
+			return NULL;
+		struct podsteer_origdst_key k = {
+			.netns_cookie = bpf_get_netns_cookie(ctx),
+			.peer_port = (__u16)sk->src_port,
+			.local_port = peer_port,
+		};
+		if (sk->family == AF_INET) {
+			map_v4(k.peer_addr, sk->src_ip4);
+		} else {
+			__u32 *w = (__u32 *)k.peer_addr;
+			w[0] = sk->src_ip6[0];
+			CTX_BARRIER();
+			w[1] = sk->src_ip6[1];
+			CTX_BARRIER();
+			w[2] = sk->src_ip6[2];
+			CTX_BARRIER();
+			w[3] = sk->src_ip6[3];
+		}
+		struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
+		if (o)
+			return o;
+	}
+	return bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+}
+
 static __always_inline int restore4(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+	struct podsteer_addr *o = original_of(ctx, sk);
 	if (!o || !is_mapped_v4(o->addr))
 		return 1;
 	ctx->user_ip4 = ((__u32 *)o->addr)[3];
@@ -265,7 +320,7 @@ static __always_inline int restore6(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+	struct podsteer_addr *o = original_of(ctx, sk);
 	if (!o)
 		return 1;
 	__u32 *w = (__u32 *)o->addr;
@@ -358,6 +413,63 @@ static __always_inline void orig_key(struct bpf_sock_ops *ops, __u64 cookie, str
 	k->pad = 0;
 }
 
+/* Takes slot i's entry if it is this socket's (and frees the slot). */
+static __always_inline int take_slot(struct podsteer_conn_ring *r, __u32 i, __u64 cookie, struct podsteer_addr *out)
+{
+	struct podsteer_conn_slot *s = &r->slot[i & (PODSTEER_CONN_SLOTS - 1)];
+	if (s->sock_cookie != cookie)
+		return 0;
+	__builtin_memcpy(out, &s->orig, sizeof(*out));
+	s->sock_cookie = 0;
+	return 1;
+}
+
+static __always_inline int take_from_ring(struct podsteer_conn_ring *r, __u64 cookie, struct podsteer_addr *out)
+{
+	return take_slot(r, 0, cookie, out) || take_slot(r, 1, cookie, out) || take_slot(r, 2, cookie, out) ||
+	       take_slot(r, 3, cookie, out);
+}
+
+struct search_ctx {
+	__u64 cookie;
+	int found;
+	struct podsteer_addr out;
+};
+
+static long search_cpu(__u32 cpu, void *data)
+{
+	struct search_ctx *c = data;
+	__u32 zero = 0;
+	struct podsteer_conn_ring *r = bpf_map_lookup_percpu_elem(&podsteer_conns, &zero, cpu);
+	if (r && take_from_ring(r, c->cookie, &c->out)) {
+		c->found = 1;
+		return 1; /* stop */
+	}
+	return 0;
+}
+
+/* The original destination connect4/6 stashed for this socket: on this CPU's ring, or,
+ * if the task moved to another CPU between the two hooks, on that one's. */
+static __always_inline int take_stashed(struct bpf_sock_ops *ops, struct podsteer_addr *out)
+{
+	__u64 cookie = bpf_get_socket_cookie(ops);
+	__u32 zero = 0;
+	struct podsteer_conn_ring *r = bpf_map_lookup_elem(&podsteer_conns, &zero);
+	if (r && take_from_ring(r, cookie, out))
+		return 1;
+	struct search_ctx c = {.cookie = cookie, .found = 0};
+	bpf_loop(cfg_nr_cpus, search_cpu, &c, 0);
+	if (c.found)
+		__builtin_memcpy(out, &c.out, sizeof(*out));
+	struct podsteer_events *e = bpf_map_lookup_elem(&podsteer_events, &zero);
+	if (e) {
+		/* not found at all: a socket of an older build (socket storage), or lost */
+		if (c.found)
+			e->stash_migrated++;
+	}
+	return c.found;
+}
+
 static __always_inline int on_listen(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
 	/* Every proxy listener on the inbound port, enrolled netns or not: the proxy may
@@ -389,12 +501,27 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
 	}
-	struct podsteer_addr *o = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
-	if (!o)
+	/* only a socket connect4 sent to a listener of ours can carry an original destination */
+	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
+	if ((rport != cfg_outbound_port && rport != cfg_dns_port) || !bpf_map_lookup_elem(&podsteer_pods, &cookie))
 		return 1;
+	struct podsteer_addr o;
+	if (!take_stashed(ops, &o)) {
+		struct podsteer_addr *so = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
+		if (!so) {
+			/* to the proxy's port with nothing recorded: an app that connected to the
+			 * port itself, or a stash overwritten after a migration. Counted. */
+			__u32 zero = 0;
+			struct podsteer_events *e = bpf_map_lookup_elem(&podsteer_events, &zero);
+			if (e)
+				e->stash_missing++;
+			return 1;
+		}
+		__builtin_memcpy(&o, so, sizeof(o));
+	}
 	struct podsteer_origdst_key k;
 	orig_key(ops, cookie, &k);
-	bpf_map_update_elem(&podsteer_orig, &k, o, BPF_ANY);
+	bpf_map_update_elem(&podsteer_orig, &k, &o, BPF_ANY);
 	/* for the entry's removal at close, and to count a listener that was missing */
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;

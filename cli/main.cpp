@@ -98,6 +98,8 @@ int cmd_status(Datapath& dp, bool as_json) {
       jl.push_back({{"program", l.program}, {"link_id", l.link_id}, {"prog_id", l.prog_id}, {"cgroup_id", l.cgroup_id}});
     out["cgroup_links"] = jl;
     out["missing_hooks"] = dp.missing_hooks();
+    auto ev = dp.events();
+    out["events"] = {{"stash_migrated", ev.stash_migrated}, {"stash_missing", ev.stash_missing}};
     json jp = json::array();
     for (const auto& p : *pods) jp.push_back(pod_json(p));
     out["pods"] = jp;
@@ -106,6 +108,8 @@ int cmd_status(Datapath& dp, bool as_json) {
   }
   fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
+  auto ev = dp.events();
+  fmt::print("connect4 -> sock_ops handoffs found on another CPU {}, missing {}\n", ev.stash_migrated, ev.stash_missing);
   if (auto gone = dp.missing_hooks(); !gone.empty())
     fmt::print("socket hooks NOT ATTACHED: {} (podsteer-agent puts them back within a second)\n",
                fmt::join(gone, ", "));

@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <functional>
 #include <optional>
@@ -152,8 +154,14 @@ Result<std::string> write_temp(const std::string& path, const std::string& conte
 using Transform = std::function<Result<std::optional<std::string>>(const std::string&)>;
 Result<bool> rewrite(const std::string& path, const Snapshot& snap, const Transform& transform,
                      const std::function<void()>& before_replace) {
+  // No round limit: giving up right after an exchange would drop what it displaced (a
+  // newer write of the primary's). Every round ends on the primary's latest content, and
+  // the loop ends at the first moment the primary is quiet - CNI installers write their
+  // config once at start, so in practice after one or two rounds. A writer that never
+  // stops only slows us down (1 ms per round after the first 20).
   std::string expected = snap.content, base = snap.content;
-  for (int round = 0; round < 20; ++round) {
+  for (int round = 0;; ++round) {
+    if (round >= 20) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     auto t = transform(base);
     if (!t) return t.error();
     std::string updated = t->value_or(base);
@@ -182,7 +190,6 @@ Result<bool> rewrite(const std::string& path, const Snapshot& snap, const Transf
     expected = updated;
     base = displaced->content;
   }
-  return invalid("the CNI config kept changing under us; will retry", path);
 }
 
 Result<bool> ensure_chained(const InstallOptions& o) {

@@ -123,6 +123,8 @@ class Datapath {
   Result<std::vector<PodStatus>> pods(Detail detail = Detail::Full);
   Result<PodStatus> pod(uint64_t cookie, Detail detail = Detail::Full);
   Result<std::vector<CgroupLink>> cgroup_links();
+  // Node-wide datapath events, summed over CPUs (zeros for a state without the map yet).
+  podsteer_events events() const;
   // Is the install this object adopted still the one pinned (not uninstalled or replaced)?
   Status check_installed() const { return still_installed(); }
   // Socket hooks whose link is gone or detached from the hook cgroup.

@@ -1,6 +1,8 @@
 // Helpers shared by the loader's files; not part of its interface.
 #pragma once
 
+#include <bpf/libbpf.h>
+
 #include <algorithm>
 #include <cstring>
 #include <functional>
@@ -73,6 +75,8 @@ void set_rodata(Rodata* ro, const podsteer_config& c) {
   ro->cfg_proxy_mark = c.proxy_mark;
   ro->cfg_proxy_mark_mask = c.proxy_mark_mask;
   ro->cfg_app_mark = c.app_mark;
+  int cpus = libbpf_num_possible_cpus();
+  ro->cfg_nr_cpus = cpus > 0 ? static_cast<uint32_t>(cpus) : 1;
 }
 uint64_t now_ns();
 

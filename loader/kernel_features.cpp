@@ -107,6 +107,12 @@ const Probe kProbes[] = {
      HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_sock_hash_update)},
     {"sockopt_netns_cookie", true, "getsockopt answers only in enrolled pods' netns",
      HELPER(BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_FUNC_get_netns_cookie)},
+    {"sock_addr_socket_cookie", true, "connect4/6 key the original destination they hand to sock_ops by socket",
+     HELPER(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_get_socket_cookie)},
+    {"sock_ops_percpu_elem", true, "sock_ops finds an original destination on another CPU's ring after a migration (5.19+)",
+     HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_map_lookup_percpu_elem)},
+    {"sock_ops_loop", true, "sock_ops walks the CPUs' rings with bpf_loop (5.17+)",
+     HELPER(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_loop)},
 };
 
 }  // namespace

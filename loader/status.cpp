@@ -130,3 +130,20 @@ Result<PodStatus> Datapath::pod(uint64_t cookie, Detail detail) {
 }
 
 }  // namespace podsteer
+
+namespace podsteer {
+
+podsteer_events Datapath::events() const {
+  podsteer_events sum{};
+  auto m = PercpuMap<__u32, podsteer_events>::open(map_pin(state_dir_, "podsteer_events"));
+  if (!m) return sum;
+  auto row = m->lookup(0);
+  if (row && row->has_value())
+    for (const auto& cpu : **row) {
+      sum.stash_migrated += cpu.stash_migrated;
+      sum.stash_missing += cpu.stash_missing;
+    }
+  return sum;
+}
+
+}  // namespace podsteer

@@ -32,6 +32,10 @@
 #define PODSTEER_POD_FAIL_OPEN (1u << 1) /* proxy not listening: go direct instead of refusing */
 #define PODSTEER_POD_HAS_IP4 (1u << 2)   /* ip4 holds the pod's IPv4 address */
 #define PODSTEER_POD_HAS_IP6 (1u << 3)   /* ip6 holds the pod's IPv6 address */
+/* Shortcuts, set by enroll: nothing to look up. (Negative, so that an entry written by an
+ * older build without them still gets the lookups.) */
+#define PODSTEER_POD_NO_OUT_PORTS (1u << 4) /* no excluded outbound ports */
+#define PODSTEER_POD_NO_OUT_CIDRS (1u << 5) /* no excluded outbound CIDRs: no LPM trie lookup */
 
 /* podsteer_ports direction */
 #define PODSTEER_DIR_INBOUND 1
@@ -109,6 +113,29 @@ struct podsteer_addr {
 	__be16 port;
 	__u16 family; /* AF_INET or AF_INET6: the family the application used */
 	__u32 pad;
+};
+
+/* podsteer_conns (per-CPU, one entry): connect4/6 hand a redirected TCP socket's original
+ * destination to sock_ops (the same connect() call, microseconds later) through a small
+ * ring on the CPU they ran on, keyed by socket cookie: no allocation per connection. A task
+ * that migrated between the two hooks finds it on the other CPU's ring. */
+#define PODSTEER_CONN_SLOTS 4 /* a power of two */
+struct podsteer_conn_slot {
+	__u64 sock_cookie; /* 0: free */
+	struct podsteer_addr orig;
+};
+struct podsteer_conn_ring {
+	struct podsteer_conn_slot slot[PODSTEER_CONN_SLOTS];
+	__u32 next;
+	__u32 pad;
+};
+
+/* podsteer_events (per-CPU, one entry): node-wide datapath events worth knowing about */
+struct podsteer_events {
+	__u64 stash_migrated; /* sock_ops found connect4's stash on another CPU (task migrated) */
+	__u64 stash_missing;  /* a connection of an enrolled pod to the proxy's port with no original
+	                         destination recorded: an app connecting to that port itself, or a
+	                         migrated task's stash overwritten before sock_ops took it */
 };
 
 /* podsteer_orig: the proxy's accepted outbound connection -> original destination.

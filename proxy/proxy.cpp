@@ -68,6 +68,8 @@ namespace {
 
 std::string addr_str(const sockaddr_storage& ss) { return podsteer::sockaddr_text(ss); }
 
+bool out_of_fds(int err) { return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM; }
+
 bool parse_hostport(const std::string& s, sockaddr_storage& out, socklen_t& len) {
   std::memset(&out, 0, sizeof(out));
   std::string host = s;
@@ -348,21 +350,24 @@ void Proxy::log_conn(const Conn* c, const std::string& error) {
   log_line(j);
 }
 
+// Out of fds (or socket memory): the connections stay queued and the listener stays
+// readable; without a pause the loop would spin on it. Out of the loop for 100 ms, while
+// the backlog waits.
+void Proxy::pause_listener(Handle* h, int err) {
+  if (!paused_.count(h->fd))
+    log_line({{"event", "accept_paused"}, {"error", std::strerror(err)}, {"pod", h->pod->namespace_ + "/" + h->pod->name}});
+  epoll_event e{};
+  e.data.fd = h->fd;
+  epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, h->fd, &e);
+  paused_[h->fd] = Clock::now() + std::chrono::milliseconds(100);
+}
+
 void Proxy::on_accept(Handle* h) {
   sockaddr_storage peer{};
   socklen_t plen = sizeof(peer);
   Fd down(accept4(h->fd, reinterpret_cast<sockaddr*>(&peer), &plen, SOCK_NONBLOCK | SOCK_CLOEXEC));
   if (!down.valid()) {
-    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-      // The connection stays queued and the listener stays readable: without a pause the
-      // loop would spin on it. Out of the loop for 100 ms; the backlog waits.
-      if (!paused_.count(h->fd))
-        log_line({{"event", "accept_paused"}, {"error", std::strerror(errno)}, {"pod", h->pod->namespace_ + "/" + h->pod->name}});
-      epoll_event e{};
-      e.data.fd = h->fd;
-      epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, h->fd, &e);
-      paused_[h->fd] = Clock::now() + std::chrono::milliseconds(100);
-    }
+    if (out_of_fds(errno)) pause_listener(h, errno);
     return;
   }
   auto c = std::make_unique<Conn>();
@@ -414,6 +419,7 @@ void Proxy::on_accept(Handle* h) {
   auto up = connect_in(h->pod, orig, olen, from_client ? &peer : nullptr);
   if (!up) {
     log_conn(c.get(), up.error().message());
+    if (out_of_fds(up.error().err)) pause_listener(h, up.error().err);  // the next ones would fail too
     return;
   }
   c->down = std::move(down);

@@ -83,6 +83,7 @@ class Proxy {
   Status do_add(Workload& w);
   void do_del(const std::string& uid);
   void on_accept(Handle* h);
+  void pause_listener(Handle* h, int err);
   void on_dns_query(Handle* h);
   void on_dns_reply(Handle* h);
   void on_conn(Handle* h, uint32_t events);

@@ -365,6 +365,8 @@ struct ClientShape {
 };
 ClientShape g_shape;
 bool g_wait_eof = false;
+// connect: print the socket's cookie and CPU, then wait for a stdin line before connect()
+bool g_hold_before_connect = false;
 
 void shape_socket(int fd, int family) {
   const ClientShape& c = g_shape;
@@ -396,6 +398,14 @@ int open_client(const std::string& to, uint16_t port, bool v6, int timeout_ms, j
   if (!make_addr(to, port, v6, ss, len)) die("bad address " + to);
   int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   shape_socket(fd, ss.ss_family);
+  if (g_hold_before_connect) {
+    uint64_t cookie = 0;
+    socklen_t cl = sizeof(cookie);
+    getsockopt(fd, SOL_SOCKET, SO_COOKIE, &cookie, &cl);
+    emit({{"cookie", cookie}, {"cpu", sched_getcpu()}});
+    std::string go;
+    std::getline(std::cin, go);
+  }
   int flags = fcntl(fd, F_GETFL);
   fcntl(fd, F_SETFL, flags | O_NONBLOCK);
   int r = connect(fd, reinterpret_cast<sockaddr*>(&ss), len);
@@ -585,12 +595,22 @@ int main(int argc, char** argv) {
   conn->add_option("--bind-port", g_shape.bind_port, "source port (SO_REUSEADDR)");
   conn->add_flag("--ip-options", g_shape.ip_options, "four NOP IPv4 options (IP_OPTIONS)");
   conn->add_flag("--wait-eof", g_wait_eof, "after the replies, wait for the server to close first");
+  conn->add_flag("--hold-before-connect", g_hold_before_connect,
+                 "print the socket's cookie and CPU, then connect after a line on stdin");
+  int cpu = -1;
+  app.add_option("--cpu", cpu, "run on this CPU only");
   conn->add_flag("--v6-dstopts", g_shape.v6_dstopts, "an IPv6 destination-options header (IPV6_DSTOPTS)");
   conn->add_flag("--v6-hopopts", g_shape.v6_hopopts, "an IPv6 hop-by-hop header (IPV6_HOPOPTS)");
   conn->add_flag("--v6", v6, "use an AF_INET6 socket (v4-mapped for IPv4 addresses)");
   udp->add_option("--send", send_text)->required();
   udp->add_flag("--connected", connected);
   CLI11_PARSE(app, argc, argv);
+  if (cpu >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) die("sched_setaffinity");
+  }
 
   // cgroup first (sockets take the creating task's cgroup), then the netns.
   if (!cgroup.empty()) {

@@ -1,6 +1,7 @@
 // The capture datapath on the real kernel: pod and remote netns joined by a veth, a test
 // proxy in a child cgroup of the hook cgroup listening on 15001/15006/15008 with SO_MARK
 // 0x539, and the podsteer CLI run as a separate process for every step.
+#include <arpa/inet.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>
@@ -12,8 +13,10 @@
 
 #include <fstream>
 #include <set>
+#include <filesystem>
 #include <thread>
 
+#include "fd.h"
 #include "foreign_counter.skel.h"
 #include "harness.h"
 #include "podsteer_abi.h"
@@ -558,8 +561,29 @@ TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
   auto s1 = env->start_server(env->remote_ns, 8080);
   auto s2 = env->start_server(env->remote_ns, 8081);
   enroll();
-  auto r = peer_once({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "connect-many", "--to",
-                      env->remote_ip4, "--ports", "8080,8081", "--count", std::to_string(count), "--parallel", "4"});
+  // Meanwhile the client's threads are moved between CPUs all the time, so that some move
+  // between connect4 (which stashes the original destination on its CPU) and sock_ops
+  // (which takes it, from another CPU's ring if it must).
+  Peer client({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "connect-many", "--to",
+               env->remote_ip4, "--ports", "8080,8081", "--count", std::to_string(count), "--parallel", "4"});
+  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+  long moves = 0;
+  json r;
+  while ((r = client.wait_for([](const json& j) { return j.contains("ok"); }, 1)).is_null()) {
+    if (ncpu < 2) continue;
+    std::error_code ec;
+    for (const auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(client.pid()) + "/task", ec)) {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(moves % ncpu, &set);
+      sched_setaffinity(std::stoi(t.path().filename()), sizeof(set), &set);
+      moves++;
+    }
+  }
+  auto ev = env->status()["events"];
+  fprintf(stderr, "%d connections, %ld thread moves; handoffs found on another CPU: %llu, missing: %llu\n", count,
+          moves, ev.value("stash_migrated", 0ull), ev.value("stash_missing", 0ull));
+  EXPECT_EQ(ev.value("stash_missing", 1ull), 0u) << ev;
   EXPECT_EQ(r.value("ok", 0), count) << r;
   EXPECT_EQ(r.value("wrong_destination", -1), 0) << r;
   EXPECT_EQ(counters()["redirected_out"], count);
@@ -568,6 +592,50 @@ TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
     auto d = env->podsteer({"dump", map});
     EXPECT_NE(d.out.find("(0 entries)"), std::string::npos) << map << ": " << d.out.substr(0, 600);
   }
+}
+
+// connect4 stashes the original destination on its CPU's ring; if the task moves to another
+// CPU before sock_ops runs, sock_ops must find it there. Made deterministic: a socket that
+// connect4 leaves alone (the app connects to the outbound listener itself) and a stash for
+// it planted on another CPU's ring, as if connect4 had run there.
+TEST_F(DatapathTest, SockOpsFindsTheOriginalDestinationOnAnotherCpusRing) {
+  if (sysconf(_SC_NPROCESSORS_ONLN) < 2) GTEST_SKIP() << "needs two CPUs";
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  enroll();
+  Peer client({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "--cpu", "0", "connect", "--to",
+               env->pod_ip4, "--port", "15001", "--send", "hello", "--hold-before-connect"},
+              true);
+  auto held = client.wait_for([](const json& j) { return j.contains("cookie"); });
+  ASSERT_FALSE(held.is_null()) << client.output();
+  ASSERT_EQ(held["cpu"], 0);
+  podsteer::Fd conns(bpf_obj_get((env->state_dir + "/maps/podsteer_conns").c_str()));
+  ASSERT_TRUE(conns.valid());
+  int ncpu = libbpf_num_possible_cpus();
+  std::vector<podsteer_conn_ring> rings(ncpu);  // all empty but CPU 1's
+  podsteer_conn_slot& slot = rings[1].slot[2];
+  slot.sock_cookie = held["cookie"].get<uint64_t>();
+  in_addr remote{};
+  inet_pton(AF_INET, env->remote_ip4.c_str(), &remote);
+  uint32_t* w = reinterpret_cast<uint32_t*>(slot.orig.addr);
+  w[2] = htonl(0xffff);
+  w[3] = remote.s_addr;
+  slot.orig.port = htons(8080);
+  slot.orig.family = AF_INET;
+  uint32_t zero = 0;
+  ASSERT_EQ(bpf_map_update_elem(conns.get(), &zero, rings.data(), BPF_ANY), 0);
+  client.send_line("go");
+  auto r = client.wait_for([](const json& j) { return j.contains("connected"); });
+  EXPECT_NE(r.value("reply", "").find("got=hello"), std::string::npos) << r;
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null()) << "the proxy got the stashed destination";
+  auto ev = env->status()["events"];
+  EXPECT_EQ(ev.value("stash_migrated", 0ull), 1u) << ev;
+  EXPECT_EQ(ev.value("stash_missing", 1ull), 0u) << ev;
+  // and without any stash, such a connection is counted as missing, not guessed at
+  Peer again({testpeer_bin(), "--netns", env->pod_ns, "--cgroup", env->app_cgroup, "connect", "--to", env->pod_ip4,
+              "--port", "15001", "--send", "hello"});
+  again.wait_for([](const json& j) { return j.contains("connected"); });
+  EXPECT_EQ(env->status()["events"].value("stash_missing", 0ull), 1u);
 }
 
 TEST_F(DatapathTest, DnsFailsOpenWithoutProxyAndTcp53RespectsLoopbackAndExclusions) {

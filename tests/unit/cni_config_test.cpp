@@ -155,11 +155,7 @@ TEST_F(CniConfig, NeverLosesAConcurrentRewriteOfThePrimary) {
   int rounds = 0;
   while (!done) {
     auto r = cni::ensure_chained(opts);
-    // under this much contention a pass may give up ("will retry"): the agent's next
-    // pass picks up from there
-    if (!r.ok()) {
-      EXPECT_NE(r.error().message().find("will retry"), std::string::npos) << r.error().message();
-    }
+    EXPECT_TRUE(r.ok()) << r.error().message();
     rounds++;
   }
   cni_installer.join();
