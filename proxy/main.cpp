@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   app.add_option("--hbone-port", cfg.hbone_port)->capture_default_str();
   app.add_option("--dns-port", cfg.dns_port)->capture_default_str();
   app.add_option("--dns-upstream", cfg.dns_upstream, "resolver for captured UDP DNS (default: /etc/resolv.conf's)");
+  app.add_option("--default-inbound-upstream", cfg.default_inbound_upstream,
+                 "IP:PORT for connections made straight to the inbound listener (default: --default-upstream)");
   app.add_option("--default-upstream", cfg.default_upstream,
                  "IP:PORT for connections made straight to a listener (no original destination)");
   std::string workloads_file;

@@ -219,6 +219,10 @@ Result<Fd> Proxy::connect_in(Pod* pod, const sockaddr_storage& dst, socklen_t dl
     else reinterpret_cast<sockaddr_in6*>(&b)->sin6_port = 0;
     if (setsockopt(fd->get(), SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0) return sys_error("IP_TRANSPARENT");
     setsockopt(fd->get(), SOL_IP, IP_FREEBIND, &one, sizeof(one));
+    // the port is chosen at connect(), for the whole tuple: bound to port 0 here, every
+    // connection from a busy client would need a port of its own for that address alone,
+    // and TIME_WAIT would soon hold them all (bind then crawls through the range)
+    setsockopt(fd->get(), SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
     if (b.ss_family != dst.ss_family)
       return invalid("the client's address family differs from the app's", addr_str(b));
     if (bind(fd->get(), reinterpret_cast<sockaddr*>(&b), blen) != 0) return sys_error("bind to the client's address");
@@ -406,8 +410,12 @@ void Proxy::on_accept(Handle* h) {
   uint16_t local_port = ntohs(local.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&local)->sin_port
                                                          : reinterpret_cast<sockaddr_in6*>(&local)->sin6_port);
   bool to_self = r == 0 && local_port == listen_port && addr_str(orig) == addr_str(local);
-  if (r != 0 || to_self) {
-    if (cfg_.default_upstream.empty() || !parse_hostport(cfg_.default_upstream, orig, olen)) {
+  bool by_default = r != 0 || to_self;
+  if (by_default) {
+    const std::string& dflt = h->kind == Kind::InboundListener && !cfg_.default_inbound_upstream.empty()
+                                  ? cfg_.default_inbound_upstream
+                                  : cfg_.default_upstream;
+    if (dflt.empty() || !parse_hostport(dflt, orig, olen)) {
       c->dst = "?";
       log_conn(c.get(), r != 0 ? std::string("SO_ORIGINAL_DST: ") + std::strerror(errno) : "no original destination");
       return;
@@ -415,7 +423,9 @@ void Proxy::on_accept(Handle* h) {
   }
   c->dst = addr_str(orig);
   orig = canonical(orig, olen);
-  bool from_client = cfg_.orig_src && h->kind == Kind::InboundListener;
+  // nothing redirected a connection to the default upstream: no return path for the
+  // client's address either, so it goes from the pod's own
+  bool from_client = cfg_.orig_src && h->kind == Kind::InboundListener && !by_default;
   auto up = connect_in(h->pod, orig, olen, from_client ? &peer : nullptr);
   if (!up) {
     log_conn(c.get(), up.error().message());

@@ -36,6 +36,7 @@ struct Config {
   // a client connected to the listener itself). Empty: such connections are closed.
   // The benchmarks' "direct" mode uses it.
   std::string default_upstream;
+  std::string default_inbound_upstream;  // the same for the inbound listener (default: default_upstream)
   // Inbound connections go to the app from the client's address (IP_TRANSPARENT +
   // IP_FREEBIND), as ztunnel does by default (ENABLE_ORIG_SRC): the app sees who called.
   bool orig_src = true;
