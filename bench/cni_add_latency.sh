@@ -67,7 +67,8 @@ for i in $(seq 1 $((N + WARM))); do
   t0=$(date +%s%N)
   echo "$conf" | nsenter --net=/var/run/netns/$NODE env CNI_COMMAND=ADD CNI_CONTAINERID="ctr-$pod" \
     CNI_NETNS=/var/run/netns/$pod CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH_DIRS" \
-    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=ambient;K8S_POD_NAME=p$i;K8S_POD_UID=uid-p$i" "$PLUGIN" >/dev/null
+    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=ambient;K8S_POD_NAME=p$i;K8S_POD_UID=uid-p$i" "$PLUGIN" >"$WORK/out" ||
+    { echo "podsteer-cni ADD failed for $pod:"; cat "$WORK/out"; tail -5 "$WORK/agent.log"; exit 1; }
   t1=$(date +%s%N)
   [ "$i" -gt "$WARM" ] && LAT+=($(( (t1 - t0) / 1000 )))
 done

@@ -1,10 +1,12 @@
 #include "pod_netns.h"
 
 #include <linux/fib_rules.h>
+#include <linux/if.h>
 #include <linux/rtnetlink.h>
 #include <netlink/addr.h>
 #include <netlink/netlink.h>
 #include <netlink/route/nexthop.h>
+#include <netlink/route/link.h>
 #include <netlink/route/route.h>
 #include <netlink/route/rule.h>
 #include <sys/socket.h>
@@ -134,6 +136,21 @@ Status add_route(nl_sock* s, int family, const ReturnPath& rp) {
   return {};
 }
 
+// The local routes need lo up (the kernel refuses an IPv6 route through a loopback that is
+// down). A runtime brings it up for every pod - containerd runs its loopback network
+// first, podman sets it itself - but a chain run before that would fail: bring it up, as
+// the loopback plugin is about to.
+Status ensure_loopback_up(nl_sock* s) {
+  rtnl_link* lo = nullptr;
+  if (int err = rtnl_link_get_kernel(s, kLoopbackIfindex, nullptr, &lo); err < 0) return nl_error("get lo", err);
+  std::unique_ptr<rtnl_link, void (*)(rtnl_link*)> have(lo, rtnl_link_put);
+  if (rtnl_link_get_flags(lo) & IFF_UP) return {};
+  std::unique_ptr<rtnl_link, void (*)(rtnl_link*)> change(rtnl_link_alloc(), rtnl_link_put);
+  rtnl_link_set_flags(change.get(), IFF_UP);
+  if (int err = rtnl_link_change(s, lo, change.get(), 0); err < 0) return nl_error("bring lo up", err);
+  return {};
+}
+
 int read_fwmark_accept() {
   std::ifstream in(kFwmarkAccept);
   int v = -1;
@@ -193,6 +210,7 @@ Result<ReturnPathMade> make_return_path(int netns_fd, const ReturnPath& rp) {
   Status s = in_netns(netns_fd, [&]() -> Status {
     auto sock = route_socket();
     if (!sock) return sock.error();
+    PODSTEER_TRY(ensure_loopback_up(sock->get()));
     std::vector<int> families = {AF_INET};
     if (ipv6_enabled()) families.push_back(AF_INET6);
     for (int family : families) {

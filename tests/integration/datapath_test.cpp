@@ -594,6 +594,17 @@ TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
   }
 }
 
+// A chain may run before the runtime brings the pod's loopback up; the IPv6 local route of
+// the return path needs it (found by bench/cni_add_latency.sh, whose pods have lo down).
+TEST_F(DatapathTest, EnrollWorksBeforeTheRuntimeBringsLoopbackUp) {
+  ASSERT_EQ(sh("ip -n " + env->pod_ns_name + " link set lo down").rc, 0);
+  enroll();
+  auto pod = env->status()["pods"][0];
+  EXPECT_TRUE(pod["missing"].empty()) << pod;
+  EXPECT_TRUE(pod["return_path"]["route6"].get<bool>()) << pod;
+  EXPECT_NE(sh("ip -n " + env->pod_ns_name + " link show lo").out.find("UP"), std::string::npos);
+}
+
 // connect4 stashes the original destination on its CPU's ring; if the task moves to another
 // CPU before sock_ops runs, sock_ops must find it there. Made deterministic: a socket that
 // connect4 leaves alone (the app connects to the outbound listener itself) and a stash for
