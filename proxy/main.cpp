@@ -1,5 +1,6 @@
 // podsteer-proxy: the stand-in for ztunnel in demos, tests and benchmarks.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 
@@ -35,6 +36,10 @@ int main(int argc, char** argv) {
                  "them from xDS; an AddWorkload matching none gets its connections failed, as ztunnel fails them")
       ->check(CLI::ExistingFile);
   app.add_option("--idle-timeout-ms", cfg.idle_timeout_ms, "close connections idle this long")->capture_default_str();
+  int drain_seconds = cfg.drain_ms / 1000;
+  app.add_option("--drain-seconds", drain_seconds,
+                 "after SIGTERM or SIGINT, how long open connections may take to finish")
+      ->capture_default_str();
   app.add_option("--max-dns-queries", cfg.max_dns_queries, "UDP DNS queries in flight at most")->capture_default_str();
   bool no_orig_src = false;
   app.add_flag("--no-orig-src", no_orig_src,
@@ -42,6 +47,7 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
   cfg.orig_src = !no_orig_src;
+  cfg.drain_ms = drain_seconds * 1000;
   if (!workloads_file.empty()) {
     std::ifstream in(workloads_file);
     auto list = nlohmann::json::parse(in, nullptr, false);
@@ -58,10 +64,24 @@ int main(int argc, char** argv) {
   }
   signal(SIGPIPE, SIG_IGN);
   std::ios::sync_with_stdio(false);
+  // SIGTERM (the kubelet, a rolling upgrade) and SIGINT drain: blocked in every thread,
+  // taken by one that asks the event loop to drain
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
 
   proxy::Proxy p(cfg);
   std::thread zds([&] { proxy::run_zds_client(p, zds_socket); });
   zds.detach();
+  std::thread signals([&] {
+    int sig = 0;
+    sigwait(&stop, &sig);
+    p.drain();
+  });
+  signals.detach();
   p.run();
-  return 0;
+  // the ZDS thread may be inside the proxy: leave without running destructors under it
+  _exit(0);
 }

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -257,6 +258,39 @@ Status Proxy::del_workload(const std::string& uid) {
   });
 }
 
+void Proxy::drain() {
+  (void)run_on_loop(mu_, tasks_, wake_.get(), [this]() -> Status {
+    if (draining_all_) return {};
+    draining_all_ = true;
+    drain_deadline_ = Clock::now() + std::chrono::milliseconds(cfg_.drain_ms);
+    // Accept what each listener has queued before closing it: a listener closed with a
+    // queue resets those connections (unless the pod netns has net.ipv4.tcp_migrate_req,
+    // which hands them to the next proxy's listener in the SO_REUSEPORT group).
+    size_t listeners = 0;
+    auto close_all = [&](Pod& pod) {
+      for (auto& l : pod.listeners) {
+        auto it = handles_.find(l.get());
+        if (it != handles_.end() && it->second->kind != Kind::DnsUdpListener) {
+          for (int i = 0; i < 4096 && !paused_.count(l.get()); ++i) {
+            pollfd p{l.get(), POLLIN, 0};
+            if (poll(&p, 1, 0) <= 0) break;
+            on_accept(it->second.get());
+          }
+        }
+        unwatch(l.get());
+        paused_.erase(l.get());
+        ++listeners;
+      }
+      pod.listeners.clear();
+    };
+    for (auto& [_, pod] : pods_) close_all(*pod);
+    for (auto& pod : draining_) close_all(*pod);
+    log_line({{"event", "draining"}, {"listeners_closed", listeners}, {"open_connections", conns_.size()},
+              {"deadline_ms", cfg_.drain_ms}});
+    return {};
+  });
+}
+
 std::vector<std::string> Proxy::workloads() {
   return run_on_loop(mu_, tasks_, wake_.get(), [this]() {
     std::vector<std::string> out;
@@ -268,6 +302,7 @@ std::vector<std::string> Proxy::workloads() {
 Status Proxy::do_add(Workload& w) {
   struct stat st {};
   if (!w.netns.valid() || fstat(w.netns.get(), &st) != 0) return invalid("AddWorkload without a usable netns fd", w.uid);
+  if (draining_all_) return invalid("this proxy is shutting down", w.uid);
   auto it = pods_.find(w.uid);
   if (it != pods_.end()) {
     if (it->second->netns_ino == st.st_ino) return {};  // the same pod again (a snapshot): keep it
@@ -645,6 +680,10 @@ void Proxy::expire_dns() {
 void Proxy::run() {
   epoll_event events[64];
   for (;;) {
+    if (draining_all_ && (conns_.empty() || Clock::now() >= drain_deadline_)) {
+      log_line({{"event", "drained"}, {"connections_cut", conns_.size()}});
+      return;
+    }
     int timeout = paused_.empty() ? std::min(1000, std::max(cfg_.idle_timeout_ms / 2, 10)) : 50;
     int n = epoll_wait(epoll_.get(), events, 64, timeout);
     for (int i = 0; i < n; ++i) {

@@ -51,6 +51,8 @@ struct Config {
   // connections must not pin its netns (and this process's memory) forever.
   int idle_timeout_ms = 3600 * 1000;
   size_t max_dns_queries = 1024;  // UDP DNS queries in flight, all pods together
+  // After SIGTERM: how long open connections may take to finish before the proxy exits.
+  int drain_ms = 30 * 1000;
 };
 
 struct Workload {
@@ -66,7 +68,11 @@ class Proxy {
   Status add_workload(Workload w);
   Status del_workload(const std::string& uid);
   std::vector<std::string> workloads();
-  void run();  // the event loop; runs until the process ends
+  // Thread-safe. Stops accepting (what the listeners already queued is accepted first),
+  // lets open connections finish, and makes run() return once they have or drain_ms has
+  // passed - as ztunnel drains on SIGTERM during a rolling upgrade.
+  void drain();
+  void run();  // the event loop; returns after drain()
 
  private:
   struct Pod;
@@ -116,6 +122,8 @@ class Proxy {
   // listeners taken out of the loop after accept() ran out of fds, and when they return
   std::map<int, std::chrono::steady_clock::time_point> paused_;
   std::chrono::steady_clock::time_point last_sweep_{};
+  bool draining_all_ = false;
+  std::chrono::steady_clock::time_point drain_deadline_{};
 };
 
 // The ZDS client: connects (and reconnects) to the agent, says hello, and applies each

@@ -330,12 +330,16 @@ TEST_F(AgentTest, RollingProxyUpgradeTwoProxiesAtOnceAndDelToEvery) {
     while (!stop) (got(connect_from(web, other.ip, 8080, "load"), "load") ? ok : failed)++;
   });
   // the new proxy comes up next to the old one and gets the pod in its snapshot; the
-  // old one goes; connections never fail
+  // old one is told to go as the kubelet tells it (SIGTERM), drains and exits; connections
+  // never fail
   std::this_thread::sleep_for(Ms(300));
   auto next = start_proxy();
   EXPECT_FALSE(next->wait_for(event("pod_added", "ambient/web")).is_null());
   std::this_thread::sleep_for(Ms(300));
-  node->proxy->stop();
+  EXPECT_EQ(node->proxy->terminate(5000), 0) << "the old proxy drains and exits\n" << node->proxy->output();
+  auto drained = node->proxy->wait_for(event("drained"), 0);
+  EXPECT_TRUE(drained.is_object() && drained.value("connections_cut", -1) == 0)
+      << "drained with no connection cut:\n" << node->proxy->output();
   std::this_thread::sleep_for(Ms(700));
   stop = true;
   client.join();

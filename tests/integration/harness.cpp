@@ -181,12 +181,12 @@ std::vector<json> Peer::lines() {
 
 json Peer::wait_for(const std::function<bool(const json&)>& pred, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (std::chrono::steady_clock::now() < deadline) {
+  for (;;) {  // looks at least once, also with no time to wait
     for (const auto& j : lines())
       if (pred(j)) return j;
+    if (std::chrono::steady_clock::now() >= deadline) return json();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return json();
 }
 
 json peer_once(const std::vector<std::string>& argv) {
