@@ -24,6 +24,7 @@ part() {  # part NAME COMMAND...: runs it, records its time and result, goes on 
 }
 want() { [[ $PARTS == *" $1 "* ]]; }
 
+tests/residue.sh --clean || echo "!!! residue of an earlier run could not all be removed: the final sweep will report it"
 part "setup (Debian packages, bpffs)" scripts/setup.sh
 part "build" scripts/build.sh
 if want main; then

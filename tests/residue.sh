@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Fails when a test run, the demo or the benchmark left anything of ours behind: state
 # dirs, netns, cgroups, scratch dirs, or podsteer programs with no state dir holding them.
+#
+# --clean: removes what it finds instead (scripts/test.sh runs it first, so that objects a
+# killed earlier run left are reported and cleared rather than charged to this run).
 set -uo pipefail
+clean=0
+[ "${1:-}" = --clean ] && clean=1
 cg2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 shopt -s nullglob
 left=(
@@ -19,6 +24,31 @@ host_rules=$( (ip rule show; ip -6 rule show) 2>/dev/null | grep -E 'proto 112|l
 if [ ${#left[@]} -eq 0 ] && [ -z "$(ls -d /sys/fs/bpf/podsteer* 2>/dev/null)" ]; then
   progs=$(bpftool prog show 2>/dev/null | grep -E 'name podsteer_' || true)
   [ -n "$progs" ] && left+=("programs: $progs")
+fi
+if [ $clean -eq 1 ]; then
+  if [ ${#left[@]} -eq 0 ]; then echo "residue: none from earlier runs"; exit 0; fi
+  echo "residue: an earlier run was killed and left these behind; removing them:"
+  printf '  %s\n' "${left[@]}"
+  for x in "${left[@]}"; do
+    case $x in
+      /var/run/netns/*)
+        n=${x##*/}
+        pids=$(ip netns pids "$n" 2>/dev/null); [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+        ip netns delete "$n" 2>/dev/null || rm -f "$x" ;;
+      "$cg2"/*)
+        # kill what is inside, then remove the tree deepest first
+        for d in $(find "$x" -depth -type d); do
+          [ -w "$d/cgroup.kill" ] && echo 1 >"$d/cgroup.kill" 2>/dev/null
+          for p in $(cat "$d/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+        done
+        sleep 0.2
+        find "$x" -depth -type d -exec rmdir {} \; 2>/dev/null ;;
+      /*) rm -rf "$x" ;;  # bpffs pins (unpinning a link detaches it), scratch dirs
+      *) echo "  (not removed automatically: $x)" ;;
+    esac
+  done
+  clean=0
+  exec "$0"  # and check again
 fi
 if [ ${#left[@]} -gt 0 ]; then
   echo "residue check: FAILED, left behind:"

@@ -34,6 +34,9 @@ podman_setup() {
   shift
   for d in "$@"; do dirs+="${dirs:+, }\"$d\""; done
   mkdir -p "$PODMAN_DIR"/{storage,run,tmp,image}
+  # podman 4.3 keeps root's blob-info cache in /var/lib/containers/cache whatever
+  # storage.conf says: remember whether it was there, so teardown removes only ours
+  [ -e /var/lib/containers ] || PODMAN_MADE_VAR_LIB=1
   cat >"$PODMAN_DIR/containers.conf" <<CONF
 [containers]
 # root here lacks CAP_SYS_RESOURCE: podman's defaults for root would raise these
@@ -67,4 +70,5 @@ CONF
 podman_teardown() {
   pm rm -af -t 0 >/dev/null 2>&1
   pm system reset -f >/dev/null 2>&1 </dev/null
+  if [ -n "${PODMAN_MADE_VAR_LIB:-}" ]; then rm -rf /var/lib/containers; fi
 }
