@@ -102,6 +102,8 @@ class Agent {
   // Enrollment by the Kubernetes labels, from the watch cache or the API itself; fills in
   // the service account. An error when neither can say (the runtime retries).
   Result<bool> kube_decides(PodInfo& pod);
+  // kube_decides with the Kubernetes source on, else the CNI enrollment policy.
+  Result<bool> enrollment(PodInfo& pod);
   void count(const std::string& command, const std::string& result);
 
   // ---- agent_kube.cpp
