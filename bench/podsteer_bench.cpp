@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <netinet/in.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #ifndef TCP_NODELAY
@@ -274,6 +275,86 @@ LoadResult load_in(const std::string& netns, const std::string& cgroup, const st
 LoadResult load_in_pod(const Setup& s, const std::string& kind, const std::string& ip, uint16_t port, double seconds,
                        int threads, uint64_t bulk_bytes) {
   return load_in(s.pod_ns, s.app_cg, kind, ip, port, seconds, threads, bulk_bytes);
+}
+
+// ---- SYN flood ----
+
+uint16_t csum(const void* data, size_t len, uint32_t sum = 0) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i + 1 < len; i += 2) sum += (p[i] << 8) | p[i + 1];
+  if (len & 1) sum += p[len - 1] << 8;
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return static_cast<uint16_t>(~sum);
+}
+
+// SYNs from spoofed addresses (198.18.0.0/15, the benchmarking range; the pod has no
+// route back, so no handshake ever completes) to ip:port, as fast as one core sends
+// them, for `seconds`. Runs in a child in the client's netns. Returns SYNs sent.
+uint64_t syn_flood(const std::string& ip, uint16_t port, double seconds) {
+  int fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);
+  if (fd < 0) return 0;
+  int one = 1;
+  setsockopt(fd, IPPROTO_IP, IP_HDRINCL, &one, sizeof(one));
+  struct {
+    iphdr ip;
+    tcphdr tcp;
+  } __attribute__((packed)) pkt{};
+  auto dst = addr4(ip, port);
+  uint64_t sent = 0, rnd = 0x9e3779b97f4a7c15ull;
+  auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  while ((sent & 1023) || Clock::now() < deadline) {
+    rnd ^= rnd << 13, rnd ^= rnd >> 7, rnd ^= rnd << 17;
+    pkt = {};
+    pkt.ip.version = 4;
+    pkt.ip.ihl = 5;
+    pkt.ip.ttl = 64;
+    pkt.ip.protocol = IPPROTO_TCP;
+    pkt.ip.saddr = htonl(0xc6120000u | (rnd & 0x1ffff));  // 198.18.0.0/15
+    pkt.ip.daddr = dst.sin_addr.s_addr;
+    pkt.tcp.source = htons(1024 + (rnd >> 20) % 60000);
+    pkt.tcp.dest = htons(port);
+    pkt.tcp.seq = static_cast<uint32_t>(rnd >> 32);
+    pkt.tcp.doff = 5;
+    pkt.tcp.syn = 1;
+    pkt.tcp.window = htons(64240);
+    struct {
+      uint32_t src, dst;
+      uint8_t zero, proto;
+      uint16_t len;
+    } __attribute__((packed)) pseudo{pkt.ip.saddr, pkt.ip.daddr, 0, IPPROTO_TCP, htons(sizeof(tcphdr))};
+    uint32_t sum = 0;
+    const uint8_t* pp = reinterpret_cast<const uint8_t*>(&pseudo);
+    for (size_t i = 0; i < sizeof(pseudo); i += 2) sum += (pp[i] << 8) | pp[i + 1];
+    pkt.tcp.check = htons(csum(&pkt.tcp, sizeof(tcphdr), sum));
+    if (sendto(fd, &pkt, sizeof(pkt), 0, reinterpret_cast<const sockaddr*>(&dst), sizeof(dst)) > 0) sent++;
+    else if (Clock::now() >= deadline) break;
+  }
+  close(fd);
+  return sent;
+}
+
+// Completed inbound connections per second from the real client while a flood hits the
+// same port. Both run in the client's netns, as separate processes.
+std::pair<LoadResult, uint64_t> inbound_under_flood(const Setup& s, const std::string& ip, uint16_t port, double seconds,
+                                                    int threads) {
+  int p[2];
+  must(pipe(p) == 0, "pipe");
+  pid_t flooder = fork();
+  if (flooder == 0) {
+    close(p[0]);
+    enter(s.srv_ns, "");
+    uint64_t n = syn_flood(ip, port, seconds + 0.5);
+    (void)!write(p[1], &n, sizeof(n));
+    _exit(0);
+  }
+  close(p[1]);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the backlog is full by now
+  auto r = load_in(s.srv_ns, "", "short", ip, port, seconds, threads, 0);
+  uint64_t syns = 0;
+  if (read(p[0], &syns, sizeof(syns)) != sizeof(syns)) syns = 0;
+  close(p[0]);
+  waitpid(flooder, nullptr, 0);
+  return {r, syns};
 }
 
 // ---- modes ----
@@ -609,6 +690,11 @@ int main(int argc, char** argv) {
       auto [in_ip, in_port] = inbound_target(s, mode);
       auto shortr = load_in_pod(s, "short", ip, port, seconds, threads, 0);
       auto inbound = load_in(s.srv_ns, "", "short", in_ip, in_port, seconds, threads, 0);
+      auto [flooded, syns] = inbound_under_flood(s, in_ip, in_port, seconds, threads);
+      m[mode]["flood_conn_per_sec"].push_back(flooded.conn_per_sec);
+      m[mode]["flood_syn_per_sec"].push_back(syns / (seconds + 0.5));
+      // the flood's half-open connections are dropped (timeouts) before the next mode runs
+      std::this_thread::sleep_for(std::chrono::milliseconds(smoke ? 200 : 2000));
       if (mode == "podsteer") {
         // program costs in runs of their own: bpf_stats timing must not slow the rates above
         sh("sysctl -qw kernel.bpf_stats_enabled=1");
@@ -698,6 +784,13 @@ int main(int argc, char** argv) {
   md += fmt::format("\nShare of Istio's overhead that podsteer removes, (podsteer - istio) / (direct - istio): "
                     "outbound {:.2f}, inbound {:.2f}.\n",
                     removed("conn_per_sec"), removed("in_conn_per_sec"));
+  md += "\n## Inbound short connections during a SYN flood\n\nA second process floods the same port with SYNs from spoofed "
+        "addresses (198.18.0.0/15, as fast as one core sends them) while the real client keeps connecting. The listener's "
+        "queue overflows and SYN cookies take over; under Istio's rules every SYN also makes a conntrack entry.\n\n"
+        "| mode | SYNs/s sent | completed conn/s during the flood | vs without the flood |\n|---|---|---|---|\n";
+  for (const auto& mode : modes)
+    md += fmt::format("| {} | {} | {} | {:.2f}x |\n", mode, spread(m[mode]["flood_syn_per_sec"]),
+                      spread(m[mode]["flood_conn_per_sec"]), med(mode, "flood_conn_per_sec") / med(mode, "in_conn_per_sec"));
   md += "\n## Outbound exclusion CIDRs (short connections/s)\n\n| exclusions | podsteer | istio-iptables | podsteer / istio |\n|---|---|---|---|\n";
   for (int n : exclusions)
     md += fmt::format("| {} | {} | {} | {:.2f}x |\n", n, spread(scale["podsteer"][n]), spread(scale["istio-iptables"][n]),
