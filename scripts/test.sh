@@ -49,7 +49,7 @@ if want kernels; then
   # a subset on 6.1 (software-emulated here: ~10 s per test); all kernels, all tests:
   # scripts/test-kernels.sh 6.1 6.12
   part "kernel 6.1 under qemu (datapath + agent subset)" env BUILD_DIR="$BUILD_DIR" \
-    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade)|AgentTest\.(Pending|Drift)' \
+    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade)|AgentTest\.(Pending|Drift|Rolling)' \
     scripts/test-kernels.sh 6.1
 fi
 part "residue sweep" tests/residue.sh
