@@ -49,7 +49,7 @@ mkdir -p "$CG/proxy"
 AGENT=$!
 PIDS+=($AGENT)
 for _ in $(seq 50); do [ -S "$WORK/cni.sock" ] && break; sleep 0.1; done
-sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/zds.sock" >"$WORK/proxy.log" 2>&1 &
+sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/zds.sock" --drain-seconds 2 >"$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do grep -q snapshot_received "$WORK/proxy.log" 2>/dev/null && break; sleep 0.1; done
 rss() { awk '/VmRSS/ {print $2}' /proc/$AGENT/status; }

@@ -76,7 +76,7 @@ say "podsteer-agent (enrolls namespace 'ambient') and podsteer-proxy (the node p
   --zds-socket "$WORK/ztunnel.sock" --http-port 15099 --enroll-namespaces ambient >"$WORK/agent.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do [ -S "$WORK/cni.sock" ] && break; sleep 0.1; done
-in_cgroup "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/ztunnel.sock" >"$WORK/proxy.log" 2>&1 &
+in_cgroup "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/ztunnel.sock" --drain-seconds 2 >"$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do grep -q snapshot_received "$WORK/proxy.log" 2>/dev/null && break; sleep 0.1; done
 sed 's/^/   agent: /' "$WORK/agent.log"
