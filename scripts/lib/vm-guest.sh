@@ -22,7 +22,21 @@ envfile=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^podsteer.env=//p')
 . "$envfile" || finish 96
 
 mount -t tmpfs -o mode=755 tmpfs /run
+# A fresh /tmp hides the host's; a checkout or build dir that lives under it is carried over
+# (bind-mounted aside, then moved back to the same path: ctest's files name absolute paths).
+kept=()
+for d in "$PODSTEER_VM_REPO" "$PODSTEER_VM_BUILD_DIR"; do
+  case $d in /tmp/*) ;; *) continue ;; esac
+  inside=0
+  for k in "${kept[@]}"; do case $d/ in "$k"/*) inside=1 ;; esac; done
+  [ $inside -eq 1 ] && continue
+  mkdir -p "/run/kept${#kept[@]}" && mount --bind "$d" "/run/kept${#kept[@]}" || finish 93
+  kept+=("$d")
+done
 mount -t tmpfs tmpfs /tmp
+for i in "${!kept[@]}"; do
+  mkdir -p "${kept[$i]}" && mount --move "/run/kept$i" "${kept[$i]}" || finish 93
+done
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
