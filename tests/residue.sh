@@ -3,7 +3,9 @@
 # dirs, netns, cgroups, scratch dirs, or podsteer programs with no state dir holding them.
 #
 # --clean: removes what it finds instead (scripts/test.sh runs it first, so that objects a
-# killed earlier run left are reported and cleared rather than charged to this run).
+# killed earlier run left are reported and cleared rather than charged to this run). It
+# kills processes of ours too, so run one test run at a time on a machine (the tests share
+# the kernel anyway).
 set -uo pipefail
 clean=0
 [ "${1:-}" = --clean ] && clean=1
@@ -25,10 +27,20 @@ if [ ${#left[@]} -eq 0 ] && [ -z "$(ls -d /sys/fs/bpf/podsteer* 2>/dev/null)" ];
   progs=$(bpftool prog show 2>/dev/null | grep -E 'name podsteer_' || true)
   [ -n "$progs" ] && left+=("programs: $progs")
 fi
+# processes of ours still running: an agent, proxy, API server or peer of a test, the demo
+# or the benchmark (an agent left running keeps putting its pins back)
+ours='(/podsteer-(test|bench|demo)|/build[^ ]*/(controller/podsteer-agent|proxy/podsteer-proxy|tests/(kube-testserver|testpeer))( |$))'
+procs=$(pgrep -a -f -- "$ours" 2>/dev/null | grep -v -E "^$$ |pgrep|residue.sh|ctest|test.sh" || true)
+[ -n "$procs" ] && left+=("processes: $procs")
 if [ $clean -eq 1 ]; then
   if [ ${#left[@]} -eq 0 ]; then echo "residue: none from earlier runs"; exit 0; fi
   echo "residue: an earlier run was killed and left these behind; removing them:"
   printf '  %s\n' "${left[@]}"
+  # processes first: what they hold (pins, netns, cgroups) can go only after them
+  if [ -n "$procs" ]; then
+    kill -9 $(awk '{print $1}' <<<"$procs") 2>/dev/null
+    sleep 0.2
+  fi
   for x in "${left[@]}"; do
     case $x in
       /var/run/netns/*)
@@ -43,6 +55,7 @@ if [ $clean -eq 1 ]; then
         done
         sleep 0.2
         find "$x" -depth -type d -exec rmdir {} \; 2>/dev/null ;;
+      processes:*) ;;  # killed above
       /*) rm -rf "$x" ;;  # bpffs pins (unpinning a link detaches it), scratch dirs
       *) echo "  (not removed automatically: $x)" ;;
     esac

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -106,8 +107,13 @@ Peer::Peer(const std::vector<std::string>& argv, bool with_stdin, const std::str
   out_path_ = tmpl;
   int in_pipe[2] = {-1, -1};
   if (with_stdin && pipe2(in_pipe, O_CLOEXEC) != 0) return;
+  pid_t parent = getpid();
   pid_ = fork();
   if (pid_ == 0) {
+    // a test that aborts must not leave its agent or proxy running (an agent left behind
+    // keeps repairing its pins after a cleanup removed them)
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
     setpgid(0, 0);
     if (!cgroup.empty()) {
       std::ofstream procs(cgroup + "/cgroup.procs");
