@@ -20,14 +20,11 @@ NODE=$TAG-node
 CNI_PATH_DIRS=/usr/lib/cni:$B/cni-hook
 CONFLIST=$WORK/podnet.conflist
 source scripts/lib/cni.sh
+# shellcheck source=../scripts/lib/cleanup.sh
+source scripts/lib/cleanup.sh
 PIDS=()
 PODS=()
-cat >"$CONFLIST" <<JSON
-{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
-  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "subnet": "10.252.0.0/16", "dataDir": "$WORK/ipam"}},
-  {"type": "podsteer-cni", "agentSocket": "$WORK/cni.sock"}]}
-JSON
+podnet_conflist cni0 10.252.0.0/16 "$WORK/ipam" "$WORK/cni.sock" >"$CONFLIST"
 
 cleanup() {
   set +e
@@ -36,7 +33,7 @@ cleanup() {
   wait 2>/dev/null
   "$B/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null
   ip netns del "$NODE" 2>/dev/null
-  for d in "$CG"/proxy "$CG"; do [ -d "$d" ] && { for pid in $(cat "$d/cgroup.procs"); do kill -9 "$pid"; done; sleep 0.1; rmdir "$d"; }; done
+  remove_cgroup "$CG"
   rm -rf "$WORK"
 }
 trap cleanup EXIT

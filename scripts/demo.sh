@@ -23,18 +23,14 @@ CNI_PATH_DIRS=/usr/lib/cni:$B/cni-hook
 PIDS=()
 PODS=()
 
-cat >"$WORK/10-podnet.conflist" <<JSON
-{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
-  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "subnet": "10.250.0.0/24", "dataDir": "$WORK/ipam"}},
-  {"type": "podsteer-cni", "agentSocket": "$WORK/cni.sock"}]}
-JSON
-
 CONFLIST=$WORK/10-podnet.conflist
 # shellcheck source=lib/cni.sh
 source scripts/lib/cni.sh
 # shellcheck source=lib/podman.sh
 source scripts/lib/podman.sh
+# shellcheck source=lib/cleanup.sh
+source scripts/lib/cleanup.sh
+podnet_conflist cni0 10.250.0.0/24 "$WORK/ipam" "$WORK/cni.sock" >"$CONFLIST"
 PODMAN_DIR=$WORK/podman
 RUNTIME=${DEMO_RUNTIME:-podman}
 command -v podman >/dev/null && command -v runc >/dev/null || RUNTIME=cni
@@ -50,13 +46,8 @@ cleanup() {
   "$B/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null
   for p in "${PODS[@]}"; do ip netns del "$TAG-$p" 2>/dev/null; done
   ip netns del "$NODE" 2>/dev/null
-  grep -o " $WORK[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  for d in "$CG2/podsteer-$TAG" /sys/fs/cgroup/*/"podsteer-$TAG"; do
-    [ -d "$d" ] || continue
-    find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null
-    sleep 0.2
-    find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
-  done
+  unmount_under "$WORK"
+  remove_cgroup "$CG2/podsteer-$TAG" /sys/fs/cgroup/*/"podsteer-$TAG"
   rm -rf "$WORK"
   echo "demo: nothing left behind"
 }

@@ -7,6 +7,8 @@
 # kills processes of ours too, so run one test run at a time on a machine (the tests share
 # the kernel anyway).
 set -uo pipefail
+# shellcheck source=../scripts/lib/cleanup.sh
+source "$(dirname "$0")/../scripts/lib/cleanup.sh"
 clean=0
 [ "${1:-}" = --clean ] && clean=1
 cg2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
@@ -47,14 +49,7 @@ if [ $clean -eq 1 ]; then
         n=${x##*/}
         pids=$(ip netns pids "$n" 2>/dev/null); [ -n "$pids" ] && kill -9 $pids 2>/dev/null
         ip netns delete "$n" 2>/dev/null || rm -f "$x" ;;
-      "$cg2"/*)
-        # kill what is inside, then remove the tree deepest first
-        for d in $(find "$x" -depth -type d); do
-          [ -w "$d/cgroup.kill" ] && echo 1 >"$d/cgroup.kill" 2>/dev/null
-          for p in $(cat "$d/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-        done
-        sleep 0.2
-        find "$x" -depth -type d -exec rmdir {} \; 2>/dev/null ;;
+      "$cg2"/*) remove_cgroup "$x" ;;
       processes:*) ;;  # killed above
       /*) rm -rf "$x" ;;  # bpffs pins (unpinning a link detaches it), scratch dirs
       *) echo "  (not removed automatically: $x)" ;;

@@ -1,4 +1,4 @@
-# Shared by demo.sh and bench/cni_add_latency.sh: drive CNI plugins the way a container
+# Shared by demo.sh, bench/cni_add_latency.sh and the e2e tests: drive CNI plugins the way a container
 # runtime (libcni) does. Needs CONFLIST, NODE (the node netns name) and CNI_PATH_DIRS.
 
 plugin_path() { local d; for d in ${CNI_PATH_DIRS//:/ }; do [ -x "$d/$1" ] && { echo "$d/$1"; return; }; done; }
@@ -31,4 +31,16 @@ cni() {
     [ "$cmd" = ADD ] && prev=$out
   done
   echo "$prev"
+}
+
+# podnet_conflist BRIDGE SUBNET IPAM_DIR AGENT_SOCKET [MORE]: the conflist every node here
+# uses - bridge + host-local, then podsteer-cni (MORE: extra podsteer-cni fields, as JSON
+# members).
+podnet_conflist() {
+  cat <<JSON
+{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+  {"type": "bridge", "bridge": "$1", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "subnet": "$2", "dataDir": "$3"}},
+  {"type": "podsteer-cni", "agentSocket": "$4"${5:+, $5}}]}
+JSON
 }

@@ -75,12 +75,7 @@ api POST /api/v1/namespaces/shop/pods "$(pod_json late "$UID_LATE" late-sa)" >/d
 # --- containerd, confined: its CNI dirs are ours (the CRI plugin takes one bin_dir)
 for p in bridge host-local loopback; do ln -s "/usr/lib/cni/$p" "$DIR/cni-bin/$p"; done
 ln -s "$BUILD_DIR/cni-hook/podsteer-cni" "$DIR/cni-bin/podsteer-cni"
-cat >"$DIR/net.d/10-podnet.conflist" <<CONF
-{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
-  {"type": "bridge", "bridge": "crbr0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "subnet": "10.215.0.0/24", "dataDir": "$DIR/ipam"}},
-  {"type": "podsteer-cni", "agentSocket": "$DIR/cni.sock"}]}
-CONF
+podnet_conflist crbr0 10.215.0.0/24 "$DIR/ipam" "$DIR/cni.sock" >"$DIR/net.d/10-podnet.conflist"
 cat >"$DIR/containerd.toml" <<CONF
 version = 2
 root = "$DIR/root"

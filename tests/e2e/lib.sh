@@ -6,6 +6,10 @@
 BUILD_DIR=$(realpath "${BUILD_DIR:-build}")
 # shellcheck source=scripts/lib/podman.sh
 source scripts/lib/podman.sh  # make_rootfs, plain_addr (and pm for the podman test)
+# shellcheck source=scripts/lib/cleanup.sh
+source scripts/lib/cleanup.sh
+# shellcheck source=scripts/lib/cni.sh
+source scripts/lib/cni.sh  # podnet_conflist
 skip() { echo; echo "*** SKIPPING $E2E_NAME: $* ***"; echo; exit 0; }
 [ "$(id -u)" = 0 ] || skip "needs root"
 [ -x "$BUILD_DIR/controller/podsteer-agent" ] || { echo "$E2E_NAME: no build in $BUILD_DIR" >&2; exit 2; }
@@ -78,13 +82,8 @@ node_down() {
   [ -n "$PROXY_PID" ] && kill -9 "$PROXY_PID" 2>/dev/null
   [ -n "$AGENT_PID" ] && kill -9 "$AGENT_PID" 2>/dev/null
   "$BUILD_DIR/cli/podsteer" --state-dir "$STATE" uninstall >/dev/null 2>&1
-  grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  for d in "$CG2/$CG_NAME" /sys/fs/cgroup/*/"$CG_NAME"; do
-    [ -d "$d" ] || continue
-    find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null
-    sleep 0.2
-    find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
-  done
+  unmount_under "$DIR"
+  remove_cgroup "$CG2/$CG_NAME" /sys/fs/cgroup/*/"$CG_NAME"
   ip netns del "$NODE" 2>/dev/null
   rm -rf "$DIR"
 }

@@ -31,12 +31,8 @@ cleanup() {
 trap cleanup EXIT
 node_up
 mkdir -p "$DIR/cni/net.d"
-cat >"$DIR/cni/net.d/podnet.conflist" <<CONF
-{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
-  {"type": "bridge", "bridge": "psbr0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "subnet": "10.213.0.0/24", "dataDir": "$DIR/ipam"}},
-  {"type": "podsteer-cni", "agentSocket": "$DIR/cni.sock", "enrollNamespaces": ["ambient"]}]}
-CONF
+podnet_conflist psbr0 10.213.0.0/24 "$DIR/ipam" "$DIR/cni.sock" '"enrollNamespaces": ["ambient"]' \
+  >"$DIR/cni/net.d/podnet.conflist"
 podman_setup "$DIR/cni/net.d" "$BUILD_DIR/cni-hook" /usr/lib/cni || { echo "podman setup failed"; exit 1; }
 
 start_agent
