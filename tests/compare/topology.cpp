@@ -199,8 +199,9 @@ void compare(const std::string& name, const Case& body, const json& expected) {
   Row row{name, obs[0], obs[1]};
   row.reference_holds = expected.is_null() || subset_of(expected, obs[1]);
   row.same = obs[0] == obs[1];
-  if (!expected.is_null())
+  if (!expected.is_null()) {
     EXPECT_TRUE(subset_of(expected, obs[0])) << name << ": podsteer " << obs[0].dump() << ", expected " << expected.dump();
+  }
   if (row.reference_holds) {
     json keys = obs[0];
     keys.update(obs[1]);

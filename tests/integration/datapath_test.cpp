@@ -255,32 +255,20 @@ TEST_F(DatapathTest, EnrollKeepsOpenConnectionsAndUnenrollStopsCapture) {
   auto proxy = env->start_proxy();
   auto server = env->start_server(env->remote_ns, 8080);
   auto app = env->start_server(env->pod_ns, 9090);
-  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
-    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
-    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
-    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
-    auto p = std::make_unique<Peer>(argv, true);
-    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
-    return p;
-  };
-  auto reply_to = [](Peer& p, const std::string& req) {
-    p.send_line(req);
-    return p.wait_for([&](const json& j) { return j.value("request", "") == req; });
-  };
-  auto out_session = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
-  auto in_session = session(env->remote_ns, "", env->pod_ip4, 9090);
-  EXPECT_NE(reply_to(*out_session, "before").value("reply", "").find("got=before"), std::string::npos);
-  EXPECT_NE(reply_to(*in_session, "before").value("reply", "").find("got=before"), std::string::npos);
+  auto out_session = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in_session = open_session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(session_request(*out_session, "before").value("reply", "").find("got=before"), std::string::npos);
+  EXPECT_NE(session_request(*in_session, "before").value("reply", "").find("got=before"), std::string::npos);
 
   enroll();
-  auto o = reply_to(*out_session, "after");
+  auto o = session_request(*out_session, "after");
   EXPECT_NE(o.value("reply", "").find("got=after"), std::string::npos) << o;
-  auto i = reply_to(*in_session, "after");
+  auto i = session_request(*in_session, "after");
   EXPECT_NE(i.value("reply", "").find("got=after"), std::string::npos) << i;
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_EQ(accepts(*proxy), 0) << "existing connections must not move to the proxy";
 
-  auto through_proxy = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto through_proxy = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
   EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
 
   auto r = env->podsteer({"unenroll", "--netns", env->pod_ns});
@@ -292,7 +280,7 @@ TEST_F(DatapathTest, EnrollKeepsOpenConnectionsAndUnenrollStopsCapture) {
   EXPECT_NE(in2.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << in2;
   EXPECT_EQ(accepts(*proxy), 1) << "after unenroll, new connections go direct";
   // the connection made through the proxy lives on
-  EXPECT_NE(reply_to(*through_proxy, "still").value("reply", "").find("got=still"), std::string::npos);
+  EXPECT_NE(session_request(*through_proxy, "still").value("reply", "").find("got=still"), std::string::npos);
 }
 
 TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
@@ -736,22 +724,10 @@ TEST_F(DatapathTest, UpgradeReplacesProgramsInPlaceWithoutTouchingConnections) {
   auto server = env->start_server(env->remote_ns, 8080);
   auto app = env->start_server(env->pod_ns, 9090);
   enroll();
-  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
-    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
-    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
-    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
-    auto p = std::make_unique<Peer>(argv, true);
-    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
-    return p;
-  };
-  auto reply_to = [](Peer& p, const std::string& req) {
-    p.send_line(req);
-    return p.wait_for([&](const json& j) { return j.value("request", "") == req; }).value("reply", "");
-  };
-  auto out = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
-  auto in = session(env->remote_ns, "", env->pod_ip4, 9090);
-  EXPECT_NE(reply_to(*out, "before").find("got=before"), std::string::npos);
-  EXPECT_NE(reply_to(*in, "before").find("got=before"), std::string::npos);
+  auto out = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in = open_session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(session_request(*out, "before").value("reply", "").find("got=before"), std::string::npos);
+  EXPECT_NE(session_request(*in, "before").value("reply", "").find("got=before"), std::string::npos);
   ASSERT_EQ(accepts(*proxy), 2);
   auto before = env->status();
 
@@ -772,8 +748,8 @@ TEST_F(DatapathTest, UpgradeReplacesProgramsInPlaceWithoutTouchingConnections) {
   EXPECT_EQ(after["pods"][0]["counters"]["redirected_out"], 1) << "the maps (and counters) are the same";
 
   // open connections never noticed, new ones are captured by the new programs
-  EXPECT_NE(reply_to(*out, "after").find("got=after"), std::string::npos);
-  EXPECT_NE(reply_to(*in, "after").find("got=after"), std::string::npos);
+  EXPECT_NE(session_request(*out, "after").value("reply", "").find("got=after"), std::string::npos);
+  EXPECT_NE(session_request(*in, "after").value("reply", "").find("got=after"), std::string::npos);
   auto c = env->pod_connect(env->remote_ip4, 8080);
   EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
   auto i = env->remote_connect(env->pod_ip4, 9090);
@@ -838,22 +814,10 @@ TEST_F(DatapathTest, MigratesAStateMadeByTheAbi1ReleaseWithoutUncapturingAnyone)
   auto r = run({old, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns,
                 "--pod", "shop/web", "--tc-mode", "clsact", "--dns", "--exclude-outbound-ports", "8081"});
   ASSERT_EQ(r.rc, 0) << r.out;
-  auto session = [&](const std::string& ns, const std::string& cg, const std::string& to, int port) {
-    std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
-    if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
-    argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
-    auto p = std::make_unique<Peer>(argv, true);
-    EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
-    return p;
-  };
-  auto reply_to = [](Peer& p, const std::string& req) {
-    p.send_line(req);
-    return p.wait_for([&](const json& j) { return j.value("request", "") == req; }).value("reply", "");
-  };
-  auto out = session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
-  auto in = session(env->remote_ns, "", env->pod_ip4, 9090);
-  EXPECT_NE(reply_to(*out, "before").find("got=before"), std::string::npos);
-  EXPECT_NE(reply_to(*in, "before").find("got=before"), std::string::npos);
+  auto out = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  auto in = open_session(env->remote_ns, "", env->pod_ip4, 9090);
+  EXPECT_NE(session_request(*out, "before").value("reply", "").find("got=before"), std::string::npos);
+  EXPECT_NE(session_request(*in, "before").value("reply", "").find("got=before"), std::string::npos);
   ASSERT_EQ(accepts(*proxy), 2) << "the ABI 1 datapath captures both";
 
   auto m = env->podsteer({"status"});  // this build opens the ABI 1 state: it migrates
@@ -876,8 +840,8 @@ TEST_F(DatapathTest, MigratesAStateMadeByTheAbi1ReleaseWithoutUncapturingAnyone)
   EXPECT_EQ(left, "0\n") << "the ABI 1 TC program is still loaded";
 
   // open connections never noticed; new ones are captured by this build
-  EXPECT_NE(reply_to(*out, "after").find("got=after"), std::string::npos);
-  EXPECT_NE(reply_to(*in, "after").find("got=after"), std::string::npos);
+  EXPECT_NE(session_request(*out, "after").value("reply", "").find("got=after"), std::string::npos);
+  EXPECT_NE(session_request(*in, "after").value("reply", "").find("got=after"), std::string::npos);
   auto c = env->pod_connect(env->remote_ip4, 8080);
   EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
   auto i = env->remote_connect(env->pod_ip4, 9090);

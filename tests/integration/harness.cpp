@@ -172,6 +172,22 @@ void Peer::send_line(const std::string& s) {
   if (write(stdin_fd_, l.data(), l.size()) < 0) ADD_FAILURE() << "write to peer stdin failed";
 }
 
+std::unique_ptr<Peer> open_session(const std::string& ns, const std::string& cg, const std::string& to, int port) {
+  std::vector<std::string> argv = {testpeer_bin(), "--netns", ns};
+  if (!cg.empty()) argv.insert(argv.end(), {"--cgroup", cg});
+  argv.insert(argv.end(), {"session", "--to", to, "--port", std::to_string(port)});
+  auto p = std::make_unique<Peer>(argv, true);
+  EXPECT_TRUE(p->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false))
+      << "session to " << to << ":" << port << " did not connect:\n" << p->output();
+  return p;
+}
+
+json session_request(Peer& session, const std::string& req) {
+  session.send_line(req);
+  auto line = session.wait_for([&](const json& j) { return j.value("request", "") == req; });
+  return line.is_object() ? line : json::object();
+}
+
 std::string Peer::output() { return read_file(out_path_); }
 
 std::vector<json> Peer::lines() {

@@ -54,6 +54,11 @@ class Peer {
   int stdin_fd_ = -1;
   std::string out_path_;
 };
+// A testpeer "session": one TCP connection from netns ns (in cgroup cg when given) to
+// to:port, kept open. session_request sends a request on it and returns the peer's line
+// for it ({"request", "reply"}; an empty object if none came).
+std::unique_ptr<Peer> open_session(const std::string& ns, const std::string& cg, const std::string& to, int port);
+json session_request(Peer& session, const std::string& req);
 
 // Runs a one-shot testpeer command and returns its single JSON line.
 json peer_once(const std::vector<std::string>& argv);
