@@ -210,6 +210,8 @@ std::string Agent::metrics() {
   counter("podsteer_zds_failed_requests_total", "proxy requests without an ack", zc.failed_requests);
   counter("podsteer_zds_malformed_total", "ZDS frames from proxies that were not what the protocol expects",
           zc.malformed);
+  counter("podsteer_repair_passes_total", "drift repair passes completed (one every --repair-interval-ms)",
+          double(repair_passes_.load()));
   gauge("podsteer_zds_proxies", "node proxies connected now", zds_ ? zds_->proxies() : 0);
   {
     auto& reqs = prometheus::BuildCounter().Name("podsteer_cni_requests_total").Help("CNI requests by command and result").Register(reg);

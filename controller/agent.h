@@ -150,6 +150,7 @@ class Agent {
   std::mutex repair_mu_;
   std::condition_variable repair_cv_;
   std::atomic<int64_t> repair_tick_ms_{0};
+  std::atomic<uint64_t> repair_passes_{0};  // passes completed
   std::mutex cache_mu_;
   std::vector<PodStatus> cache_;  // the pods as the last repair pass saw them (for /metrics)
 };

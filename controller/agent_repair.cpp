@@ -49,6 +49,7 @@ void Agent::repair_worker() {
   while (!stopping_) {
     repair_tick_ms_ = now_ms();
     repair_once();
+    repair_passes_++;
     if (kube_source_ && !kube_reconciled_ && zds_->connected()) {
       // a proxy is here now: the pass that makes the agent ready need not wait for the timer
       std::lock_guard<std::mutex> g(kube_mu_);

@@ -535,21 +535,29 @@ TEST_F(AgentTest, DriftRepairPutsBackEveryPieceWithinASecond) {
     return s.is_object() && s["pods"].size() == 1 && s["pods"][0]["missing"].empty() && s["missing_hooks"].empty();
   };
   ASSERT_TRUE(whole()) << node->status().dump(2);
+  // The promise is "back within a second": the repair interval is 500 ms, and the first pass
+  // that starts after the removal must put the piece back. That is what is asserted - by
+  // counting passes, not by a wall clock, which an emulated kernel or a loaded CI machine
+  // stretches (the status poll alone takes ~100 ms under TCG). The time is printed.
+  auto passes = [&] { return metric(node->http_get("/metrics"), "podsteer_repair_passes_total"); };
   for (const auto& p : pieces) {
     double before = metric(node->http_get("/metrics"), "podsteer_repairs_total");
+    double passes_before = passes();  // the pass after this one may have looked before the removal
     auto r = sh(p.remove);
     ASSERT_EQ(r.rc, 0) << p.name << ": " << r.out;
     auto t0 = std::chrono::steady_clock::now();
     bool back = false;
-    while (!back && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3)) {
+    double seen = passes_before;
+    while (!back && seen < passes_before + 2 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
       std::this_thread::sleep_for(Ms(50));
+      seen = passes();  // read before looking: if 2 full passes are done, the piece must be back
       back = whole();
     }
     auto ms = std::chrono::duration_cast<Ms>(std::chrono::steady_clock::now() - t0).count();
-    fprintf(stderr, "drift repair: %-26s back after %4lld ms\n", p.name.c_str(), static_cast<long long>(ms));
-    EXPECT_TRUE(back) << p.name << " not repaired:\n" << node->status().dump(2) << node->agent->output();
-    // the repair interval is 500 ms; the status poll adds its own time
-    EXPECT_LT(ms, 1500) << p.name;
+    fprintf(stderr, "drift repair: %-26s back after %4lld ms (%.0f passes)\n", p.name.c_str(),
+            static_cast<long long>(ms), seen - passes_before);
+    EXPECT_TRUE(back) << p.name << " not repaired by the first pass after its removal:\n"
+                      << node->status().dump(2) << node->agent->output();
     EXPECT_GT(metric(node->http_get("/metrics"), "podsteer_repairs_total"), before) << p.name << " was not counted";
     // and it works: outbound through the proxy, the app's traffic captured
     auto out = connect_from(web, other.ip, 8080, "after");
