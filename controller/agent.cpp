@@ -212,6 +212,8 @@ std::string Agent::metrics() {
           zc.malformed);
   counter("podsteer_repair_passes_total", "drift repair passes completed (one every --repair-interval-ms)",
           double(repair_passes_.load()));
+  gauge("podsteer_repair_pass_seconds", "how long the last drift repair pass took (it looks at every captured pod)",
+        double(repair_pass_us_.load()) / 1e6);
   gauge("podsteer_zds_proxies", "node proxies connected now", zds_ ? zds_->proxies() : 0);
   {
     auto& reqs = prometheus::BuildCounter().Name("podsteer_cni_requests_total").Help("CNI requests by command and result").Register(reg);

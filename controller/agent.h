@@ -151,6 +151,7 @@ class Agent {
   std::condition_variable repair_cv_;
   std::atomic<int64_t> repair_tick_ms_{0};
   std::atomic<uint64_t> repair_passes_{0};  // passes completed
+  std::atomic<int64_t> repair_pass_us_{0};  // how long the last one took
   std::mutex cache_mu_;
   std::vector<PodStatus> cache_;  // the pods as the last repair pass saw them (for /metrics)
 };

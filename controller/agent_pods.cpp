@@ -1,5 +1,7 @@
 // Capture and release of one pod: the datapath and the node proxies, in that order, one
 // operation per pod at a time.
+#include <chrono>
+
 #include "agent.h"
 #include "log.h"
 #include "netns.h"
@@ -76,17 +78,20 @@ Status Agent::capture(const PodInfo& in) {
   pod.netns_cookie = ns->cookie;
   if (pod.service_account.empty()) pod.service_account = "default";
   auto d = dp();
+  auto t0 = std::chrono::steady_clock::now();
   auto r = d->enroll(*ns, options_for(pod));
   if (!r) return r.error();
+  auto t1 = std::chrono::steady_clock::now();
   auto st = zds_->add(pod, ns->fd.get());
+  auto us = [](auto a, auto b) { return std::chrono::duration_cast<std::chrono::microseconds>(b - a).count(); };
   if (!st) {
     // Not captured with the proxy's ack: undo, so a retry starts clean and the app never
     // runs half-captured.
     if (*r == EnrollOutcome::Enrolled) (void)d->unenroll(ns->cookie);
     return Error{"node proxy did not take the pod: " + st.error().message(), 0, pod.full_name()};
   }
-  spdlog::info("captured {} (netns {}, uid {}, service account {})", pod.full_name(), pod.netns, pod.uid,
-               pod.service_account);
+  spdlog::info("captured {} (netns {}, uid {}, service account {}; enroll {} us, proxy ack {} us)", pod.full_name(),
+               pod.netns, pod.uid, pod.service_account, us(t0, t1), us(t1, std::chrono::steady_clock::now()));
   return {};
 }
 

@@ -11,6 +11,9 @@
 #include <sys/stat.h>
 #include <sys/vfs.h>
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -38,17 +41,37 @@ Result<uint64_t> current_netns_cookie() {
   return cookie;
 }
 
+// A thread other than the process's first one joins the namespace itself and comes back:
+// two setns() calls, against a thread's creation and join for every call (about 1 ms per
+// pod of the agent's repair pass went there). The first thread never moves, because
+// /proc/self/ns/net - the host check in open_netns - is that thread's namespace. A thread
+// that cannot come back must not go on running in a pod's namespace: it aborts.
 Status in_netns(int netns_fd, const std::function<Status()>& fn) {
   Status result;
-  std::thread t([&] {
-    if (setns(netns_fd, CLONE_NEWNET) != 0) {
-      result = sys_error("setns(CLONE_NEWNET)");
-      return;
+  if (gettid() == getpid()) {
+    std::thread t([&] {
+      if (setns(netns_fd, CLONE_NEWNET) != 0) {
+        result = sys_error("setns(CLONE_NEWNET)");
+        return;
+      }
+      result = fn();
+    });
+    t.join();
+    return result;
+  }
+  Fd home(open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC));
+  if (!home.valid()) return sys_error("open /proc/thread-self/ns/net");
+  if (setns(netns_fd, CLONE_NEWNET) != 0) return sys_error("setns(CLONE_NEWNET)");
+  struct Back {
+    int fd;
+    ~Back() {
+      if (setns(fd, CLONE_NEWNET) != 0) {
+        fprintf(stderr, "podsteer: cannot return to this thread's network namespace: %s\n", strerror(errno));
+        abort();
+      }
     }
-    result = fn();
-  });
-  t.join();
-  return result;
+  } back{home.get()};
+  return fn();
 }
 
 Result<Netns> open_netns(const std::string& path) {

@@ -1,5 +1,5 @@
-// Network namespaces of pods: open and validate a netns path, run code inside it on a
-// dedicated thread (setns affects only the calling thread), read its cookie, interfaces
+// Network namespaces of pods: open and validate a netns path, run code inside it (setns
+// affects only the calling thread), read its cookie, interfaces
 // and addresses.
 #pragma once
 
@@ -33,7 +33,8 @@ struct Interface {
 // (PID 1's): enrolling the host namespace would capture the node's own traffic.
 Result<Netns> open_netns(const std::string& path);
 
-// Runs fn on a new thread that has joined the namespace.
+// Runs fn with the calling thread in the namespace (on a new thread if the caller is the
+// process's first thread), back in its own when fn returns.
 Status in_netns(int netns_fd, const std::function<Status()>& fn);
 
 Result<std::vector<Interface>> list_interfaces(int netns_fd);
