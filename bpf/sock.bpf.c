@@ -61,12 +61,8 @@ static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie
  * unless it goes to loopback ("! -d 127.0.0.1"); other TCP to the outbound listener
  * unless it stays in the pod. Excluded destinations go direct, DNS included. */
 static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 cookie,
-					     struct podsteer_pod *pod, const __u8 *addr16,
-					     __u16 port, struct podsteer_counters *c)
+					     struct podsteer_pod *pod, const __u8 *addr16, __u16 port)
 {
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk || marked_by_proxy(sk->mark))
-		return LEAVE;
 	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
 	if (ctx->type == SOCK_DGRAM) {
 		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
@@ -77,6 +73,7 @@ static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 co
 		return LEAVE;
 	}
 	if (excluded(pod, cookie, addr16, port)) {
+		struct podsteer_counters *c = pod_counters(cookie);
 		COUNT(c, bypassed);
 		return LEAVE;
 	}
@@ -176,14 +173,18 @@ static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
 static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 nport,
 				 __u16 family, __u8 *target)
 {
+	/* the proxy's own sockets first: they connect as often as the apps, and need no lookup */
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || marked_by_proxy(sk->mark))
+		return 0;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
 	if (!pod)
 		return 0;
-	struct podsteer_counters *c = pod_counters(cookie);
-	enum verdict v = classify(ctx, cookie, pod, addr16, bpf_ntohs(nport), c);
+	enum verdict v = classify(ctx, cookie, pod, addr16, bpf_ntohs(nport));
 	if (v == LEAVE)
 		return 0;
+	struct podsteer_counters *c = pod_counters(cookie);
 	__u16 port;
 	if (v == TO_DNS) {
 		dns_target(addr16, target);
@@ -531,20 +532,20 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
 	__u32 from = ops->args[0], to = ops->args[1];
+	/* Every transition comes here (established, fin-wait, ...): only the close acts, and
+	 * the others leave before any helper call. */
+	if (to != TCP_CLOSE_STATE)
+		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ops);
 	if (marked_by_proxy(sk->mark)) {
 		/* Not when the SYN is answered: with SYN cookies the app's side keeps no request
 		 * socket, so the completing ACK goes through sk_lookup again. The tuple cannot
 		 * come from anyone else while this socket holds it. */
-		if (to != TCP_CLOSE_STATE)
-			return 1;
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
 		bpf_map_delete_elem(&podsteer_transit, &t);
 		return 1;
 	}
-	if (to != TCP_CLOSE_STATE)
-		return 1;
 	if (from == TCP_SYN_SENT_STATE) {
 		/* the connect never got past SYN_SENT: nothing listened */
 		struct podsteer_counters *c = pod_counters(cookie);
