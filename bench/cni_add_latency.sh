@@ -50,10 +50,31 @@ sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/proxy" "$B/proxy/podsteer-
 PIDS+=($!)
 for _ in $(seq 50); do grep -q snapshot_received "$WORK/proxy.log" 2>/dev/null && break; sleep 0.1; done
 rss() { awk '/VmRSS/ {print $2}' /proc/$AGENT/status; }
+# Kernel memory of the install, as the kernel reports it (bytes_memlock; BTF by size):
+# "maps" = the node's pinned maps plus each pod's own .rodata map, "progs" = each pod's
+# sk_lookup program and its BTF. Printed as "maps progs".
+kernel_bytes() {
+  local maps=0 progs=0 m link prog
+  for m in "$STATE"/maps/*; do maps=$((maps + $(bpftool map show pinned "$m" -j | jq .bytes_memlock))); done
+  for link in "$STATE"/pods/*/inbound; do
+    [ -e "$link" ] || continue
+    prog=$(bpftool link show pinned "$link" -j | jq .prog_id)
+    progs=$((progs + $(bpftool prog show id "$prog" -j | jq .bytes_memlock)))
+    btf=$(bpftool prog show id "$prog" -j | jq '.btf_id // empty')
+    [ -n "$btf" ] && progs=$((progs + $(bpftool btf show id "$btf" -j | jq .size)))
+    for m in $(bpftool prog show id "$prog" -j | jq '.map_ids[]'); do
+      # the maps pinned under maps/ are counted once above; .rodata is this pod's own
+      bpftool map show id "$m" -j | jq -e '.name | endswith(".rodata")' >/dev/null &&
+        maps=$((maps + $(bpftool map show id "$m" -j | jq .bytes_memlock)))
+    done
+  done
+  echo "$maps $progs"
+}
 RSS0=$(rss)
 
 LAT=()
 PLUGIN=$(plugin_path podsteer-cni)
+T_ALL0=${EPOCHREALTIME/./}
 for i in $(seq 1 $((N + WARM))); do
   pod=$TAG-p$i
   ip netns add "$pod"
@@ -71,7 +92,10 @@ for i in $(seq 1 $((N + WARM))); do
     echo $((t1 - t0))' _ "$pod" "$CNI_PATH_DIRS" "p$i" "$PLUGIN" "$conf" "$WORK/out") ||
     { echo "podsteer-cni ADD failed for $pod:"; cat "$WORK/out"; tail -5 "$WORK/agent.log"; exit 1; }
   [ "$i" -gt "$WARM" ] && LAT+=("$us")
+  [ "$i" -eq "$WARM" ] && read -r KMAPS0 KPROGS0 < <(kernel_bytes)
 done
+T_ALL1=${EPOCHREALTIME/./}
+read -r KMAPS1 KPROGS1 < <(kernel_bytes)
 RSS1=$(rss)
 captured=$("$B/cli/podsteer" --state-dir "$STATE" status --json | jq '.pods | length')
 sorted=($(printf '%s\n' "${LAT[@]}" | sort -n))
@@ -81,4 +105,8 @@ echo "  p50 $(pct 50)  p90 $(pct 90)  p99 $(pct 99)  max ${sorted[-1]}"
 agent_us=($(grep -o 'captured  ([0-9]* us)' "$WORK/agent.log" | tr -dc '0-9\n' | tail -n "$N" | sort -n))
 echo "  of which inside the agent (enroll + proxy ack): p50 ${agent_us[$(( ${#agent_us[@]} / 2 ))]}  p99 ${agent_us[$(( ${#agent_us[@]} * 99 / 100 ))]}"
 echo "agent RSS: ${RSS0} KiB with 0 pods, ${RSS1} KiB with $((N + WARM)) pods captured ($captured in podsteer status)"
+echo "kernel memory per pod (bytes_memlock, $N pods): maps $(( (KMAPS1 - KMAPS0) / N )) B, sk_lookup program + BTF $(( (KPROGS1 - KPROGS0) / N )) B; the node's maps: $((KMAPS0 / 1024)) KiB with $WARM pods"
+sum=0
+for l in "${LAT[@]}"; do sum=$((sum + l)); done
+echo "$N pods enrolled one after another: $((sum / 1000)) ms in podsteer-cni; $(( (T_ALL1 - T_ALL0) / 1000 )) ms for all $((N + WARM)) from nothing (netns, bridge + host-local, podsteer-cni)"
 echo "agent drift repair pass over them: $(curl -s localhost:15098/metrics | awk '$1 == "podsteer_repair_pass_seconds" {printf "%.1f ms", $2 * 1000}') (every 500 ms)"

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "podsteer_abi.h"
+#include "lookup_cookie.h"
 #include "podsteer_lookup.skel.h"
 #include "wire.h"
 #include "zds.pb.h"
@@ -493,12 +494,17 @@ json lookup_test_run(bool smoke) {
       return;
     }
     const uint64_t cookie = 7;
-    skel->rodata->cfg_pod_cookie = cookie;
-    if (podsteer_lookup__load(skel) != 0) {
+    if (podsteer::set_lookup_cookie(skel->progs.podsteer_lookup, cookie) != 0 || podsteer_lookup__load(skel) != 0) {
       out["error"] = "load";
       podsteer_lookup__destroy(skel);
       return;
     }
+    podsteer_config cfg{};
+    cfg.outbound_port = PODSTEER_DEFAULT_OUTBOUND_PORT;
+    cfg.inbound_port = PODSTEER_DEFAULT_INBOUND_PORT;
+    cfg.hbone_port = PODSTEER_DEFAULT_HBONE_PORT;
+    uint32_t zero_key = 0;
+    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_config), &zero_key, &cfg, BPF_ANY);
     podsteer_pod pod{};
     bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_pods), &cookie, &pod, BPF_ANY);
     std::vector<podsteer_counters> zero(libbpf_num_possible_cpus());

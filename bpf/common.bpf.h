@@ -24,7 +24,10 @@
 #define SOCK_DGRAM 2
 #endif
 
-/* Set by the loader before load; defaults are DESIGN.md's. */
+/* Set by the loader before load; defaults are DESIGN.md's. An object loaded once per pod
+ * defines PODSTEER_NO_RODATA and reads podsteer_config instead: a .rodata section would
+ * make libbpf create a map of its own (8 KiB) for every pod. */
+#ifndef PODSTEER_NO_RODATA
 const volatile __u16 cfg_outbound_port = PODSTEER_DEFAULT_OUTBOUND_PORT;
 const volatile __u16 cfg_inbound_port = PODSTEER_DEFAULT_INBOUND_PORT;
 const volatile __u16 cfg_hbone_port = PODSTEER_DEFAULT_HBONE_PORT;
@@ -33,6 +36,7 @@ const volatile __u32 cfg_proxy_mark = PODSTEER_DEFAULT_PROXY_MARK;
 const volatile __u32 cfg_proxy_mark_mask = PODSTEER_DEFAULT_PROXY_MARK_MASK;
 const volatile __u32 cfg_app_mark = PODSTEER_DEFAULT_APP_MARK;
 const volatile __u32 cfg_nr_cpus = 1; /* possible CPUs, for the podsteer_conns fallback */
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

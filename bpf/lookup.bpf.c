@@ -11,10 +11,19 @@
  * were addressed.
  *
  * sk_lookup programs cannot read the netns cookie, so each pod gets its own instance
- * with the cookie in .rodata: the program knows its pod by where it runs. */
+ * with the cookie written into its code: the program knows its pod by where it runs.
+ * Settings come from podsteer_config, so an instance makes no map of its own. */
+#define PODSTEER_NO_RODATA
 #include "common.bpf.h"
 
-const volatile __u64 cfg_pod_cookie = 0;
+/* The loader replaces this 64-bit immediate with the pod's netns cookie before load
+ * (loader/inbound.cpp, PODSTEER_LOOKUP_COOKIE_MAGIC): exactly one ld_imm64 carries it. */
+static __always_inline __u64 pod_cookie(void)
+{
+	__u64 c;
+	asm volatile("%0 = " PODSTEER_LOOKUP_COOKIE_MAGIC_STR " ll" : "=r"(c));
+	return c;
+}
 
 /* kubelet probe sources (DESIGN.md): never redirected inbound */
 #define PROBE_SRC4 0xa9fe077f /* 169.254.7.127 */
@@ -27,10 +36,9 @@ static __always_inline int is_probe_src6(const __u8 *a)
 }
 
 /* The proxy's inbound listener in this pod; a dual-stack AF_INET6 listener serves IPv4 */
-static __always_inline struct bpf_sock *proxy_listener(__u32 family)
+static __always_inline struct bpf_sock *proxy_listener(__u64 cookie, __u16 inbound_port, __u32 family)
 {
-	struct podsteer_listener_key k = {.netns_cookie = cfg_pod_cookie, .port = cfg_inbound_port,
-					  .family = family};
+	struct podsteer_listener_key k = {.netns_cookie = cookie, .port = inbound_port, .family = family};
 	struct bpf_sock *sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
 	if (!sk && family == AF_INET) {
 		k.family = AF_INET6;
@@ -44,12 +52,16 @@ int podsteer_lookup(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	__u16 port = (__u16)ctx->local_port;
+	__u32 zero = 0;
+	struct podsteer_config *cfg = bpf_map_lookup_elem(&podsteer_config, &zero);
+	if (!cfg)
+		return SK_PASS;
+	__u16 port = (__u16)ctx->local_port, inbound_port = cfg->inbound_port;
 	/* the proxy's own listeners (a client that calls 15001 or 15006 directly reaches the
 	 * proxy, which refuses calls to itself) and HBONE, which is never redirected */
-	if (port == cfg_inbound_port || port == cfg_hbone_port || port == cfg_outbound_port)
+	if (port == inbound_port || port == cfg->hbone_port || port == cfg->outbound_port)
 		return SK_PASS;
-	__u64 cookie = cfg_pod_cookie;
+	__u64 cookie = pod_cookie();
 	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
 	if (!pod)
 		return SK_PASS; /* being unenrolled: the pod entry goes first */
@@ -99,7 +111,7 @@ int podsteer_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 	int fail_open = pod->flags & PODSTEER_POD_FAIL_OPEN;
-	struct bpf_sock *sk = proxy_listener(ctx->family);
+	struct bpf_sock *sk = proxy_listener(cookie, inbound_port, ctx->family);
 	if (!sk) {
 		COUNT(c, proxy_missing);
 		return fail_open ? SK_PASS : SK_DROP;

@@ -1,5 +1,5 @@
 // Inbound capture per pod: the pod's own instance of the sk_lookup program (its netns
-// cookie in .rodata: sk_lookup cannot ask for it), linked to the pod's netns and pinned
+// cookie written into its code: sk_lookup cannot ask for it), linked to the pod's netns and pinned
 // at pods/<cookie>/inbound.
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -8,6 +8,7 @@
 #include "datapath.h"
 #include "datapath_internal.h"
 #include "log.h"
+#include "lookup_cookie.h"
 #include "podsteer_listeners.skel.h"
 #include "podsteer_lookup.skel.h"
 #include "skeleton.h"
@@ -26,10 +27,11 @@ using ListenersSkel =
 }  // namespace
 
 // This pod's instance of the sk_lookup program, loaded with the node's maps.
-static Status load_lookup(LookupSkel& skel, const podsteer_config& cfg, const std::string& state_dir, uint64_t cookie) {
+static Status load_lookup(LookupSkel& skel, const std::string& state_dir, uint64_t cookie) {
   if (!skel.opened()) return sys_error("open sk_lookup skeleton");
-  set_rodata(skel->rodata, cfg);
-  skel->rodata->cfg_pod_cookie = cookie;
+  if (int err = set_lookup_cookie(skel->progs.podsteer_lookup, cookie); err)
+    return Error{"write the pod's cookie into its sk_lookup program (a build problem if EINVAL)", -err,
+                 std::to_string(cookie)};
   pin_maps_under(skel->obj, join(state_dir, "maps"));
   if (int err = skel.load(); err)
     return Error{"load sk_lookup program (run with -v for the verifier log)", -err, std::to_string(cookie)};
@@ -41,7 +43,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
   Fd link(bpf_obj_get(pin.c_str()));
   if (!link.valid()) return {};  // not linked (being enrolled or removed): nothing to replace
   LookupSkel skel;
-  PODSTEER_TRY(load_lookup(skel, config_, state_dir_, cookie));
+  PODSTEER_TRY(load_lookup(skel, state_dir_, cookie));
   if (bpf_link_update(link.get(), bpf_program__fd(skel->progs.podsteer_lookup), nullptr) != 0)
     return sys_error("bpf_link_update", pin);
   return {};
@@ -58,7 +60,7 @@ Status Datapath::attach_inbound(const Netns& ns) {
     unlink(pin.c_str());
   }
   LookupSkel skel;
-  PODSTEER_TRY(load_lookup(skel, config_, state_dir_, ns.cookie));
+  PODSTEER_TRY(load_lookup(skel, state_dir_, ns.cookie));
   bpf_link* link = bpf_program__attach_netns(skel->progs.podsteer_lookup, ns.fd.get());
   if (!link) return sys_error("link sk_lookup program to the pod's netns", ns.path);
   int err = bpf_link__pin(link, pin.c_str());

@@ -176,6 +176,10 @@ struct podsteer_tuple_key {
 
 /* podsteer_config: one entry, the node-wide settings chosen when the state dir was made.
  * The programs carry the same values in .rodata; this copy is for userspace and bpftool. */
+/* The placeholder for the pod's netns cookie in each pod's sk_lookup instance */
+#define PODSTEER_LOOKUP_COOKIE_MAGIC 0x7ea5c00c1e5eed51ULL
+#define PODSTEER_LOOKUP_COOKIE_MAGIC_STR "0x7ea5c00c1e5eed51"
+
 struct podsteer_config {
 	__u32 abi_version;
 	__u16 outbound_port;

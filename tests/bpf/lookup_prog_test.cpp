@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "podsteer_abi.h"
+#include "lookup_cookie.h"
 #include "podsteer_lookup.skel.h"
 
 #ifndef SO_COOKIE
@@ -55,12 +56,20 @@ class LookupProgTest : public ::testing::Test {
     if (skel) podsteer_lookup__destroy(skel);
   }
 
-  // Loads the pod's instance: the program is per pod, its cookie in .rodata.
+  // Loads the pod's instance: the program is per pod, its cookie written into its code;
+  // the ports come from podsteer_config, as the install writes it.
   void load() {
     skel = podsteer_lookup__open();
     ASSERT_NE(skel, nullptr);
-    skel->rodata->cfg_pod_cookie = kCookie;
+    ASSERT_EQ(podsteer::set_lookup_cookie(skel->progs.podsteer_lookup, kCookie), 0);
     ASSERT_EQ(podsteer_lookup__load(skel), 0) << "load podsteer_lookup: " << strerror(errno);
+    podsteer_config cfg{};
+    cfg.outbound_port = PODSTEER_DEFAULT_OUTBOUND_PORT;
+    cfg.inbound_port = PODSTEER_DEFAULT_INBOUND_PORT;
+    cfg.hbone_port = PODSTEER_DEFAULT_HBONE_PORT;
+    cfg.dns_port = PODSTEER_DEFAULT_DNS_PORT;
+    uint32_t zero = 0;
+    ASSERT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_config), &zero, &cfg, BPF_ANY), 0);
   }
 
   void enroll(uint32_t flags = 0) {
