@@ -17,7 +17,7 @@
 #include "common.bpf.h"
 
 /* The loader replaces this 64-bit immediate with the pod's netns cookie before load
- * (loader/inbound.cpp, PODSTEER_LOOKUP_COOKIE_MAGIC): exactly one ld_imm64 carries it. */
+ * (loader/lookup_cookie.h, PODSTEER_LOOKUP_COOKIE_MAGIC): exactly one ld_imm64 carries it. */
 static __always_inline __u64 pod_cookie(void)
 {
 	__u64 c;
