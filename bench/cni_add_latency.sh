@@ -58,14 +58,13 @@ kernel_bytes() {
   for m in "$STATE"/maps/*; do maps=$((maps + $(bpftool map show pinned "$m" -j | jq .bytes_memlock))); done
   for link in "$STATE"/pods/*/inbound; do
     [ -e "$link" ] || continue
-    prog=$(bpftool link show pinned "$link" -j | jq .prog_id)
-    progs=$((progs + $(bpftool prog show id "$prog" -j | jq .bytes_memlock)))
-    btf=$(bpftool prog show id "$prog" -j | jq '.btf_id // empty')
+    prog=$(bpftool prog show id "$(bpftool link show pinned "$link" -j | jq .prog_id)" -j)
+    progs=$((progs + $(jq .bytes_memlock <<<"$prog")))
+    btf=$(jq '.btf_id // empty' <<<"$prog")
     [ -n "$btf" ] && progs=$((progs + $(bpftool btf show id "$btf" -j | jq .size)))
-    for m in $(bpftool prog show id "$prog" -j | jq '.map_ids[]'); do
-      # the maps pinned under maps/ are counted once above; .rodata is this pod's own
-      bpftool map show id "$m" -j | jq -e '.name | endswith(".rodata")' >/dev/null &&
-        maps=$((maps + $(bpftool map show id "$m" -j | jq .bytes_memlock)))
+    # the maps pinned under maps/ are counted once above; a .rodata would be this pod's own
+    for m in $(jq '.map_ids[]' <<<"$prog"); do
+      maps=$((maps + $(bpftool map show id "$m" -j | jq 'if (.name | endswith(".rodata")) then .bytes_memlock else 0 end')))
     done
   done
   echo "$maps $progs"

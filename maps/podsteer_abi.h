@@ -174,12 +174,18 @@ struct podsteer_tuple_key {
 	__u32 pad;
 };
 
-/* podsteer_config: one entry, the node-wide settings chosen when the state dir was made.
- * The programs carry the same values in .rodata; this copy is for userspace and bpftool. */
 /* The placeholder for the pod's netns cookie in each pod's sk_lookup instance */
-#define PODSTEER_LOOKUP_COOKIE_MAGIC 0x7ea5c00c1e5eed51ULL
-#define PODSTEER_LOOKUP_COOKIE_MAGIC_STR "0x7ea5c00c1e5eed51"
+#define PODSTEER_LOOKUP_COOKIE_HEX 0x7ea5c00c1e5eed51
+#define PODSTEER_PASTE_ULL_(x) x##ULL
+#define PODSTEER_XPASTE_ULL_(x) PODSTEER_PASTE_ULL_(x)
+#define PODSTEER_STR_(x) #x
+#define PODSTEER_XSTR_(x) PODSTEER_STR_(x)
+#define PODSTEER_LOOKUP_COOKIE_MAGIC PODSTEER_XPASTE_ULL_(PODSTEER_LOOKUP_COOKIE_HEX)
+#define PODSTEER_LOOKUP_COOKIE_MAGIC_STR PODSTEER_XSTR_(PODSTEER_LOOKUP_COOKIE_HEX)
 
+/* podsteer_config: one entry, the node-wide settings chosen when the state dir was made.
+ * The socket programs carry the same values in .rodata; each pod's sk_lookup instance reads
+ * its ports here (a .rodata of its own would be a map per pod); userspace and bpftool too. */
 struct podsteer_config {
 	__u32 abi_version;
 	__u16 outbound_port;
