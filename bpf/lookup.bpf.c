@@ -99,14 +99,16 @@ int podsteer_lookup(struct bpf_sk_lookup *ctx)
 	}
 	/* Made inside the pod: a source that is loopback or the destination itself can only
 	 * be local (the kernel drops such sources arriving on an interface); the proxy's
-	 * connections from a client's address are in podsteer_transit while their SYN flies. */
+	 * connections from a client's address are in podsteer_transit while their SYN flies.
+	 * (Not by where the SYN arrived: bpf_sk_lookup.ingress_ifindex of a packet the pod
+	 * sends to its own address is the interface that holds the address, not lo.) */
 	if (is_loopback(t.src_addr) || same_addr(t.src_addr, t.dst_addr) ||
 	    bpf_map_lookup_elem(&podsteer_transit, &t))
 		return SK_PASS;
 
 	struct podsteer_counters *c = pod_counters(cookie);
 	struct podsteer_port_key pk = {.netns_cookie = cookie, .port = port, .direction = PODSTEER_DIR_INBOUND};
-	if (probe || bpf_map_lookup_elem(&podsteer_ports, &pk)) {
+	if (probe || (!(pod->flags & PODSTEER_POD_NO_IN_PORTS) && bpf_map_lookup_elem(&podsteer_ports, &pk))) {
 		COUNT(c, bypassed);
 		return SK_PASS;
 	}

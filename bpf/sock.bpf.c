@@ -665,7 +665,12 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->retval == 0 && !kernel_answer_is_local(ctx, local, (__u16)sk->src_port))
 		return 1;
 	int len;
-	struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
+	/* Only a connection accepted on a listener's own port can have an entry (connect4
+	 * rewrote its destination); an inbound one keeps its original destination as its
+	 * local address, and needs no lookup. */
+	struct podsteer_addr *o = NULL;
+	if (k.local_port == cfg_outbound_port || k.local_port == cfg_dns_port)
+		o = bpf_map_lookup_elem(&podsteer_orig, &k);
 	if (o)
 		len = put_sockaddr(ctx, o->addr, o->port);
 	else /* not an outbound redirect: like conntrack, the original destination is the

@@ -120,7 +120,8 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
   podsteer_pod entry{};
   entry.flags = (opts.dns ? PODSTEER_POD_DNS : 0) | (opts.fail_open ? PODSTEER_POD_FAIL_OPEN : 0) |
                 (opts.exclude_outbound_ports.empty() ? PODSTEER_POD_NO_OUT_PORTS : 0) |
-                (opts.exclude_outbound_cidrs.empty() ? PODSTEER_POD_NO_OUT_CIDRS : 0);
+                (opts.exclude_outbound_cidrs.empty() ? PODSTEER_POD_NO_OUT_CIDRS : 0) |
+                (opts.exclude_inbound_ports.empty() ? PODSTEER_POD_NO_IN_PORTS : 0);
   PODSTEER_TRY(pod_addresses(ns, entry));
   entry.enrolled_ns = now_ns();
   const uint64_t cookie = ns.cookie;

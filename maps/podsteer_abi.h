@@ -36,6 +36,7 @@
  * older build without them still gets the lookups.) */
 #define PODSTEER_POD_NO_OUT_PORTS (1u << 4) /* no excluded outbound ports */
 #define PODSTEER_POD_NO_OUT_CIDRS (1u << 5) /* no excluded outbound CIDRs: no LPM trie lookup */
+#define PODSTEER_POD_NO_IN_PORTS (1u << 6)  /* no excluded inbound ports */
 
 /* podsteer_ports direction */
 #define PODSTEER_DIR_INBOUND 1

@@ -224,6 +224,9 @@ TEST_F(LookupProgTest, ProxyPortsProbeSourcesAndExcludedPortsAreLeftAlone) {
     EXPECT_EQ(probe6.selected, 0u);
     EXPECT_EQ(counters().bypassed, 3u);
     EXPECT_EQ(counters().redirected_in, 0u);
+    // a pod enrolled without excluded inbound ports says so, and its SYNs skip that lookup
+    enroll(PODSTEER_POD_NO_IN_PORTS);
+    EXPECT_NE(run(excluded).selected, 0u) << "the flag, not the map, decides: enroll sets it only when there are none";
   });
 }
 
