@@ -13,15 +13,18 @@
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
  *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver
- *  cgroup_skb     packets from the proxy to an app in its pod (the proxy mark) get the app
- *                 mark, which tcp_fwmark_accept copies onto the app's new socket: its replies
- *                 then follow the pod's policy rule back to the proxy */
+ *                 The proxy's connection to an app in its pod from a client's address gets the
+ *                 app mark before its SYN leaves: tcp_fwmark_accept copies the SYN's mark onto
+ *                 the app's new socket, whose replies then follow the pod's policy rule back
+ *                 to the proxy (Istio: connmark 0x111 on the app's side) */
 #include <linux/tcp.h>
 #include "common.bpf.h"
 
 #define SOL_IP_LEVEL 0
 #define SOL_IPV6_LEVEL 41
 #define SO_ORIGINAL_DST_OPT 80 /* also IP6T_SO_ORIGINAL_DST */
+#define SOL_SOCKET_LEVEL 1
+#define SO_MARK_OPT 36
 #define DNS_PORT 53
 
 enum verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
@@ -497,6 +500,16 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		transit_key(ops, cookie, &t);
 		if (own_address(pod, t.src_addr))
 			return 1;
+		/* The app's answers must come back through lo, not leave for the client's address:
+		 * its socket will take the mark of this SYN (tcp_fwmark_accept), and the SYN takes
+		 * this socket's. Set here, before the SYN is built: the kernel routes the socket
+		 * again after this callback. One call per connection, where a cgroup_skb program
+		 * marking the SYN would run for every packet of every socket. Whatever the
+		 * destination: any local address of the pod (one added after enroll too), and a
+		 * connection from a client's address to anywhere else could not complete anyway,
+		 * its answers going to the client. */
+		int mark = (int)((sk->mark & ~cfg_proxy_mark_mask) | (cfg_app_mark & cfg_proxy_mark_mask));
+		bpf_setsockopt(ops, SOL_SOCKET_LEVEL, SO_MARK_OPT, &mark, sizeof(mark));
 		__u8 one = 1;
 		bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY);
 		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -537,14 +550,18 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 	if (to != TCP_CLOSE_STATE)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ops);
-	if (marked_by_proxy(sk->mark)) {
-		/* Not when the SYN is answered: with SYN cookies the app's side keeps no request
-		 * socket, so the completing ACK goes through sk_lookup again. The tuple cannot
-		 * come from anyone else while this socket holds it. */
+	int by_proxy = marked_by_proxy(sk->mark);
+	if (by_proxy || (sk->mark & cfg_proxy_mark_mask) == (cfg_app_mark & cfg_proxy_mark_mask)) {
+		/* The proxy's connection from a client's address (on_connect gave it the app mark;
+		 * one made before that build still has the proxy's). Its entry goes now, not when
+		 * the SYN is answered: with SYN cookies the app's side keeps no request socket, so
+		 * the completing ACK goes through sk_lookup again. The tuple cannot come from
+		 * anyone else while this socket holds it. An app socket that carries the app mark
+		 * of its own has no transit entry, and goes on to its podsteer_orig entry. */
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
-		bpf_map_delete_elem(&podsteer_transit, &t);
-		return 1;
+		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0 || by_proxy)
+			return 1;
 	}
 	if (from == TCP_SYN_SENT_STATE) {
 		/* the connect never got past SYN_SENT: nothing listened */
@@ -682,15 +699,6 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	/* keep the two stores apart: merged into one 8-byte store the verifier rejects it */
 	CTX_BARRIER();
 	ctx->retval = 0;
-	return 1;
-}
-
-SEC("cgroup_skb/ingress")
-int podsteer_remark(struct __sk_buff *skb)
-{
-	__u32 mark = skb->mark;
-	if (marked_by_proxy(mark))
-		skb->mark = (mark & ~cfg_proxy_mark_mask) | (cfg_app_mark & cfg_proxy_mark_mask);
 	return 1;
 }
 

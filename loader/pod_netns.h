@@ -8,7 +8,8 @@
 //
 // Packets with the app mark are delivered locally, so the app's replies to the client's
 // address reach the proxy's socket. The app's side gets the mark from tcp_fwmark_accept:
-// its new socket takes the mark of the SYN, which podsteer_remark set (sock.bpf.c).
+// its new socket takes the mark of the SYN, which the proxy's socket got from sock_ops
+// just before the SYN left (on_connect, sock.bpf.c).
 // Rules and routes carry rtm_protocol PODSTEER_RT_PROTO: those are ours to remove; an
 // identical rule made by someone else (istio-cni) is used and left alone.
 #pragma once
