@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <set>
 
+#include <fmt/format.h>
+
 #include "datapath.h"
 #include "datapath_internal.h"
 #include "log.h"
@@ -143,11 +145,13 @@ Status Datapath::upgrade_programs() {
   }
   // a program the old build had and this one has not
   std::error_code ec;
+  std::vector<std::string> gone;
   for (const auto& e : std::filesystem::directory_iterator(links, ec)) {
     if (current.count(e.path().filename().string())) continue;
     Fd link(bpf_obj_get(e.path().c_str()));
     if (link.valid()) bpf_link_detach(link.get());
     (void)remove_tree(e.path().string());
+    gone.push_back(e.path().filename().string());
   }
   size_t pods = 0;
   for (const auto& e : std::filesystem::directory_iterator(join(state_dir_, "pods"), ec)) {
@@ -159,7 +163,11 @@ Status Datapath::upgrade_programs() {
   auto cfg = Map<__u32, podsteer_config>::open(map_pin(state_dir_, "podsteer_config"));
   if (!cfg) return cfg.error();
   PODSTEER_TRY(cfg->update(0, config_));
-  spdlog::info("upgraded the programs in place: {} socket hooks, {} pod(s); no link was detached", current.size(), pods);
+  if (gone.empty())
+    spdlog::info("upgraded the programs in place: {} socket hooks, {} pod(s); no link was detached", current.size(), pods);
+  else
+    spdlog::info("upgraded the programs in place: {} socket hooks, {} pod(s); detached only what this build no longer has: {}",
+                 current.size(), pods, fmt::join(gone, ", "));
   return {};
 }
 

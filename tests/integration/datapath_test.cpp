@@ -763,6 +763,51 @@ TEST_F(DatapathTest, UpgradeReplacesProgramsInPlaceWithoutTouchingConnections) {
 
 namespace {
 
+// The release before this one re-marked every ingress packet with a cgroup_skb program;
+// this build gives the proxy's transparent socket the app mark in sock_ops instead. Upgrading
+// in place must take the old program away without breaking an open connection that kept
+// the client's address, and new ones must still reach the app from the client's address.
+TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAddress) {
+  const std::string old = PREVIOUS_CGROUP_SKB_BIN;
+  if (access(old.c_str(), X_OK) != 0) {
+    fprintf(stderr, "\n*** SKIPPING: no earlier podsteer at %s (scripts/build-previous.sh builds it from git history) ***\n\n",
+            old.c_str());
+    GTEST_SKIP();
+  }
+  auto proxy = env->start_proxy();  // connects to the app from the client's address
+  auto app = env->start_server(env->pod_ns, 9090);
+  auto r = run({old, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns});
+  ASSERT_EQ(r.rc, 0) << r.out;
+  unsigned remark_prog = 0;  // asked of the earlier release: this build's status would upgrade first
+  auto old_status = json::parse(run({old, "--state-dir", env->state_dir, "status", "--json"}).out, nullptr, false);
+  ASSERT_FALSE(old_status.is_discarded());
+  for (const auto& l : old_status["cgroup_links"])
+    if (l["program"] == "podsteer_remark") remark_prog = l["prog_id"];
+  ASSERT_NE(remark_prog, 0u) << "the earlier release has its per-packet program";
+  auto in = open_session(env->remote_ns, "", env->pod_ip4, 9090);
+  auto before = session_request(*in, "before");
+  EXPECT_NE(before.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << before;
+
+  auto m = env->podsteer({"status"});  // this build opens the state: it upgrades in place
+  ASSERT_EQ(m.rc, 0) << m.out;
+  EXPECT_NE(m.out.find("detached only what this build no longer has: podsteer_remark"), std::string::npos) << m.out;
+  auto st = env->status();
+  for (const auto& l : st["cgroup_links"]) EXPECT_NE(l["program"], "podsteer_remark");
+  EXPECT_TRUE(st["missing_hooks"].empty()) << st;
+  EXPECT_TRUE(st["pods"][0]["missing"].empty()) << st;
+  int left = 0;
+  for (int i = 0; i < 40 && (left = sh("bpftool prog show id " + std::to_string(remark_prog)).rc == 0); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(left) << "the per-packet program is still loaded";
+
+  auto after = session_request(*in, "after");
+  EXPECT_NE(after.value("reply", "").find("got=after"), std::string::npos) << "the open connection broke: " << after;
+  auto c = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(c.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos)
+      << "a new connection must reach the app from the client's address, and its answers the proxy: " << c;
+  EXPECT_EQ(accepts(*proxy), 2);
+}
+
 TEST_F(DatapathTest, UninstallWorksWhenThePinnedStateCannotBeAdopted) {
   auto proxy = env->start_proxy();
   enroll();
