@@ -505,7 +505,8 @@ json lookup_test_run(bool smoke) {
     cfg.hbone_port = PODSTEER_DEFAULT_HBONE_PORT;
     uint32_t zero_key = 0;
     bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_config), &zero_key, &cfg, BPF_ANY);
-    podsteer_pod pod{};
+    podsteer_pod pod{};  // as enroll writes it for a pod without exclusions
+    pod.flags = PODSTEER_POD_NO_OUT_PORTS | PODSTEER_POD_NO_OUT_CIDRS | PODSTEER_POD_NO_IN_PORTS;
     bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_pods), &cookie, &pod, BPF_ANY);
     std::vector<podsteer_counters> zero(libbpf_num_possible_cpus());
     bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_stats), &cookie, zero.data(), BPF_ANY);
