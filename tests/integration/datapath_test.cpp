@@ -767,13 +767,17 @@ namespace {
 // this build gives the proxy's transparent socket the app mark in sock_ops instead. Upgrading
 // in place must take the old program away without breaking an open connection that kept
 // the client's address, and new ones must still reach the app from the client's address.
+// An earlier release's CLI, built by scripts/build-previous.sh; empty (said loudly) if absent.
+std::string earlier_release(const char* path) {
+  if (access(path, X_OK) == 0) return path;
+  fprintf(stderr, "\n*** SKIPPING: no earlier podsteer at %s (scripts/build-previous.sh builds it from git history) ***\n\n",
+          path);
+  return "";
+}
+
 TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAddress) {
-  const std::string old = PREVIOUS_CGROUP_SKB_BIN;
-  if (access(old.c_str(), X_OK) != 0) {
-    fprintf(stderr, "\n*** SKIPPING: no earlier podsteer at %s (scripts/build-previous.sh builds it from git history) ***\n\n",
-            old.c_str());
-    GTEST_SKIP();
-  }
+  const std::string old = earlier_release(PREVIOUS_CGROUP_SKB_BIN);
+  if (old.empty()) GTEST_SKIP();
   auto proxy = env->start_proxy();  // connects to the app from the client's address
   auto app = env->start_server(env->pod_ns, 9090);
   auto r = run({old, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns});
@@ -844,12 +848,8 @@ TEST_F(DatapathTest, UninstallWorksWhenThePinnedStateCannotBeAdopted) {
 namespace {
 
 TEST_F(DatapathTest, MigratesAStateMadeByTheAbi1ReleaseWithoutUncapturingAnyone) {
-  const std::string old = PREVIOUS_ABI1_BIN;
-  if (access(old.c_str(), X_OK) != 0) {
-    fprintf(stderr, "\n*** SKIPPING: no ABI 1 podsteer at %s (scripts/build-previous.sh builds it from git history) ***\n\n",
-            old.c_str());
-    GTEST_SKIP();
-  }
+  const std::string old = earlier_release(PREVIOUS_ABI1_BIN);
+  if (old.empty()) GTEST_SKIP();
   // ABI 1 had no return path for connections from a client's address (issue 8)
   auto proxy = env->start_proxy({"--no-orig-src"});
   auto server = env->start_server(env->remote_ns, 8080);
