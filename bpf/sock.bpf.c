@@ -8,15 +8,14 @@
  *                 the proxy's SO_ORIGINAL_DST, removed when the app's socket closes;
  *                 the proxy listens on its inbound port: remember the listener for
  *                 sk_lookup; the proxy connects from a client's address: remember the tuple
- *                 while that connection lives, so sk_lookup lets it reach the app
+ *                 while that connection lives, so sk_lookup lets it reach the app, and give
+ *                 the socket the app mark before its SYN leaves: tcp_fwmark_accept copies
+ *                 the SYN's mark onto the app's new socket, whose replies then follow the
+ *                 pod's policy rule back to the proxy (Istio: connmark 0x111 on the app's side)
  *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 unless the kernel knows better
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
- *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver
- *                 The proxy's connection to an app in its pod from a client's address gets the
- *                 app mark before its SYN leaves: tcp_fwmark_accept copies the SYN's mark onto
- *                 the app's new socket, whose replies then follow the pod's policy rule back
- *                 to the proxy (Istio: connmark 0x111 on the app's side) */
+ *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver */
 #include <linux/tcp.h>
 #include "common.bpf.h"
 
