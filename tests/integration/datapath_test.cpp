@@ -763,10 +763,6 @@ TEST_F(DatapathTest, UpgradeReplacesProgramsInPlaceWithoutTouchingConnections) {
 
 namespace {
 
-// The release before this one re-marked every ingress packet with a cgroup_skb program;
-// this build gives the proxy's transparent socket the app mark in sock_ops instead. Upgrading
-// in place must take the old program away without breaking an open connection that kept
-// the client's address, and new ones must still reach the app from the client's address.
 // An earlier release's CLI, built by scripts/build-previous.sh; empty (said loudly) if absent.
 std::string earlier_release(const char* path) {
   if (access(path, X_OK) == 0) return path;
@@ -775,6 +771,10 @@ std::string earlier_release(const char* path) {
   return "";
 }
 
+// The release before this one re-marked every ingress packet with a cgroup_skb program;
+// this build gives the proxy's transparent socket the app mark in sock_ops instead. Upgrading
+// in place must take the old program away without breaking an open connection that kept
+// the client's address, and new ones must still reach the app from the client's address.
 TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAddress) {
   const std::string old = earlier_release(PREVIOUS_CGROUP_SKB_BIN);
   if (old.empty()) GTEST_SKIP();
