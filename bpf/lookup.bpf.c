@@ -35,16 +35,28 @@ static __always_inline int is_probe_src6(const __u8 *a)
 	       w[3] == 0xffffffff;
 }
 
-/* The proxy's inbound listener in this pod; a dual-stack AF_INET6 listener serves IPv4 */
-static __always_inline struct bpf_sock *proxy_listener(__u64 cookie, __u16 inbound_port, __u32 family)
+/* Hands the connection to the proxy's inbound listener in this pod; 0 when it did. The
+ * AF_INET6 listener is asked first: ztunnel binds [::], which serves IPv4 clients too, so
+ * the usual case is one lookup. An IPv6-only listener refuses an IPv4 client, and then
+ * an AF_INET one is tried. */
+static __always_inline long assign_listener(struct bpf_sk_lookup *ctx, __u64 cookie, __u16 inbound_port)
 {
-	struct podsteer_listener_key k = {.netns_cookie = cookie, .port = inbound_port, .family = family};
+	struct podsteer_listener_key k = {.netns_cookie = cookie, .port = inbound_port, .family = AF_INET6};
 	struct bpf_sock *sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
-	if (!sk && family == AF_INET) {
-		k.family = AF_INET6;
-		sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
+	long err = -1;
+	if (sk) {
+		err = bpf_sk_assign(ctx, sk, 0);
+		bpf_sk_release(sk);
 	}
-	return sk;
+	if (err && ctx->family == AF_INET) {
+		k.family = AF_INET;
+		sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
+		if (sk) {
+			err = bpf_sk_assign(ctx, sk, 0);
+			bpf_sk_release(sk);
+		}
+	}
+	return err;
 }
 
 SEC("sk_lookup")
@@ -112,17 +124,9 @@ int podsteer_lookup(struct bpf_sk_lookup *ctx)
 		COUNT(c, bypassed);
 		return SK_PASS;
 	}
-	int fail_open = pod->flags & PODSTEER_POD_FAIL_OPEN;
-	struct bpf_sock *sk = proxy_listener(cookie, inbound_port, ctx->family);
-	if (!sk) {
+	if (assign_listener(ctx, cookie, inbound_port)) { /* none, or none that takes this family */
 		COUNT(c, proxy_missing);
-		return fail_open ? SK_PASS : SK_DROP;
-	}
-	long err = bpf_sk_assign(ctx, sk, 0);
-	bpf_sk_release(sk);
-	if (err) { /* e.g. an IPv6-only listener for an IPv4 client */
-		COUNT(c, proxy_missing);
-		return fail_open ? SK_PASS : SK_DROP;
+		return (pod->flags & PODSTEER_POD_FAIL_OPEN) ? SK_PASS : SK_DROP;
 	}
 	COUNT(c, redirected_in);
 	return SK_PASS;

@@ -168,6 +168,20 @@ TEST_F(LookupProgTest, ClientSynGoesToTheProxyListenerV4AndV6) {
   });
 }
 
+TEST_F(LookupProgTest, AnIPv4OnlyProxyTakesIPv4Clients) {
+  in_private_netns([&] {
+    enroll();
+    uint64_t listener = proxy_listener(AF_INET);  // a proxy that binds 0.0.0.0 only
+    auto v4 = run({});
+    EXPECT_EQ(v4.verdict, SK_PASS);
+    EXPECT_EQ(v4.selected, listener);
+    EXPECT_EQ(counters().proxy_missing, 0u);
+    EXPECT_EQ(run({AF_INET6, IPPROTO_TCP, "fd00::1", 40000, "fd00::2", 9090}).verdict, SK_DROP)
+        << "no listener takes IPv6: fail closed";
+    EXPECT_EQ(counters().proxy_missing, 1u);
+  });
+}
+
 TEST_F(LookupProgTest, PodNotEnrolledIsLeftAlone) {
   in_private_netns([&] {
     proxy_listener(AF_INET6);
@@ -196,7 +210,8 @@ TEST_F(LookupProgTest, IPv6OnlyListenerCannotTakeIPv4AndFailsClosed) {
     EXPECT_EQ(run({}).verdict, SK_DROP);
     EXPECT_EQ(counters().proxy_missing, 1u);
     uint64_t v4 = proxy_listener(AF_INET);
-    EXPECT_EQ(run({}).selected, v4) << "a listener of the client's own family is preferred";
+    EXPECT_EQ(run({}).selected, v4) << "the IPv4 listener takes what the IPv6-only one cannot";
+    EXPECT_EQ(counters().proxy_missing, 1u) << "a listener was found: nothing missing the second time";
   });
 }
 
