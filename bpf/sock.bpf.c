@@ -516,10 +516,13 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 	}
 	/* only a socket connect4 sent to a listener of ours can carry an original destination */
 	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
-	if ((rport != cfg_outbound_port && rport != cfg_dns_port) || !bpf_map_lookup_elem(&podsteer_pods, &cookie))
+	if (rport != cfg_outbound_port && rport != cfg_dns_port)
 		return 1;
 	struct podsteer_addr o;
+	/* connect4 stashes only for an enrolled pod: a stash found needs no pod lookup */
 	if (!take_stashed(ops, &o)) {
+		if (!bpf_map_lookup_elem(&podsteer_pods, &cookie))
+			return 1;
 		struct podsteer_addr *so = bpf_sk_storage_get(&podsteer_skorig, sk, 0, 0);
 		if (!so) {
 			/* to the proxy's port with nothing recorded: an app that connected to the
