@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -47,6 +48,7 @@
 
 #include "podsteer_abi.h"
 #include "lookup_cookie.h"
+#include "podsteer_empty.skel.h"
 #include "podsteer_lookup.skel.h"
 #include "wire.h"
 #include "zds.pb.h"
@@ -478,6 +480,56 @@ std::map<std::string, ProgStat> prog_stats(const Setup& s) {
   return out;
 }
 
+// Programs that do nothing, one of each type of podsteer's, attached next to them while
+// bpf_stats runs: the cost bpf_stats reports for a run of a program that does nothing.
+class EmptyProgs {
+ public:
+  explicit EmptyProgs(const Setup& s) {
+    skel_ = podsteer_empty__open_and_load();
+    must(skel_ != nullptr, "load the empty programs");
+    podsteer::Fd cg(open(s.cgroup.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    podsteer::Fd ns(open(s.pod_ns.c_str(), O_RDONLY | O_CLOEXEC));
+    bpf_program* p;
+    bpf_object__for_each_program(p, skel_->obj) {
+      bool lookup = bpf_program__type(p) == BPF_PROG_TYPE_SK_LOOKUP;
+      bpf_link* l = lookup ? bpf_program__attach_netns(p, ns.get()) : bpf_program__attach_cgroup(p, cg.get());
+      must(l != nullptr, std::string("attach ") + bpf_program__name(p));
+      links_.push_back(l);
+    }
+  }
+  ~EmptyProgs() {
+    for (auto* l : links_) bpf_link__destroy(l);
+    podsteer_empty__destroy(skel_);
+  }
+  EmptyProgs(const EmptyProgs&) = delete;
+  EmptyProgs& operator=(const EmptyProgs&) = delete;
+  // by podsteer's program name: "sockops", "connect4", ..., "lookup"
+  std::map<std::string, ProgStat> stats() const {
+    std::map<std::string, ProgStat> out;
+    bpf_program* p;
+    bpf_object__for_each_program(p, skel_->obj) {
+      bpf_prog_info info{};
+      __u32 len = sizeof(info);
+      if (bpf_obj_get_info_by_fd(bpf_program__fd(p), &info, &len) == 0)
+        out[std::string(bpf_program__name(p)).substr(6)] = {info.run_time_ns, info.run_cnt};  // strip "empty_"
+    }
+    return out;
+  }
+
+ private:
+  podsteer_empty* skel_ = nullptr;
+  std::vector<bpf_link*> links_;
+};
+
+// CPU time the machine spent busy (all CPUs, /proc/stat), in ns
+double busy_cpu_ns() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  uint64_t user, nice, sys, idle, iowait, irq, softirq, steal;
+  in >> cpu >> user >> nice >> sys >> idle >> iowait >> irq >> softirq >> steal;
+  return double(user + nice + sys + irq + softirq) * 1e9 / double(sysconf(_SC_CLK_TCK));
+}
+
 // The sk_lookup program alone under BPF_PROG_TEST_RUN, in a netns of its own: a SYN from
 // a remote client handed to a real listener (the selected socket is checked), and a
 // connection the pod makes to itself, which is let through.
@@ -590,6 +642,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "parallel clients");
   app.add_option("--exclusions", exclusions)->delimiter(',');
   app.add_option("--bulk-mb", bulk_mb);
+  double settle = 0.5;
+  app.add_option("--settle", settle, "seconds between a mode switch and a paired slice")->capture_default_str();
   app.add_option("--out-dir", out_dir);
   app.add_flag("--smoke", smoke, "a few seconds in all, to keep the benchmark from rotting; no thresholds");
   app.add_option("--podsteer", s.podsteer)->required();
@@ -601,6 +655,7 @@ int main(int argc, char** argv) {
     threads = 2;
     exclusions = {1, 100};
     bulk_mb = 16;
+    settle = 0.1;
   }
   signal(SIGPIPE, SIG_IGN);
 
@@ -684,14 +739,27 @@ int main(int argc, char** argv) {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
 
   const std::vector<std::string> modes = {"direct", "podsteer", "istio-iptables"};
+  // The i-th of the modes' six orders. Not a rotation: in one, every mode always follows the
+  // same other mode and inherits what that one left (TIME_WAIT sockets holding the ports it
+  // will need, conntrack's flush); over all six, each follows each equally often.
+  auto order = [&](int i) {
+    std::vector<std::string> o = modes;
+    for (int n = 0; n < i % 6; ++n) std::next_permutation(o.begin(), o.end());
+    return o;
+  };
   std::map<std::string, std::map<std::string, std::vector<double>>> m;  // mode -> metric -> rounds
   // direction -> program -> ns_per_run | runs_per_conn | ns_per_conn -> rounds
   std::map<std::string, std::map<std::string, std::map<std::string, std::vector<double>>>> bpf;
   std::map<std::string, std::map<int, std::vector<double>>> scale;       // mode -> exclusions -> conn/s
+  // direction -> cpu_ns_per_conn | bpf_share -> rounds
+  std::map<std::string, std::map<std::string, std::vector<double>>> cpu_share;
+  // direction -> mode -> conn/s, one per slice; slice i of every mode is in the same cycle
+  std::map<std::string, std::map<std::string, std::vector<double>>> paired;
+  const int cycles = smoke ? 1 : 6;
   uint64_t errors = 0;
   for (int round = 0; round < rounds; ++round) {
     for (size_t k = 0; k < modes.size(); ++k) {
-      const std::string& mode = modes[(k + round) % modes.size()];  // rotate the order each round
+      const std::string mode = order(round)[k];  // a copy: order() returns a new vector
       mode_on(s, mode, 0);  // Istio's default: no exclusions (scaling with them: below)
       auto [ip, port] = target(s, mode);
       auto [in_ip, in_port] = inbound_target(s, mode);
@@ -705,17 +773,31 @@ int main(int argc, char** argv) {
       if (mode == "podsteer") {
         // program costs in runs of their own: bpf_stats timing must not slow the rates above
         sh("sysctl -qw kernel.bpf_stats_enabled=1");
+        EmptyProgs empty(s);
         for (bool in : {false, true}) {
           auto before = prog_stats(s);
+          auto empty_before = empty.stats();
+          double cpu_before = busy_cpu_ns();
           auto r = in ? load_in(s.srv_ns, "", "short", in_ip, in_port, seconds / 2, threads, 0)
                       : load_in_pod(s, "short", ip, port, seconds / 2, threads, 0);
+          double cpu_ns = busy_cpu_ns() - cpu_before;
+          auto empty_after = empty.stats();
+          const char* dir = in ? "inbound" : "outbound";
+          double bpf_ns = 0;
           for (const auto& [name, st] : prog_stats(s)) {
             auto b = before[name];
             if (st.cnt <= b.cnt || r.count == 0) continue;
-            auto& d = bpf[in ? "inbound" : "outbound"][name];
+            auto& d = bpf[dir][name];
             d["ns_per_run"].push_back(double(st.ns - b.ns) / double(st.cnt - b.cnt));
             d["runs_per_conn"].push_back(double(st.cnt - b.cnt) / double(r.count));
             d["ns_per_conn"].push_back(double(st.ns - b.ns) / double(r.count));
+            bpf_ns += double(st.ns - b.ns);
+            auto e = empty_after[name], eb = empty_before[name];
+            if (e.cnt > eb.cnt) d["empty_ns_per_run"].push_back(double(e.ns - eb.ns) / double(e.cnt - eb.cnt));
+          }
+          if (r.count > 0 && cpu_ns > 0) {
+            cpu_share[dir]["cpu_ns_per_conn"].push_back(cpu_ns / double(r.count));
+            cpu_share[dir]["bpf_share"].push_back(bpf_ns / cpu_ns);
           }
         }
         sh("sysctl -qw kernel.bpf_stats_enabled=0");
@@ -733,6 +815,25 @@ int main(int argc, char** argv) {
               round + 1, mode.c_str(), shortr.conn_per_sec, inbound.conn_per_sec, rr.p50_us, rr.p99_us, bulk.gbit_per_sec,
               (unsigned long)(shortr.errors + inbound.errors + rr.errors + bulk.errors));
     }
+    // Short slices back to back, the three modes in turn (each of their six orders in turn): the
+    // rates above are measured up to a minute apart, with floods and bulk transfers between,
+    // and the machine's own drift over that time is wider than the differences sought.
+    for (int c = 0; c < cycles; ++c)
+      for (size_t k = 0; k < modes.size(); ++k) {
+        const std::string mode = order(round * cycles + c)[k];
+        mode_on(s, mode, 0);
+        // the work a switch leaves behind (enroll's program load, RCU callbacks, iptables'
+        // table swap) must not land in the slice: every mode waits the same
+        std::this_thread::sleep_for(std::chrono::duration<double>(settle));
+        auto [ip, port] = target(s, mode);
+        auto [in_ip, in_port] = inbound_target(s, mode);
+        auto out = load_in_pod(s, "short", ip, port, seconds / 2, threads, 0);
+        auto in = load_in(s.srv_ns, "", "short", in_ip, in_port, seconds / 2, threads, 0);
+        mode_off(s, mode);
+        errors += out.errors + in.errors;
+        paired["outbound"][mode].push_back(out.conn_per_sec);
+        paired["inbound"][mode].push_back(in.conn_per_sec);
+      }
     for (int n : exclusions) {
       for (const std::string mode : {"podsteer", "istio-iptables"}) {
         mode_on(s, mode, n);
@@ -758,6 +859,8 @@ int main(int argc, char** argv) {
   j["errors"] = errors;
   j["modes"] = m;
   j["bpf_per_program"] = bpf;
+  j["bpf_share_of_cpu"] = cpu_share;
+  j["paired_slices_conn_per_sec"] = paired;
   j["lookup_prog_test_run"] = lookup;
   json js;
   for (const auto& [mode, byn] : scale)
@@ -768,7 +871,7 @@ int main(int argc, char** argv) {
   auto med = [&](const std::string& mode, const std::string& metric) { return median(m[mode][metric]); };
   std::string md;
   md += "# podsteer benchmark results\n\n";
-  md += fmt::format("Machine: {}. {} round(s), modes interleaved (order rotated each round), {} s per measurement, "
+  md += fmt::format("Machine: {}. {} round(s), modes interleaved (a different order of the three each round), {} s per measurement, "
                     "{} parallel clients; the same podsteer-proxy in the pod netns in every mode. Errors: {}.\n"
                     "Generated by `scripts/bench.sh`; values are medians with (min-max) over rounds.\n\n",
                     j["machine"].get<std::string>(), rounds, seconds, threads, errors);
@@ -802,18 +905,84 @@ int main(int argc, char** argv) {
   for (int n : exclusions)
     md += fmt::format("| {} | {} | {} | {:.2f}x |\n", n, spread(scale["podsteer"][n]), spread(scale["istio-iptables"][n]),
                       median(scale["podsteer"][n]) / median(scale["istio-iptables"][n]));
-  std::map<std::string, double> total_ns;
+  // Paired slices: per cycle, podsteer / direct and the share of Istio's overhead removed
+  struct Paired {
+    std::vector<double> ratio, share;  // podsteer / direct and the share removed, one per cycle
+    double sum_ratio = 0, istio_ratio = 0, removed = 0;
+  };
+  std::map<std::string, Paired> pr;
+  for (const char* dir : {"outbound", "inbound"}) {
+    auto& d = paired[dir]["direct"];
+    auto& p = paired[dir]["podsteer"];
+    auto& i = paired[dir]["istio-iptables"];
+    double sd = 0, sp = 0, si = 0;
+    for (size_t c = 0; c < d.size() && c < p.size() && c < i.size(); ++c) {
+      if (d[c] > 0) pr[dir].ratio.push_back(p[c] / d[c]);
+      if (d[c] > i[c]) pr[dir].share.push_back((p[c] - i[c]) / (d[c] - i[c]));
+      sd += d[c], sp += p[c], si += i[c];
+    }
+    pr[dir].sum_ratio = sd > 0 ? sp / sd : 0;
+    pr[dir].istio_ratio = sd > 0 ? si / sd : 0;
+    pr[dir].removed = sd > si ? (sp - si) / (sd - si) : 0;
+  }
+  // The 95 % confidence interval of the median of v, from order statistics (the binomial
+  // distribution, normal approximation): needs no assumption about the noise's shape.
+  auto median_ci = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    double n = double(v.size()), h = 0.98 * std::sqrt(n);
+    size_t lo = size_t(std::max(0.0, std::floor(n / 2 - h))), hi = size_t(std::min(n - 1, std::ceil(n / 2 + h)));
+    return std::pair<double, double>{v[lo], v[hi]};
+  };
+  // met when the whole interval clears the goal, not met when none of it does; else the
+  // machine's noise is wider than the margin and the run shows neither
+  auto judged = [&](const std::vector<double>& v, double goal) {
+    if (v.size() < 6) return fmt::format("not shown: {} cycle(s) are too few for an interval", v.size());
+    auto [lo, hi] = median_ci(v);
+    if (lo >= goal) return std::string("met");
+    if (hi < goal) return std::string("**not met**");
+    return fmt::format("not shown: the median's 95 % interval, {:.3f}-{:.3f}, holds the goal", lo, hi);
+  };
+  auto quartiles = [](std::vector<double> v) {
+    if (v.empty()) return std::string("-");
+    std::sort(v.begin(), v.end());
+    return fmt::format("{:.3f} ({:.3f}-{:.3f})", v[v.size() / 2], v[v.size() / 4], v[(v.size() * 3) / 4]);
+  };
+  md += fmt::format("\n## Short connections in paired slices\n\n{} cycles of {} s slices, the three modes back to back in each "
+                    "(each of the six orders equally often), outbound then inbound in each slice. Drift of the machine over a cycle is small; over "
+                    "a round, with floods and bulk transfers between the modes, it is not.\n\n"
+                    "| direction | podsteer / direct per cycle, median (quartiles) | podsteer / direct, all cycles | "
+                    "istio / direct, all cycles | share of Istio's overhead removed, all cycles |\n|---|---|---|---|---|\n",
+                    pr["outbound"].ratio.size(), seconds / 2);
+  for (const char* dir : {"outbound", "inbound"})
+    md += fmt::format("| {} | {} | {:.3f} | {:.3f} | {:.2f} |\n", dir, quartiles(pr[dir].ratio), pr[dir].sum_ratio,
+                      pr[dir].istio_ratio, pr[dir].removed);
+
+  std::map<std::string, double> total_ns, empty_ns;
   for (const char* dir : {"outbound", "inbound"}) {
     md += fmt::format("\n## BPF work per {} short connection (kernel.bpf_stats_enabled, in runs of their own; every "
-                      "program that runs for it, both ends)\n\n| program | ns per run | runs per connection | ns per connection |\n"
-                      "|---|---|---|---|\n",
+                      "program that runs for it, both ends)\n\nNext to each program, for the same runs, one of its type "
+                      "that does nothing: what bpf_stats reports for it is the cost of a run itself, which no change to "
+                      "podsteer's code removes.\n\n"
+                      "| program | ns per run | empty program, ns per run | runs per connection | ns per connection | "
+                      "above an empty program, ns per connection |\n|---|---|---|---|---|---|\n",
                       dir);
     for (auto& [name, d] : bpf[dir]) {
-      md += fmt::format("| {} | {} | {} | {} |\n", name, spread(d["ns_per_run"]), spread(d["runs_per_conn"], 1),
-                        spread(d["ns_per_conn"]));
+      double runs = median(d["runs_per_conn"]), e = median(d["empty_ns_per_run"]);
+      md += fmt::format("| {} | {} | {} | {} | {} | {:.0f} |\n", name, spread(d["ns_per_run"]), spread(d["empty_ns_per_run"]),
+                        spread(d["runs_per_conn"], 1), spread(d["ns_per_conn"]), median(d["ns_per_conn"]) - e * runs);
       total_ns[dir] += median(d["ns_per_conn"]);
+      empty_ns[dir] += e * runs;
     }
-    md += fmt::format("| **all** | | | **{:.0f}** |\n", total_ns[dir]);
+    md += fmt::format("| **all** | | | | **{:.0f}** | **{:.0f}** |\n", total_ns[dir], total_ns[dir] - empty_ns[dir]);
+    auto& c = cpu_share[dir];
+    md += fmt::format("\nThe machine's busy CPU time per connection in the same runs: {:.0f} us; podsteer's programs took "
+                      "{:.1f} % of it ({}).\n",
+                      median(c["cpu_ns_per_conn"]) / 1000, median(c["bpf_share"]) * 100,
+                      [&] {
+                        std::vector<double> pct;
+                        for (double x : c["bpf_share"]) pct.push_back(x * 100);
+                        return spread(pct, 1) + " % over rounds";
+                      }());
   }
   md += fmt::format("\nThe sk_lookup program alone under BPF_PROG_TEST_RUN: {} ns for a client's SYN handed to the proxy's "
                     "listener (selected it: {}), {} ns for a connection the pod makes to itself. It runs only when a "
@@ -826,23 +995,30 @@ int main(int argc, char** argv) {
     return median(bpf["outbound"][name]["ns_per_run"]);
   };
   auto met = [](bool ok) { return ok ? "met" : "**not met**"; };
-  md += "\n## Goals (issue 13)\n\nA ratio above 1.0 is noise (podsteer cannot beat no redirection): on this 2-CPU machine the "
-        "client, the proxy and the server share two cores, and the round-to-round spread (above) is wider than the "
-        "differences between modes.\n\n| measure | goal | measured | |\n|---|---|---|---|\n";
-  md += fmt::format("| short connections, podsteer / direct (outbound) | >= 0.97 | {:.3f} | {} |\n",
-                    ratio("conn_per_sec", "podsteer", "direct"), met(ratio("conn_per_sec", "podsteer", "direct") >= 0.97));
-  md += fmt::format("| share of Istio's overhead removed (outbound) | >= 0.9 | {:.2f} | {} |\n", removed("conn_per_sec"),
-                    met(removed("conn_per_sec") >= 0.9));
-  md += fmt::format("| inbound, client's address kept: podsteer / direct | >= 0.97 | {:.3f} | {} |\n",
-                    ratio("in_conn_per_sec", "podsteer", "direct"), met(ratio("in_conn_per_sec", "podsteer", "direct") >= 0.97));
-  md += fmt::format("| inbound: share of Istio's overhead removed | >= 0.9 | {:.2f} | {} |\n", removed("in_conn_per_sec"),
-                    met(removed("in_conn_per_sec") >= 0.9));
+  md += "\n## Goals (issue 13)\n\nThe rates are judged on the paired slices, cycle by cycle: met when the 95 % confidence "
+        "interval of the median over cycles clears the goal, not met when it lies wholly below it, and otherwise not "
+        "shown either way. On this 2-CPU machine the client, the proxy and the server share two cores, and the "
+        "machine's own noise can be wider than a goal's margin; a ratio above 1.0 can only be noise (podsteer cannot "
+        "beat no redirection).\n\n| measure | goal | measured | |\n|---|---|---|---|\n";
+  // judged on the paired slices, per cycle; the medians of the rounds are shown beside them
+  for (const char* dir : {"outbound", "inbound"}) {
+    bool in = std::string(dir) == "inbound";
+    const char* metric = in ? "in_conn_per_sec" : "conn_per_sec";
+    md += fmt::format("| {}, podsteer / direct | >= 0.97 | paired: median {:.3f}, all cycles {:.3f}; rounds {:.3f} | {} |\n",
+                      in ? "inbound short connections, client's address kept" : "outbound short connections",
+                      median(pr[dir].ratio), pr[dir].sum_ratio, ratio(metric, "podsteer", "direct"),
+                      judged(pr[dir].ratio, 0.97));
+    md += fmt::format("| {}: share of Istio's overhead removed | >= 0.9 | paired: median {:.2f}, all cycles {:.2f}; rounds {:.2f} | {} |\n",
+                      dir, median(pr[dir].share), pr[dir].removed, removed(metric), judged(pr[dir].share, 0.9));
+  }
   md += fmt::format("| connect4 / sockops / getsockopt / getpeername per run | <= 200 / 100 / 100 / 100 ns | {:.0f} / {:.0f} / {:.0f} / {:.0f} | {} |\n",
                     per_run("connect4"), per_run("sockops"), per_run("getsockopt"), per_run("getpeername"),
                     met(per_run("connect4") <= 200 && per_run("sockops") <= 100 && per_run("getsockopt") <= 100 &&
                         per_run("getpeername") <= 100));
-  md += fmt::format("| all BPF work of one short connection, both ends | <= 2000 ns | outbound {:.0f}, inbound {:.0f} | {} |\n",
-                    total_ns["outbound"], total_ns["inbound"], met(total_ns["outbound"] <= 2000 && total_ns["inbound"] <= 2000));
+  md += fmt::format("| all BPF work of one short connection, both ends | <= 2000 ns | outbound {:.0f}, inbound {:.0f} (an empty "
+                    "program in each of the same runs: {:.0f}, {:.0f}) | {} |\n",
+                    total_ns["outbound"], total_ns["inbound"], empty_ns["outbound"], empty_ns["inbound"],
+                    met(total_ns["outbound"] <= 2000 && total_ns["inbound"] <= 2000));
   md += fmt::format("| sk_lookup (replaces the TC program) per SYN | <= 150 ns | {} ns (test_run) | {} |\n",
                     lookup.value("syn_from_client_ns", 0), met(lookup.value("syn_from_client_ns", 0) <= 150));
   md += "| per ordinary packet | <= 60 ns | 0 ns: no program runs for packets of established connections | met |\n";
