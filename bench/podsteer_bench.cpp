@@ -442,12 +442,20 @@ struct ProgStat {
   uint64_t ns = 0, cnt = 0;
 };
 
+// bpf_stats' totals for one program; false if the kernel would not say
+bool read_prog_stat(int prog_fd, ProgStat& st) {
+  bpf_prog_info info{};
+  __u32 len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) != 0) return false;
+  st = {info.run_time_ns, info.run_cnt};
+  return true;
+}
+
 std::map<std::string, ProgStat> prog_stats(const Setup& s) {
   std::map<std::string, ProgStat> out;
   auto read = [&](int fd, const std::string& name) {
-    bpf_prog_info info{};
-    __u32 len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) out[name] = {info.run_time_ns, info.run_cnt};
+    ProgStat st;
+    if (read_prog_stat(fd, st)) out[name] = st;
   };
   for (const auto& e : fs::directory_iterator(s.state_dir + "/links")) {
     int fd = bpf_obj_get(e.path().c_str());
@@ -508,10 +516,8 @@ class EmptyProgs {
     std::map<std::string, ProgStat> out;
     bpf_program* p;
     bpf_object__for_each_program(p, skel_->obj) {
-      bpf_prog_info info{};
-      __u32 len = sizeof(info);
-      if (bpf_obj_get_info_by_fd(bpf_program__fd(p), &info, &len) == 0)
-        out[std::string(bpf_program__name(p)).substr(6)] = {info.run_time_ns, info.run_cnt};  // strip "empty_"
+      ProgStat st;
+      if (read_prog_stat(bpf_program__fd(p), st)) out[std::string(bpf_program__name(p)).substr(6)] = st;  // strip "empty_"
     }
     return out;
   }
