@@ -644,9 +644,6 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk || sk->type != SOCK_STREAM)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
-	if (!bpf_map_lookup_elem(&podsteer_pods, &cookie))
-		return 1;
-
 	struct podsteer_origdst_key k = {
 		.netns_cookie = cookie,
 		.peer_port = bpf_ntohs((__be16)sk->dst_port),
@@ -686,10 +683,13 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	int len;
 	/* Only a connection accepted on a listener's own port can have an entry (connect4
 	 * rewrote its destination); an inbound one keeps its original destination as its
-	 * local address, and needs no lookup. */
+	 * local address, and needs no lookup. An entry is made only for an enrolled pod's
+	 * socket, so finding one needs no pod lookup: that is for the other answer. */
 	struct podsteer_addr *o = NULL;
 	if (k.local_port == cfg_outbound_port || k.local_port == cfg_dns_port)
 		o = bpf_map_lookup_elem(&podsteer_orig, &k);
+	if (!o && !bpf_map_lookup_elem(&podsteer_pods, &cookie))
+		return 1;
 	if (o)
 		len = put_sockaddr(ctx, o->addr, o->port);
 	else /* not an outbound redirect: like conntrack, the original destination is the

@@ -538,6 +538,48 @@ TEST_F(DatapathTest, SoOriginalDstDefersToARealRedirectButNotToConntrackAlone) {
       << "the kernel's answer for a connection iptables redirected stands";
 }
 
+// getsockopt answers SO_ORIGINAL_DST only in an enrolled pod: there, for a connection it
+// did not redirect, with the local address as conntrack would; elsewhere the kernel's own
+// answer stands (no conntrack here: an error). Both of the program's exits that use no
+// entry: a listener port that has entries (15001) and one that never has (15006).
+TEST_F(DatapathTest, SoOriginalDstIsAnsweredOnlyInAnEnrolledPod) {
+  auto proxy = env->start_proxy();
+  enroll();
+  // the proxy refuses a call to itself; what getsockopt told it is in its newest accept
+  auto event_for = [&](int port) {
+    auto is_it = [&](const json& j) {
+      return j.value("event", "") == "accept" && j.value("local", "") == env->pod_ip4 + ":" + std::to_string(port);
+    };
+    auto seen = [&] {
+      std::vector<json> out;
+      for (const auto& j : proxy->lines())
+        if (is_it(j)) out.push_back(j);
+      return out;
+    };
+    size_t before = seen().size();
+    env->pod_connect(env->pod_ip4, port);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (;;) {
+      auto now = seen();
+      if (now.size() > before) return now.back();
+      if (std::chrono::steady_clock::now() > deadline) return json();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  };
+  for (int port : {15001, 15006}) {
+    auto ev = event_for(port);
+    ASSERT_FALSE(ev.is_null()) << port;
+    EXPECT_EQ(ev.value("orig_dst", ""), env->pod_ip4 + ":" + std::to_string(port)) << ev;
+  }
+  ASSERT_EQ(env->podsteer({"unenroll", "--netns", env->pod_ns}).rc, 0);
+  for (int port : {15001, 15006}) {
+    auto ev = event_for(port);
+    ASSERT_FALSE(ev.is_null()) << port;
+    EXPECT_FALSE(ev.contains("orig_dst")) << "unenrolled, the kernel answers: " << ev;
+    EXPECT_TRUE(ev.contains("orig_dst_error")) << ev;
+  }
+}
+
 TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
   // A long run through one pod: every entry goes when its connection closes (nothing
   // ages out of an LRU), and each proxy lookup finds its own connection's destination.
