@@ -50,6 +50,7 @@
 #include "lookup_cookie.h"
 #include "podsteer_empty.skel.h"
 #include "podsteer_lookup.skel.h"
+#include "podsteer_tuplemap.skel.h"
 #include "wire.h"
 #include "zds.pb.h"
 
@@ -605,6 +606,50 @@ json lookup_test_run(bool smoke) {
   return out;
 }
 
+// What preallocating the tuple map would save: podsteer_orig's insert and delete of one
+// connection, as podsteer has the map and preallocated, under BPF_PROG_TEST_RUN with a few
+// entries live (this bench's load) and with 50,000 (a busy node). Alternated, five times
+// each; the kernel's memory for each map (bytes_memlock, from fdinfo) at that many entries.
+uint64_t map_memlock(int fd) {
+  std::ifstream in("/proc/self/fdinfo/" + std::to_string(fd));
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("memlock:", 0) == 0) return std::stoull(line.substr(8));
+  return 0;
+}
+
+json tuple_map_test_run(bool smoke) {
+  json out = json::array();
+  const int repeat = smoke ? 1000 : 500000, reps = smoke ? 1 : 5;
+  for (uint32_t live : {64u, 50000u}) {
+    std::map<std::string, std::vector<double>> ns;
+    std::map<std::string, uint64_t> memlock;
+    for (int rep = 0; rep < reps; ++rep) {
+      for (bool prealloc : {rep % 2 == 0, rep % 2 != 0}) {
+        auto* skel = podsteer_tuplemap__open_and_load();
+        if (!skel) return json{{"error", "load"}};
+        auto* prog = prealloc ? skel->progs.tuple_prealloc_conn : skel->progs.tuple_noprealloc_conn;
+        auto* map = prealloc ? skel->maps.tuple_prealloc : skel->maps.tuple_noprealloc;
+        std::string name = prealloc ? "preallocated" : "as podsteer has it";
+        char pkt[64] = {};
+        skel->data->live = live;
+        skel->bss->fill = 1;
+        LIBBPF_OPTS(bpf_test_run_opts, f, .data_in = pkt, .data_size_in = sizeof(pkt), .repeat = static_cast<int>(live));
+        bpf_prog_test_run_opts(bpf_program__fd(prog), &f);
+        skel->bss->fill = 0;
+        LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = pkt, .data_size_in = sizeof(pkt), .repeat = repeat);
+        if (bpf_prog_test_run_opts(bpf_program__fd(prog), &o) == 0) ns[name].push_back(o.duration);
+        memlock[name] = map_memlock(bpf_map__fd(map));
+        podsteer_tuplemap__destroy(skel);
+      }
+    }
+    json row = {{"live_entries", live}};
+    for (const auto& [name, v] : ns) row[name] = {{"ns_per_connection", v}, {"bytes_memlock", memlock[name]}};
+    out.push_back(row);
+  }
+  return out;
+}
+
 // ---- report ----
 
 double median(std::vector<double> v) {
@@ -853,6 +898,7 @@ int main(int argc, char** argv) {
     }
   }
   json lookup = lookup_test_run(smoke);
+  json tuple_map = tuple_map_test_run(smoke);
   cleanup();
 
   // ---- write results ----
@@ -868,6 +914,7 @@ int main(int argc, char** argv) {
   j["bpf_share_of_cpu"] = cpu_share;
   j["paired_slices_conn_per_sec"] = paired;
   j["lookup_prog_test_run"] = lookup;
+  j["tuple_map_test_run"] = tuple_map;
   json js;
   for (const auto& [mode, byn] : scale)
     for (const auto& [n, v] : byn) js[mode][std::to_string(n)] = v;
@@ -995,6 +1042,22 @@ int main(int argc, char** argv) {
                     "packet matches no connection: packets of existing connections cost it nothing.\n",
                     lookup.value("syn_from_client_ns", 0), lookup.value("syn_selected_the_listener", false),
                     lookup.value("connection_to_itself_ns", 0));
+  md += "\nThe tuple map's insert and delete for one connection (podsteer_orig's types and size) under "
+        "BPF_PROG_TEST_RUN, median of the runs, as podsteer has it and preallocated; the kernel's memory for the map "
+        "(bytes_memlock) at that many entries:\n\n| entries live | as podsteer has it | preallocated | ratio | memory, as "
+        "podsteer has it | memory, preallocated |\n|---|---|---|---|---|---|\n";
+  for (const auto& row : tuple_map) {
+    if (!row.contains("live_entries")) continue;
+    auto ns_of = [&](const char* k) {
+      std::vector<double> v;
+      for (const auto& x : row[k]["ns_per_connection"]) v.push_back(x.get<double>());
+      return median(v);
+    };
+    double a = ns_of("as podsteer has it"), b = ns_of("preallocated");
+    md += fmt::format("| {} | {:.0f} ns | {:.0f} ns | {:.2f} | {:.1f} MiB | {:.1f} MiB |\n", row["live_entries"].get<uint32_t>(),
+                      a, b, a > 0 ? b / a : 0, row["as podsteer has it"]["bytes_memlock"].get<double>() / 1048576,
+                      row["preallocated"]["bytes_memlock"].get<double>() / 1048576);
+  }
   auto per_run = [&](const std::string& name) {
     if (name == "getpeername")  // the app's socket may be IPv4 or dual stack: whichever ran
       return std::max(median(bpf["outbound"]["getpeername4"]["ns_per_run"]), median(bpf["outbound"]["getpeername6"]["ns_per_run"]));
