@@ -42,6 +42,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -68,6 +69,7 @@ struct Setup {
   pid_t app_pid = -1;
   std::string podsteer, proxy_bin;
   pid_t server_pid = -1, proxy_pid = -1;
+  double settle = 0.5;  // seconds every mode waits after its switch, before it is measured
 };
 
 int sh(const std::string& cmd) {
@@ -76,13 +78,53 @@ int sh(const std::string& cmd) {
 }
 
 std::function<void()> g_cleanup;  // set once there is something to clean up
+std::once_flag g_cleaned;
+
+// Once, whoever gets there first (a failed step, the signal thread below, the end of the
+// run); a second caller waits until the first is done.
+void clean_up() {
+  std::call_once(g_cleaned, [] {
+    if (g_cleanup) g_cleanup();
+  });
+}
 
 void must(bool ok, const std::string& what) {
   if (!ok) {
     fprintf(stderr, "bench: %s failed\n", what.c_str());
-    if (g_cleanup) g_cleanup();
+    clean_up();
     exit(1);
   }
+}
+
+// SIGINT and SIGTERM clean up too: a bench stopped by hand would otherwise leave its netns,
+// cgroups and pinned programs behind. The handler only writes to a pipe; a thread of the
+// bench's own runs the cleanup. A forked child (a load, the flooder) just exits.
+pid_t g_main_pid = 0;
+int g_signal_pipe[2] = {-1, -1};
+
+void on_stop_signal(int sig) {
+  if (getpid() != g_main_pid) _exit(128 + sig);
+  char c = static_cast<char>(sig);
+  (void)!write(g_signal_pipe[1], &c, 1);
+}
+
+void clean_up_on_signals() {
+  g_main_pid = getpid();
+  must(pipe2(g_signal_pipe, O_CLOEXEC) == 0, "signal pipe");
+  std::thread([] {
+    char sig = 0;
+    while (read(g_signal_pipe[0], &sig, 1) != 1) {
+    }
+    fprintf(stderr, "bench: stopped by signal %d, cleaning up\n", sig);
+    clean_up();
+    _exit(128 + sig);
+  }).detach();
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
 }
 
 std::string cg2_root() {
@@ -408,6 +450,9 @@ void mode_on(const Setup& s, const std::string& mode, int exclusions) {
             "ip route add local 0.0.0.0/0 dev lo table 100") == 0,
          "istio fwmark route");
   }
+  // the work a switch leaves behind (enroll's program load, RCU callbacks, iptables' table
+  // swap) must not land in a measurement: every mode, direct too, waits the same
+  std::this_thread::sleep_for(std::chrono::duration<double>(s.settle));
 }
 
 void mode_off(const Setup& s, const std::string& mode) {
@@ -693,8 +738,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "parallel clients");
   app.add_option("--exclusions", exclusions)->delimiter(',');
   app.add_option("--bulk-mb", bulk_mb);
-  double settle = 0.5;
-  app.add_option("--settle", settle, "seconds between a mode switch and a paired slice")->capture_default_str();
+  app.add_option("--settle", s.settle, "seconds every mode waits after its switch, before it is measured")
+      ->capture_default_str();
   app.add_option("--out-dir", out_dir);
   app.add_flag("--smoke", smoke, "a few seconds in all, to keep the benchmark from rotting; no thresholds");
   app.add_option("--podsteer", s.podsteer)->required();
@@ -706,7 +751,7 @@ int main(int argc, char** argv) {
     threads = 2;
     exclusions = {1, 100};
     bulk_mb = 16;
-    settle = 0.1;
+    s.settle = 0.1;
   }
   signal(SIGPIPE, SIG_IGN);
 
@@ -732,6 +777,7 @@ int main(int argc, char** argv) {
     fs::remove_all(s.dir);
   };
   g_cleanup = cleanup;
+  clean_up_on_signals();
   must(sh(fmt::format("ip netns add {P} && ip netns add {S} && ip -n {P} link add eth0 type veth peer name eth0 netns {S} && "
                       "ip -n {P} addr add {pi}/24 dev eth0 && ip -n {S} addr add {si}/24 dev eth0 && "
                       "ip -n {P} link set eth0 up && ip -n {S} link set eth0 up && ip -n {P} link set lo up && ip -n {S} link set lo up",
@@ -873,9 +919,6 @@ int main(int argc, char** argv) {
       for (size_t k = 0; k < modes.size(); ++k) {
         const std::string mode = order(round * cycles + c)[k];
         mode_on(s, mode, 0);
-        // the work a switch leaves behind (enroll's program load, RCU callbacks, iptables'
-        // table swap) must not land in the slice: every mode waits the same
-        std::this_thread::sleep_for(std::chrono::duration<double>(settle));
         auto [ip, port] = target(s, mode);
         auto [in_ip, in_port] = inbound_target(s, mode);
         auto out = load_in_pod(s, "short", ip, port, seconds / 2, threads, 0);
@@ -899,7 +942,7 @@ int main(int argc, char** argv) {
   }
   json lookup = lookup_test_run(smoke);
   json tuple_map = tuple_map_test_run(smoke);
-  cleanup();
+  clean_up();
 
   // ---- write results ----
   fs::create_directories(out_dir);
