@@ -31,10 +31,10 @@ using namespace detail;
 namespace {
 
 struct PodV1 {
-  uint64_t cookie;
+  uint64_t cookie = 0;
   podsteer_pod entry{};
   podsteer_pod_meta_v1 meta{};
-  PodOptions opts;
+  PodOptions opts{};
 };
 
 Result<std::vector<PodV1>> read_v1_pods(const std::string& state_dir) {
@@ -52,7 +52,8 @@ Result<std::vector<PodV1>> read_v1_pods(const std::string& state_dir) {
   auto cidr_keys = cidrs->keys();
   std::vector<PodV1> out;
   for (auto cookie : *keys) {
-    PodV1 p{cookie};
+    PodV1 p;
+    p.cookie = cookie;
     auto m = meta->lookup(cookie);
     auto e = pods->lookup(cookie);
     if (!m || !m->has_value() || !e || !e->has_value()) continue;  // half-removed: nothing to carry over
