@@ -163,8 +163,13 @@ class Datapath {
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
   void erase_connections(uint64_t cookie);
-  Result<PodStatus> status_of(uint64_t cookie, Detail detail, const std::vector<podsteer_port_key>& ports,
-                              const std::vector<podsteer_cidr_key>& cidrs);
+  // Every pod's exclusion keys, read once for a listing (none unless detail is Full)
+  struct ExclusionKeys {
+    std::vector<podsteer_port_key> ports;
+    std::vector<podsteer_cidr_key> cidrs;
+  };
+  Result<ExclusionKeys> exclusion_keys(Detail detail);
+  Result<PodStatus> status_of(uint64_t cookie, Detail detail, const ExclusionKeys& keys);
 
   std::string state_dir_;
   podsteer_config config_{};

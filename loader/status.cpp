@@ -29,8 +29,7 @@ std::vector<std::string> PodStatus::missing() const {
   return out;
 }
 
-Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const std::vector<podsteer_port_key>& ports,
-                                      const std::vector<podsteer_cidr_key>& cidrs) {
+Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const ExclusionKeys& keys) {
   PodStatus s;
   s.cookie = cookie;
   if (auto e = pods_->lookup(cookie); e && e->has_value()) {
@@ -58,14 +57,14 @@ Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const std:
     }
   }
   s.inbound = inbound_status(cookie, cookie_now);
-  for (const auto& k : ports) {
+  for (const auto& k : keys.ports) {
     if (k.netns_cookie != cookie) continue;
     (k.direction == PODSTEER_DIR_INBOUND ? s.excluded_inbound_ports : s.excluded_outbound_ports).push_back(k.port);
   }
   std::sort(s.excluded_inbound_ports.begin(), s.excluded_inbound_ports.end());
   std::sort(s.excluded_outbound_ports.begin(), s.excluded_outbound_ports.end());
   uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
-  for (const auto& k : cidrs) {
+  for (const auto& k : keys.cidrs) {
     if (k.netns_cookie_hi != hi || k.netns_cookie_lo != lo) continue;
     unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
     in6_addr a6;
@@ -96,37 +95,33 @@ Result<std::vector<PodStatus>> Datapath::pods(Detail detail) {
   if (!b) return b.error();
   cookies.insert(a->begin(), a->end());
   cookies.insert(b->begin(), b->end());
-  std::vector<podsteer_port_key> ports;
-  std::vector<podsteer_cidr_key> cidrs;
-  if (detail == Detail::Full) {
-    auto p = ports_->keys();
-    if (!p) return p.error();
-    ports = std::move(*p);
-    auto c = cidrs_->keys();
-    if (!c) return c.error();
-    cidrs = std::move(*c);
-  }
+  auto keys = exclusion_keys(detail);
+  if (!keys) return keys.error();
   std::vector<PodStatus> out;
   for (auto cookie : cookies) {
-    auto s = status_of(cookie, detail, ports, cidrs);
+    auto s = status_of(cookie, detail, *keys);
     if (!s) return s.error();
     out.push_back(std::move(*s));
   }
   return out;
 }
 
+Result<Datapath::ExclusionKeys> Datapath::exclusion_keys(Detail detail) {
+  ExclusionKeys keys;
+  if (detail != Detail::Full) return keys;
+  auto p = ports_->keys();
+  if (!p) return p.error();
+  keys.ports = std::move(*p);
+  auto c = cidrs_->keys();
+  if (!c) return c.error();
+  keys.cidrs = std::move(*c);
+  return keys;
+}
+
 Result<PodStatus> Datapath::pod(uint64_t cookie, Detail detail) {
-  std::vector<podsteer_port_key> ports;
-  std::vector<podsteer_cidr_key> cidrs;
-  if (detail == Detail::Full) {
-    auto p = ports_->keys();
-    if (!p) return p.error();
-    ports = std::move(*p);
-    auto c = cidrs_->keys();
-    if (!c) return c.error();
-    cidrs = std::move(*c);
-  }
-  return status_of(cookie, detail, ports, cidrs);
+  auto keys = exclusion_keys(detail);
+  if (!keys) return keys.error();
+  return status_of(cookie, detail, *keys);
 }
 
 }  // namespace podsteer
