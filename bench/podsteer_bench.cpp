@@ -499,38 +499,24 @@ bool read_prog_stat(int prog_fd, ProgStat& st) {
 
 std::map<std::string, ProgStat> prog_stats(const Setup& s) {
   std::map<std::string, ProgStat> out;
-  auto read = [&](int fd, const std::string& name) {
-    ProgStat st;
-    if (read_prog_stat(fd, st)) out[name] = st;
+  // the program behind a pinned link, under name
+  auto read_link = [&](const fs::path& pin, const std::string& name) {
+    int fd = bpf_obj_get(pin.c_str());
+    bpf_link_info li{};
+    __u32 len = sizeof(li);
+    if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &li, &len) == 0) {
+      int pfd = bpf_prog_get_fd_by_id(li.prog_id);
+      ProgStat st;
+      if (pfd >= 0 && read_prog_stat(pfd, st)) out[name] = st;
+      if (pfd >= 0) close(pfd);
+    }
+    if (fd >= 0) close(fd);
   };
-  for (const auto& e : fs::directory_iterator(s.state_dir + "/links")) {
-    int fd = bpf_obj_get(e.path().c_str());
-    bpf_link_info li{};
-    __u32 len = sizeof(li);
-    if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &li, &len) == 0) {
-      int pfd = bpf_prog_get_fd_by_id(li.prog_id);
-      if (pfd >= 0) {
-        read(pfd, e.path().filename().string().substr(9));  // strip "podsteer_"
-        close(pfd);
-      }
-    }
-    if (fd >= 0) close(fd);
-  }
+  for (const auto& e : fs::directory_iterator(s.state_dir + "/links"))
+    read_link(e.path(), e.path().filename().string().substr(9));  // strip "podsteer_"
   // the pod's sk_lookup instance
-  for (const auto& e : fs::recursive_directory_iterator(s.state_dir + "/pods")) {
-    if (e.path().filename() != "inbound") continue;
-    int fd = bpf_obj_get(e.path().c_str());
-    bpf_link_info li{};
-    __u32 len = sizeof(li);
-    if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &li, &len) == 0) {
-      int pfd = bpf_prog_get_fd_by_id(li.prog_id);
-      if (pfd >= 0) {
-        read(pfd, "lookup");
-        close(pfd);
-      }
-    }
-    if (fd >= 0) close(fd);
-  }
+  for (const auto& e : fs::recursive_directory_iterator(s.state_dir + "/pods"))
+    if (e.path().filename() == "inbound") read_link(e.path(), "lookup");
   return out;
 }
 

@@ -137,6 +137,16 @@ static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *targ
 	return 1;
 }
 
+/* ::1 */
+static __always_inline void set_loopback6(__u8 *a)
+{
+	__u32 *w = (__u32 *)a;
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = 0;
+	w[3] = bpf_htonl(1);
+}
+
 /* The outbound listener address in this pod: its own address, else loopback. */
 static __always_inline void outbound_target(const struct podsteer_pod *pod, int want_v4,
 					    __u8 *target)
@@ -147,26 +157,17 @@ static __always_inline void outbound_target(const struct podsteer_pod *pod, int 
 	} else if (pod->flags & PODSTEER_POD_HAS_IP6) {
 		__builtin_memcpy(target, pod->ip6, 16);
 	} else {
-		__u32 *w = (__u32 *)target;
-		w[0] = 0;
-		w[1] = 0;
-		w[2] = 0;
-		w[3] = bpf_htonl(1);
+		set_loopback6(target);
 	}
 }
 
 /* The DNS listener: 127.0.0.1, or [::1] for an IPv6 resolver (ztunnel listens on both) */
 static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
 {
-	if (is_mapped_v4(resolver)) {
+	if (is_mapped_v4(resolver))
 		map_v4(target, bpf_htonl(0x7f000001));
-	} else {
-		__u32 *w = (__u32 *)target;
-		w[0] = 0;
-		w[1] = 0;
-		w[2] = 0;
-		w[3] = bpf_htonl(1);
-	}
+	else
+		set_loopback6(target);
 }
 
 /* Shared by connect4/connect6/sendmsg4/sendmsg6. addr16 is the destination, v4-mapped
