@@ -1,12 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The tuple map's per-connection work, insert then delete, on the same key and value
- * types and size as podsteer_orig: once as podsteer has it (BPF_F_NO_PREALLOC, memory
- * per live entry), once preallocated (every entry's memory at creation). The benchmark
- * runs each under BPF_PROG_TEST_RUN with `live` entries kept in the map, to show what
- * preallocating would save before anyone changes a pinned map for it. */
+/* The tuple map's per-connection work, an insert and later a delete, on the same key and
+ * value types and size as podsteer_orig: once preallocated, as podsteer makes it, once
+ * with BPF_F_NO_PREALLOC (memory per live entry), as builds before it did. The benchmark
+ * runs the inserts and deletes under BPF_PROG_TEST_RUN in batches, on one CPU, and with
+ * the deletes on another CPU, as a connection's close may be handled on another CPU than
+ * its connect(). */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "podsteer_abi.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct podsteer_origdst_key);
+	__type(value, struct podsteer_addr);
+} tuple_prealloc SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -16,16 +24,8 @@ struct {
 	__type(value, struct podsteer_addr);
 } tuple_noprealloc SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct podsteer_origdst_key);
-	__type(value, struct podsteer_addr);
-} tuple_prealloc SEC(".maps");
-
-__u64 next_conn = 0; /* connection number, counts up across runs */
-__u32 live = 64;     /* entries kept: run n deletes the entry of run n - live */
-__u32 fill = 0;      /* nonzero: only insert (to bring the map to `live` entries) */
+/* connections made and closed so far; only one CPU runs each kind at a time */
+__u64 next_insert = 0, next_delete = 0;
 
 /* connection n of a node: pods by netns cookie, each one's ephemeral ports */
 static __always_inline void conn_key(struct podsteer_origdst_key *k, __u64 n)
@@ -39,24 +39,31 @@ static __always_inline void conn_key(struct podsteer_origdst_key *k, __u64 n)
 	k->local_port = 15001;
 }
 
-static __always_inline int one_connection(void *map)
+static __always_inline int insert(void *map)
 {
-	__u64 n = __sync_fetch_and_add(&next_conn, 1);
 	struct podsteer_origdst_key k;
 	struct podsteer_addr v = {.port = 0x5000, .family = 2};
-	conn_key(&k, n);
-	bpf_map_update_elem(map, &k, &v, BPF_ANY);
-	if (!fill && n >= live) {
-		conn_key(&k, n - live);
-		bpf_map_delete_elem(map, &k);
-	}
-	return 0;
+	conn_key(&k, next_insert++);
+	return bpf_map_update_elem(map, &k, &v, BPF_ANY) ? 1 : 0;
+}
+
+static __always_inline int delete(void *map)
+{
+	struct podsteer_origdst_key k;
+	conn_key(&k, next_delete++);
+	return bpf_map_delete_elem(map, &k) ? 1 : 0;
 }
 
 SEC("tc")
-int tuple_noprealloc_conn(struct __sk_buff *skb) { return one_connection(&tuple_noprealloc); }
+int prealloc_insert(struct __sk_buff *skb) { return insert(&tuple_prealloc); }
 
 SEC("tc")
-int tuple_prealloc_conn(struct __sk_buff *skb) { return one_connection(&tuple_prealloc); }
+int prealloc_delete(struct __sk_buff *skb) { return delete(&tuple_prealloc); }
+
+SEC("tc")
+int noprealloc_insert(struct __sk_buff *skb) { return insert(&tuple_noprealloc); }
+
+SEC("tc")
+int noprealloc_delete(struct __sk_buff *skb) { return delete(&tuple_noprealloc); }
 
 char LICENSE[] SEC("license") = "GPL";

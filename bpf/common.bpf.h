@@ -77,11 +77,16 @@ struct {
 } podsteer_stats SEC(".maps");
 
 /* A plain hash, not an LRU: an entry lives exactly as long as its connection, and a full
- * table is counted rather than making room by evicting a live connection's entry. */
+ * table is counted rather than making room by evicting a live connection's entry.
+ * Preallocated, as podsteer_transit is: a connection's entry is made on the CPU that runs
+ * connect() and removed on whichever one handles its close, and a map that allocates per
+ * entry (BPF_F_NO_PREALLOC) then refills one CPU's cache while the other's overflows:
+ * insert and delete cost 2-3x more (bench/tuplemap.bpf.c). The price is the memory of
+ * every entry up front (bench/RESULTS.md). A map pinned by an earlier build keeps its
+ * flags (loader: pin_maps_under). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct podsteer_origdst_key);
 	__type(value, struct podsteer_addr);
 } podsteer_orig SEC(".maps");
@@ -119,7 +124,6 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct podsteer_tuple_key);
 	__type(value, __u8);
 } podsteer_transit SEC(".maps");

@@ -70,7 +70,24 @@ void detail::pin_maps_under(bpf_object* obj, const std::string& maps_dir) {
   bpf_map* m;
   bpf_object__for_each_map(m, obj) {
     if (bpf_map__is_internal(m)) continue;  // .rodata is per object, not shared
-    bpf_map__set_pin_path(m, join(maps_dir, bpf_map__name(m)).c_str());
+    std::string pin = join(maps_dir, bpf_map__name(m));
+    bpf_map__set_pin_path(m, pin.c_str());
+    // A pinned map keeps the memory model it was made with: the tuple maps of an earlier
+    // build are not preallocated, and an entry cannot move between the two without a
+    // moment in which a live connection's is in neither. libbpf reuses a pin only when
+    // the flags match, so this object's definition follows the pin; a reinstall
+    // preallocates. Any other difference still refuses the pin.
+    int fd = bpf_obj_get(pin.c_str());
+    if (fd < 0) continue;
+    bpf_map_info info{};
+    __u32 len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0 &&
+        (info.map_flags ^ bpf_map__map_flags(m)) == BPF_F_NO_PREALLOC) {
+      spdlog::debug("{}: kept as pinned, {}preallocated", bpf_map__name(m),
+                    info.map_flags & BPF_F_NO_PREALLOC ? "not " : "");
+      bpf_map__set_map_flags(m, info.map_flags);
+    }
+    close(fd);
   }
 }
 

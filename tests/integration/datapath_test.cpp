@@ -817,11 +817,29 @@ std::string earlier_release(const char* path) {
 // this build gives the proxy's transparent socket the app mark in sock_ops instead. Upgrading
 // in place must take the old program away without breaking an open connection that kept
 // the client's address, and new ones must still reach the app from the client's address.
+// The flags a pinned map was made with (BPF_F_NO_PREALLOC: entries allocated one by one)
+uint32_t pinned_map_flags(const std::string& state_dir, const std::string& name) {
+  int fd = bpf_obj_get((state_dir + "/maps/" + name).c_str());
+  if (fd < 0) return ~0u;
+  bpf_map_info info{};
+  __u32 len = sizeof(info);
+  uint32_t flags = bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.map_flags : ~0u;
+  close(fd);
+  return flags;
+}
+
+TEST_F(DatapathTest, TupleMapsArePreallocated) {
+  enroll();
+  for (const char* m : {"podsteer_orig", "podsteer_transit"})
+    EXPECT_EQ(pinned_map_flags(env->state_dir, m), 0u) << m;
+}
+
 TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAddress) {
   const std::string old = earlier_release(PREVIOUS_CGROUP_SKB_BIN);
   if (old.empty()) GTEST_SKIP();
   auto proxy = env->start_proxy();  // connects to the app from the client's address
   auto app = env->start_server(env->pod_ns, 9090);
+  auto server = env->start_server(env->remote_ns, 8080);
   auto r = run({old, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "enroll", "--netns", env->pod_ns});
   ASSERT_EQ(r.rc, 0) << r.out;
   unsigned remark_prog = 0;  // asked of the earlier release: this build's status would upgrade first
@@ -834,8 +852,22 @@ TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAd
   auto before = session_request(*in, "before");
   EXPECT_NE(before.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << before;
 
+  // that release made its tuple maps without preallocation; the upgrade keeps them
+  for (const char* name : {"podsteer_orig", "podsteer_transit"})
+    ASSERT_EQ(pinned_map_flags(env->state_dir, name), uint32_t(BPF_F_NO_PREALLOC)) << name;
+  auto out = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
+  ASSERT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+
   auto m = env->podsteer({"status"});  // this build opens the state: it upgrades in place
   ASSERT_EQ(m.rc, 0) << m.out;
+  for (const char* name : {"podsteer_orig", "podsteer_transit"})
+    EXPECT_EQ(pinned_map_flags(env->state_dir, name), uint32_t(BPF_F_NO_PREALLOC)) << name << ": the same map, kept";
+  // the outbound connection made before lives on, and so does its entry
+  EXPECT_NE(session_request(*out, "after").value("reply", "").find("got=after"), std::string::npos);
+  auto d = env->podsteer({"dump", "orig"});
+  EXPECT_EQ(d.out.find("(0 entries)"), std::string::npos) << d.out.substr(0, 400);
+  auto c_out = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_EQ(c_out.value("peer", ""), env->remote_ip4 + ":8080") << c_out;
   EXPECT_NE(m.out.find("detached only what this build no longer has: podsteer_remark"), std::string::npos) << m.out;
   auto st = env->status();
   for (const auto& l : st["cgroup_links"]) EXPECT_NE(l["program"], "podsteer_remark");
@@ -851,7 +883,7 @@ TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAd
   auto c = env->remote_connect(env->pod_ip4, 9090);
   EXPECT_NE(c.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos)
       << "a new connection must reach the app from the client's address, and its answers the proxy: " << c;
-  EXPECT_EQ(accepts(*proxy), 2);
+  EXPECT_EQ(accepts(*proxy), 4);  // inbound before and after, outbound before and after
 }
 
 TEST_F(DatapathTest, UninstallWorksWhenThePinnedStateCannotBeAdopted) {
