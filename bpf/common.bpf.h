@@ -115,6 +115,13 @@ struct {
 } podsteer_events SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct podsteer_full);
+} podsteer_full SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 8192);
 	__type(key, struct podsteer_listener_key);

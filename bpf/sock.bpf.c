@@ -474,6 +474,19 @@ static __always_inline int take_stashed(struct bpf_sock_ops *ops, struct podstee
 	return c.found;
 }
 
+/* An entry that did not fit (its table full: the only way an update of these fails) */
+static __always_inline void count_full(int orig)
+{
+	__u32 zero = 0;
+	struct podsteer_full *f = bpf_map_lookup_elem(&podsteer_full, &zero);
+	if (!f)
+		return;
+	if (orig)
+		f->orig++;
+	else
+		f->transit++;
+}
+
 static __always_inline int on_listen(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
 	/* Every proxy listener on the inbound port, enrolled netns or not: the proxy may
@@ -511,7 +524,8 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		int mark = (int)((sk->mark & ~cfg_proxy_mark_mask) | (cfg_app_mark & cfg_proxy_mark_mask));
 		bpf_setsockopt(ops, SOL_SOCKET_LEVEL, SO_MARK_OPT, &mark, sizeof(mark));
 		__u8 one = 1;
-		bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY);
+		if (bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY))
+			count_full(0);
 		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
 	}
@@ -538,7 +552,8 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 	}
 	struct podsteer_origdst_key k;
 	orig_key(ops, cookie, &k);
-	bpf_map_update_elem(&podsteer_orig, &k, &o, BPF_ANY);
+	if (bpf_map_update_elem(&podsteer_orig, &k, &o, BPF_ANY))
+		count_full(1);
 	/* for the entry's removal at close, and to count a listener that was missing */
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;

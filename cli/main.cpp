@@ -99,7 +99,9 @@ int cmd_status(Datapath& dp, bool as_json) {
     out["cgroup_links"] = jl;
     out["missing_hooks"] = dp.missing_hooks();
     auto ev = dp.events();
-    out["events"] = {{"stash_migrated", ev.stash_migrated}, {"stash_missing", ev.stash_missing}};
+    auto full = dp.full();
+    out["events"] = {{"stash_migrated", ev.stash_migrated}, {"stash_missing", ev.stash_missing},
+                     {"orig_full", full.orig},            {"transit_full", full.transit}};
     json jp = json::array();
     for (const auto& p : *pods) jp.push_back(pod_json(p));
     out["pods"] = jp;
@@ -110,6 +112,10 @@ int cmd_status(Datapath& dp, bool as_json) {
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
   auto ev = dp.events();
   fmt::print("connect4 -> sock_ops handoffs found on another CPU {}, missing {}\n", ev.stash_migrated, ev.stash_missing);
+  if (auto full = dp.full(); full.orig || full.transit)
+    fmt::print("TABLES FULL: {} outbound connection(s) got no podsteer_orig entry (the proxy refuses them), {} inbound "
+               "no podsteer_transit entry (they came back to the proxy)\n",
+               full.orig, full.transit);
   if (auto gone = dp.missing_hooks(); !gone.empty())
     fmt::print("socket hooks NOT ATTACHED: {} (podsteer-agent puts them back within a second)\n",
                fmt::join(gone, ", "));

@@ -125,6 +125,8 @@ class Datapath {
   Result<std::vector<CgroupLink>> cgroup_links();
   // Node-wide datapath events, summed over CPUs (zeros for a state without the map yet).
   podsteer_events events() const;
+  // Connections whose entry did not fit in a full table, summed over CPUs
+  podsteer_full full() const;
   // Is the install this object adopted still the one pinned (not uninstalled or replaced)?
   Status check_installed() const { return still_installed(); }
   // Socket hooks whose link is gone or detached from the hook cgroup.

@@ -128,17 +128,34 @@ Result<PodStatus> Datapath::pod(uint64_t cookie, Detail detail) {
 
 namespace podsteer {
 
-podsteer_events Datapath::events() const {
-  podsteer_events sum{};
-  auto m = PercpuMap<__u32, podsteer_events>::open(map_pin(state_dir_, "podsteer_events"));
+namespace {
+
+// The one entry of a per-CPU array, summed over the CPUs; zeros if the map is not there
+template <typename T, typename Add>
+T sum_over_cpus(const std::string& pin, Add add) {
+  T sum{};
+  auto m = PercpuMap<__u32, T>::open(pin);
   if (!m) return sum;
   auto row = m->lookup(0);
   if (row && row->has_value())
-    for (const auto& cpu : **row) {
-      sum.stash_migrated += cpu.stash_migrated;
-      sum.stash_missing += cpu.stash_missing;
-    }
+    for (const auto& cpu : **row) add(sum, cpu);
   return sum;
+}
+
+}  // namespace
+
+podsteer_events Datapath::events() const {
+  return sum_over_cpus<podsteer_events>(map_pin(state_dir_, "podsteer_events"), [](auto& sum, const auto& cpu) {
+    sum.stash_migrated += cpu.stash_migrated;
+    sum.stash_missing += cpu.stash_missing;
+  });
+}
+
+podsteer_full Datapath::full() const {
+  return sum_over_cpus<podsteer_full>(map_pin(state_dir_, "podsteer_full"), [](auto& sum, const auto& cpu) {
+    sum.orig += cpu.orig;
+    sum.transit += cpu.transit;
+  });
 }
 
 }  // namespace podsteer

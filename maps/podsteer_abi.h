@@ -139,6 +139,16 @@ struct podsteer_events {
 	                         migrated task's stash overwritten before sock_ops took it */
 };
 
+/* podsteer_full (per-CPU, one entry): connections whose entry did not fit, their table
+ * full. A map of its own, not fields of podsteer_events: a state pinned by an earlier
+ * build keeps its podsteer_events and gains this map at the upgrade. */
+struct podsteer_full {
+	__u64 orig;    /* podsteer_orig: the proxy will not learn where the app connected (it is
+	                  told its own listener's address, and refuses the call) */
+	__u64 transit; /* podsteer_transit: the proxy's connection from a client's address looks
+	                  like a client's own to sk_lookup, and comes back to the proxy */
+};
+
 /* podsteer_orig: the proxy's accepted outbound connection -> original destination.
  * Keyed by the accepted socket's peer (the application's local address and port) and
  * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves,

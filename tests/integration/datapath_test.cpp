@@ -580,6 +580,47 @@ TEST_F(DatapathTest, SoOriginalDstIsAnsweredOnlyInAnEnrolledPod) {
   }
 }
 
+// A full podsteer_orig (262,144 live outbound connections on the node) is counted, and the
+// connection that did not fit fails closed: the proxy is told its own listener's address.
+// Room again, connections go through again.
+TEST_F(DatapathTest, AFullTupleTableIsCountedAndFailsClosed) {
+  auto proxy = env->start_proxy();
+  auto server = env->start_server(env->remote_ns, 8080);
+  enroll();
+  int fd = bpf_obj_get((env->state_dir + "/maps/podsteer_orig").c_str());
+  ASSERT_GE(fd, 0);
+  bpf_map_info info{};
+  __u32 len = sizeof(info);
+  ASSERT_EQ(bpf_obj_get_info_by_fd(fd, &info, &len), 0);
+  std::vector<podsteer_origdst_key> keys(info.max_entries);
+  std::vector<podsteer_addr> values(info.max_entries);
+  for (uint32_t i = 0; i < info.max_entries; ++i) {
+    keys[i].netns_cookie = 1;  // no netns has cookie 1: these entries are no one's
+    memcpy(keys[i].peer_addr, &i, sizeof(i));
+    keys[i].local_port = 15001;
+  }
+  __u32 count = info.max_entries;
+  ASSERT_EQ(bpf_map_update_batch(fd, keys.data(), values.data(), &count, nullptr), 0) << strerror(errno);
+  ASSERT_EQ(count, info.max_entries);
+  auto c = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_EQ(c.value("reply", "").find("got=hello"), std::string::npos) << "no entry, yet it went through: " << c;
+  auto refused = proxy->wait_for([&](const json& j) { return j.value("error", "") == "call to the proxy itself"; });
+  EXPECT_FALSE(refused.is_null()) << "the proxy should have been told its own address";
+  auto ev = env->status()["events"];
+  EXPECT_EQ(ev.value("orig_full", 0ull), 1u) << ev;
+  EXPECT_EQ(ev.value("transit_full", 0ull), 0u) << ev;
+  EXPECT_NE(env->podsteer({"status"}).out.find("TABLES FULL: 1 outbound"), std::string::npos);
+
+  count = 1000;
+  ASSERT_EQ(bpf_map_delete_batch(fd, keys.data(), &count, nullptr), 0) << strerror(errno);
+  auto again = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(again.value("reply", "").find("got=hello"), std::string::npos) << again;
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+  count = info.max_entries - 1000;
+  bpf_map_delete_batch(fd, keys.data() + 1000, &count, nullptr);
+  close(fd);
+}
+
 TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
   // A long run through one pod: every entry goes when its connection closes (nothing
   // ages out of an LRU), and each proxy lookup finds its own connection's destination.

@@ -29,6 +29,7 @@ static_assert(sizeof(podsteer_conn_slot) == 32);
 static_assert(sizeof(podsteer_conn_ring) == 4 * 32 + 8);
 static_assert(offsetof(podsteer_conn_ring, next) == 128);
 static_assert(sizeof(podsteer_events) == 16);
+static_assert(sizeof(podsteer_full) == 16);
 static_assert(offsetof(podsteer_port_key, port) == 8);
 static_assert(offsetof(podsteer_port_key, direction) == 10);
 static_assert(sizeof(podsteer_cidr_key) == 28);
