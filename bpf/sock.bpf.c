@@ -8,7 +8,8 @@
  *                 the proxy's SO_ORIGINAL_DST, removed when the app's socket closes;
  *                 the proxy listens on its inbound port: remember the listener for
  *                 sk_lookup; the proxy connects from a client's address: remember the tuple
- *                 while that connection lives, so sk_lookup lets it reach the app, and give
+ *                 until the app's side has the connection, so sk_lookup lets it reach the
+ *                 app, and give
  *                 the socket the app mark before its SYN leaves: tcp_fwmark_accept copies
  *                 the SYN's mark onto the app's new socket, whose replies then follow the
  *                 pod's policy rule back to the proxy (Istio: connmark 0x111 on the app's side)
@@ -571,11 +572,13 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 	int by_proxy = marked_by_proxy(sk->mark);
 	if (by_proxy || (sk->mark & cfg_proxy_mark_mask) == (cfg_app_mark & cfg_proxy_mark_mask)) {
 		/* The proxy's connection from a client's address (on_connect gave it the app mark;
-		 * one made before that build still has the proxy's). Its entry goes now, not when
-		 * the SYN is answered: with SYN cookies the app's side keeps no request socket, so
-		 * the completing ACK goes through sk_lookup again. The tuple cannot come from
-		 * anyone else while this socket holds it. An app socket that carries the app mark
-		 * of its own has no transit entry, and goes on to its podsteer_orig entry. */
+		 * one made before that build still has the proxy's). Its entry went when the app's
+		 * side completed the handshake (on_passive_established), not when the SYN was
+		 * answered: with SYN cookies the app's side keeps no request socket, so the
+		 * completing ACK goes through sk_lookup again. If the handshake never completed
+		 * there, it goes now. The tuple cannot come from anyone else while this socket
+		 * holds it. An app socket that carries the app mark of its own has no transit
+		 * entry, and goes on to its podsteer_orig entry. */
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
 		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0 || by_proxy)
@@ -592,11 +595,31 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 	return 1;
 }
 
+/* An app's socket accepted from the proxy's connection from a client's address (it carries
+ * the app mark that connection's SYN had: tcp_fwmark_accept): the handshake is complete on
+ * the app's side, and sk_lookup will not be asked about this tuple again while the
+ * connection lives, so its transit entry goes now rather than at the proxy's close. The
+ * table then holds handshakes in flight, not live connections. (The proxy's close still
+ * deletes, for a handshake that never completed here.) */
+static __always_inline int on_passive_established(struct bpf_sock_ops *ops, struct bpf_sock *sk)
+{
+	if ((sk->mark & cfg_proxy_mark_mask) != (cfg_app_mark & cfg_proxy_mark_mask))
+		return 1;
+	/* the app is the local side here, the client's address the remote */
+	struct podsteer_tuple_key t = {.netns_cookie = bpf_get_netns_cookie(ops)};
+	sockops_addrs(ops, t.dst_addr, t.src_addr);
+	t.dst_port = (__u16)ops->local_port;
+	t.src_port = (__u16)bpf_ntohl(ops->remote_port);
+	bpf_map_delete_elem(&podsteer_transit, &t);
+	return 1;
+}
+
 SEC("sockops")
 int podsteer_sockops(struct bpf_sock_ops *ops)
 {
 	__u32 op = ops->op;
-	if (op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB)
+	if (op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
@@ -605,6 +628,8 @@ int podsteer_sockops(struct bpf_sock_ops *ops)
 		return on_state(ops, sk);
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return on_connect(ops, sk);
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return on_passive_established(ops, sk);
 	return marked_by_proxy(sk->mark) ? on_listen(ops, sk) : 1;
 }
 

@@ -621,6 +621,32 @@ TEST_F(DatapathTest, AFullTupleTableIsCountedAndFailsClosed) {
   close(fd);
 }
 
+// The proxy's connection from a client's address needs its podsteer_transit entry only
+// until the app's side has the connection: the entry is gone while the connection lives,
+// so the table is bounded by handshakes in flight, not by live inbound connections. Also
+// when the app's side answers with SYN cookies, whose completing ACK needs the entry.
+TEST_F(DatapathTest, TransitEntriesLastOnlyForTheHandshake) {
+  auto proxy = env->start_proxy();
+  auto app = env->start_server(env->pod_ns, 9090);
+  enroll();
+  auto transit_entries = [&] { return env->podsteer({"dump", "transit"}).out; };
+  for (bool cookies : {false, true}) {
+    SCOPED_TRACE(cookies ? "with SYN cookies" : "without SYN cookies");
+    if (cookies) {
+      ASSERT_EQ(sh("nsenter --net=" + env->pod_ns + " sysctl -qw net.ipv4.tcp_syncookies=2").rc, 0);
+    }
+    auto in = open_session(env->remote_ns, "", env->pod_ip4, 9090);
+    auto r = session_request(*in, "held");
+    ASSERT_NE(r.value("reply", "").find("got=held"), std::string::npos) << r;
+    EXPECT_NE(r.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << r;
+    auto d = transit_entries();
+    EXPECT_NE(d.find("(0 entries)"), std::string::npos) << "the connection is open, its handshake done: " << d.substr(0, 400);
+    EXPECT_NE(session_request(*in, "still").value("reply", "").find("got=still"), std::string::npos);
+  }
+  auto sent = sh("nsenter --net=" + env->pod_ns + " nstat -az TcpExtSyncookiesRecv | awk '/Syncookies/ {print $2}'").out;
+  EXPECT_GT(atoi(sent.c_str()), 0) << "the app's side never took a cookie: " << sent;
+}
+
 TEST_F(DatapathTest, OriginalDestinationsLeaveNoEntriesBehindAndNeverMixUp) {
   // A long run through one pod: every entry goes when its connection closes (nothing
   // ages out of an LRU), and each proxy lookup finds its own connection's destination.
