@@ -584,6 +584,11 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0 || by_proxy)
 			return 1;
 	}
+	/* only an app socket connect4 sent to a listener of ours has a podsteer_orig entry (the
+	 * proxy's connection whose transit entry went at the handshake does not) */
+	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
+	if (rport != cfg_outbound_port && rport != cfg_dns_port)
+		return 1;
 	if (from == TCP_SYN_SENT_STATE) {
 		/* the connect never got past SYN_SENT: nothing listened */
 		struct podsteer_counters *c = pod_counters(cookie);
