@@ -571,7 +571,11 @@ double busy_cpu_ns() {
 // The sk_lookup program alone under BPF_PROG_TEST_RUN, in a netns of its own: a SYN from
 // a remote client handed to a real listener (the selected socket is checked), and a
 // connection the pod makes to itself, which is let through.
-double median(std::vector<double> v);  // (report, below)
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 json lookup_test_run(bool smoke) {
   json out;
@@ -719,12 +723,6 @@ json tuple_map_test_run(bool smoke) {
 }
 
 // ---- report ----
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 std::string spread(const std::vector<double>& v, int prec = 0) {
   if (v.empty()) return "-";

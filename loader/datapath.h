@@ -192,8 +192,7 @@ bool is_abi1_state(const std::string& state_dir);
 // Identifies this build's BPF programs (a hash of the objects it embeds).
 uint64_t programs_id();
 
-// Names of the maps, for dump and uninstall.
-const std::vector<std::string>& map_names();
+// A map's pin in a state dir
 std::string map_pin(const std::string& state_dir, const std::string& name);
 
 podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c);

@@ -57,13 +57,6 @@ using SockSkel = Skeleton<podsteer_sock, podsteer_sock__open, podsteer_sock__loa
 
 }  // namespace
 
-const std::vector<std::string>& map_names() {
-  static const std::vector<std::string> names = {
-      "podsteer_pods", "podsteer_meta",   "podsteer_ports",     "podsteer_cidrs",   "podsteer_stats",
-      "podsteer_orig", "podsteer_skorig", "podsteer_listeners", "podsteer_transit", "podsteer_config"};
-  return names;
-}
-
 std::string map_pin(const std::string& state_dir, const std::string& name) { return join(join(state_dir, "maps"), name); }
 
 void detail::pin_maps_under(bpf_object* obj, const std::string& maps_dir) {
