@@ -142,6 +142,19 @@ struct {
 	__type(value, struct podsteer_config);
 } podsteer_config SEC(".maps");
 
+/* Connections the node itself opened to a pod (kubelet probes: their socket exists in the
+ * node's netns), found by the pod's TC ingress program at their SYN -> the SYN's time
+ * (ktime ns). The pod's sk_lookup program leaves such a connection to the app for
+ * PODSTEER_NODE_CONN_TTL_NS. An LRU: a probe to a closed port never completes, and no
+ * entry must outlive its use for long; the time check, not eviction, keeps a stale entry
+ * from exempting a later connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct podsteer_tuple_key);
+	__type(value, __u64);
+} podsteer_node SEC(".maps");
+
 static __always_inline struct podsteer_counters *pod_counters(__u64 cookie)
 {
 	return bpf_map_lookup_elem(&podsteer_stats, &cookie);

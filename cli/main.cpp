@@ -31,6 +31,7 @@ std::string flags_text(uint32_t f) {
   auto add = [&](const char* w) { s += s.empty() ? w : std::string(",") + w; };
   if (f & PODSTEER_POD_DNS) add("dns");
   add((f & PODSTEER_POD_FAIL_OPEN) ? "fail-open" : "fail-closed");
+  if (f & PODSTEER_POD_NO_INBOUND) add("outbound-only");
   return s;
 }
 
@@ -40,6 +41,14 @@ json return_path_json(const PodStatus& p) {
           {"route4", rp.route4}, {"route6", rp.route6},
           {"ipv6", rp.ipv6},     {"tcp_fwmark_accept", rp.fwmark_accept},
           {"made_by_podsteer", p.meta.netns_setup}};
+}
+
+json node_in_json(const InboundStatus& in) {
+  json hooks = json::array();
+  for (const auto& h : in.node_in)
+    hooks.push_back({{"ifindex", h.ifindex}, {"mode", h.mode}, {h.mode == "tcx" ? "link_id" : "prog_id", h.id},
+                     {"priority", h.prio}, {"attached", h.attached}});
+  return hooks;
 }
 
 json pod_json(const PodStatus& p) {
@@ -55,11 +64,13 @@ json pod_json(const PodStatus& p) {
        {{"sk_lookup_link_id", p.inbound.link_id},
         {"sk_lookup_prog_id", p.inbound.prog_id},
         {"attached", p.inbound.attached},
-        {"proxy_listening", p.inbound.proxy_listening}}},
+        {"proxy_listening", p.inbound.proxy_listening},
+        {"tc_ingress", node_in_json(p.inbound)}}},
       {"return_path", return_path_json(p)},
       {"missing", p.missing()},
       {"dns", bool(p.entry.flags & PODSTEER_POD_DNS)},
       {"fail_open", bool(p.entry.flags & PODSTEER_POD_FAIL_OPEN)},
+      {"bypass_inbound", bool(p.entry.flags & PODSTEER_POD_NO_INBOUND)},
       {"addresses", p.addresses},
       {"excluded_inbound_ports", p.excluded_inbound_ports},
       {"excluded_outbound_ports", p.excluded_outbound_ports},
@@ -134,6 +145,12 @@ int cmd_status(Datapath& dp, bool as_json) {
     fmt::print("    addresses {}  {}\n", json(p.addresses).dump(), flags_text(p.entry.flags));
     fmt::print("    inbound: sk_lookup link {} attached {}  proxy listening {}\n", p.inbound.link_id,
                yes_no(p.inbound.attached), yes_no(p.inbound.proxy_listening));
+    std::string hooks;
+    for (const auto& h : p.inbound.node_in)
+      hooks += fmt::format(" ifindex {} {} {} attached {}", h.ifindex, h.mode,
+                           h.mode == "tcx" ? fmt::format("link {}", h.id) : fmt::format("prio {:#x} prog {}", h.prio, h.id),
+                           yes_no(h.attached));
+    fmt::print("    node-opened connections (tc ingress):{}\n", hooks.empty() ? " none" : hooks);
     const auto& rp = p.return_path;
     fmt::print("    return path: rule v4 {} v6 {}  local route v4 {} v6 {}  tcp_fwmark_accept={}\n", yes_no(rp.rule4),
                rp.ipv6 ? yes_no(rp.rule6) : "-", yes_no(rp.route4), rp.ipv6 ? yes_no(rp.route6) : "-", rp.fwmark_accept);
@@ -241,6 +258,15 @@ int cmd_dump(Datapath& dp, const std::string& which) {
                   {"from", fmt::format("{}:{}", format_ip16(k.src_addr), k.src_port)}};
     });
   }
+  if (want("node")) {
+    any = true;
+    rc |= dump_map<podsteer_tuple_key, __u64>(sd, "podsteer_node", [](const podsteer_tuple_key& k, const __u64& syn_ns) {
+      return json{{"netns_cookie", k.netns_cookie},
+                  {"app", fmt::format("{}:{}", format_ip16(k.dst_addr), k.dst_port)},
+                  {"from_node", fmt::format("{}:{}", format_ip16(k.src_addr), k.src_port)},
+                  {"syn_ktime_ns", syn_ns}};
+    });
+  }
   if (want("netns")) {
     // not a map: what enroll made in each pod's netns (ip rule / ip route / sysctl)
     any = true;
@@ -297,6 +323,9 @@ int main(int argc, char** argv) {
   NodeConfig node;
   bool verbose = false;
   app.add_option("--state-dir", state_dir, "bpffs directory of our pins")->capture_default_str();
+  app.add_option("--node-netns", node.node_netns,
+                 "the node's netns: connections whose socket exists there (kubelet probes) reach the app "
+                 "(default: this command's own)");
   app.add_option("--hook-cgroup", node.hook_cgroup,
                  "cgroup v2 directory for the socket hooks (default: kubepods cgroup if present, else the cgroup2 "
                  "root); taken when the state dir is created, remembered after");
@@ -315,7 +344,7 @@ int main(int argc, char** argv) {
 
   auto* enroll = app.add_subcommand("enroll", "capture a pod's traffic");
   std::string netns, pod, in_ports, out_ports, out_cidrs;
-  bool dns = false, fail_open = false;
+  bool dns = false, fail_open = false, bypass_inbound = false;
   enroll->add_option("--netns", netns, "the pod's network namespace (e.g. /var/run/netns/NAME, /proc/PID/ns/net)")->required();
   enroll->add_option("--pod", pod, "NAMESPACE/NAME, for status");
   enroll->add_option("--exclude-inbound-ports", in_ports, "P,P,...: inbound ports that go straight to the app");
@@ -327,6 +356,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   enroll->add_flag("--dns", dns, "redirect DNS (UDP and TCP 53) to 127.0.0.1:DNS port");
   enroll->add_flag("--fail-open", fail_open, "if the proxy is not listening, go direct instead of refusing");
+  enroll->add_flag("--bypass-inbound", bypass_inbound,
+                   "capture outbound only; inbound goes straight to the app (Istio's bypass-inbound-capture)");
 
   auto* unenroll = app.add_subcommand("unenroll", "stop capturing a pod's new connections");
   std::string un_netns;
@@ -338,7 +369,7 @@ int main(int argc, char** argv) {
 
   auto* dump = app.add_subcommand("dump", "readable map contents");
   std::string dump_which;
-  dump->add_option("MAP", dump_which, "pods, meta, ports, cidrs, stats, orig, skorig, listeners, transit, netns or config");
+  dump->add_option("MAP", dump_which, "pods, meta, ports, cidrs, stats, orig, skorig, listeners, transit, node, netns or config");
 
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
@@ -371,6 +402,7 @@ int main(int argc, char** argv) {
     PodOptions opts;
     opts.dns = dns;
     opts.fail_open = fail_open;
+    opts.bypass_inbound = bypass_inbound;
     if (!pod.empty()) {
       auto slash = pod.find('/');
       if (slash == std::string::npos || slash == 0 || slash + 1 == pod.size() || pod.find('/', slash + 1) != std::string::npos)

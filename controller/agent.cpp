@@ -80,11 +80,7 @@ Status Agent::start() {
     if (!kc) return kc.error();
     if (cfg_.node_name.empty()) return invalid("the Kubernetes pod source needs --node-name or NODE_NAME");
     kube_client_ = std::make_unique<kube::Client>(*kc);
-    kube_source_ = std::make_unique<kube::Source>(*kube_client_, cfg_.node_name, [this] {
-      std::lock_guard<std::mutex> g(kube_mu_);
-      kube_dirty_ = true;
-      kube_cv_.notify_all();
-    });
+    kube_source_ = std::make_unique<kube::Source>(*kube_client_, cfg_.node_name, [this] { kick_kube(); });
     kube_source_->start();
     kube_thread_ = std::thread([this] { kube_worker(); });
     spdlog::info("kube: watching pods of node {} at {}", cfg_.node_name, kc->server);

@@ -47,7 +47,7 @@ struct AgentConfig {
   int repair_interval_ms = 500;
   int watchdog_ms = 30000;  // a CNI request or ZDS ack taking longer: the agent is unhealthy
   std::set<std::string> enroll_namespaces;
-  bool dns = false;
+  bool dns = true;  // the node's default; a pod's ambient.istio.io/dns-capture overrides it
   bool fail_open = false;
   // Kubernetes pod source (off unless one of these is set)
   std::string kubeconfig;
@@ -110,6 +110,7 @@ class Agent {
   void kube_worker();
   void reconcile_kube(const kube::Snapshot& snap);
   void annotate(const kube::Pod& pod, bool captured);
+  void kick_kube();  // a capture or release happened: bring the annotations up to date now
 
   // ---- agent_repair.cpp
   void repair_worker();

@@ -73,6 +73,9 @@ Result<bool> Agent::kube_decides(PodInfo& pod) {
   }
   pod.service_account = kp->service_account;
   if (pod.uid.empty()) pod.uid = kp->uid;
+  auto overrides = kube::pod_overrides(*kp);
+  pod.dns = overrides.dns;
+  pod.bypass_inbound = overrides.bypass_inbound;
   return cfg_.label_policy.enrolled(*kp, &*ns_labels);
 }
 
@@ -92,12 +95,14 @@ json Agent::cni_add(PodInfo pod) {
     return error("an enrolled pod needs K8S_POD_UID, K8S_POD_NAME and K8S_POD_NAMESPACE");
   auto st = capture(pod);
   if (!st) return error(st.error().message());
+  kick_kube();
   return {{"status", "captured"}};
 }
 
 json Agent::cni_del(const PodInfo& pod) {
   auto st = release(pod, "CNI DEL");
   if (!st) return error(st.error().message());
+  kick_kube();
   return {{"status", "ok"}};
 }
 

@@ -73,15 +73,37 @@ std::optional<std::string> find_netns_by_inode(uint64_t ino, const std::string& 
   return found;
 }
 
+// The annotation istiod reads, written as istio-cni writes it (cni/pkg/util/podutil.go):
+// "enabled" once the pod is captured and a proxy acked it, "pending" while it is captured
+// and no proxy has, removed when it is not captured. Never from "enabled" back to
+// "pending": a proxy restarting (or this agent) must not flip the pod's tunnel protocol
+// in istiod for every peer. Through the status subresource: the agent's RBAC grants patch
+// on pods/status only, which cannot touch a pod's spec (see deploy/rbac.yaml).
 void Agent::annotate(const kube::Pod& pod, bool captured) {
-  const std::string key = "podsteer.io/captured";
-  bool has = pod.annotations.count(key) && pod.annotations.at(key) == "true";
-  if (has == captured) return;
-  // Through the status subresource: the agent's RBAC grants patch on pods/status only,
-  // which cannot touch a pod's spec (see deploy/rbac.yaml).
-  json patch = {{"metadata", {{"annotations", {{key, captured ? json("true") : json(nullptr)}}}}}};
+  auto it = pod.annotations.find(kube::kRedirectionAnnotation);
+  std::string have = it == pod.annotations.end() ? "" : it->second;
+  std::string want;
+  if (captured)
+    want = zds_->acked(pod.uid) || have == kube::kRedirectionEnabled ? kube::kRedirectionEnabled
+                                                                      : kube::kRedirectionPending;
+  const char* legacy = "podsteer.io/captured";  // written by releases before 0.2: taken away
+  bool has_legacy = pod.annotations.count(legacy) > 0;
+  if (have == want && !has_legacy) return;
+  json annotations = {{kube::kRedirectionAnnotation, want.empty() ? json(nullptr) : json(want)}};
+  if (has_legacy) annotations[legacy] = nullptr;
+  json patch = {{"metadata", {{"annotations", annotations}}}};
   auto r = kube_client_->merge_patch("/api/v1/namespaces/" + pod.namespace_ + "/pods/" + pod.name + "/status", patch);
-  if (!r) spdlog::warn("kube: annotate {}/{}: {}", pod.namespace_, pod.name, r.error().message());
+  if (!r) spdlog::warn("kube: annotate {}/{} {}: {}", pod.namespace_, pod.name, want.empty() ? "(remove)" : want,
+                       r.error().message());
+}
+
+void Agent::kick_kube() {
+  if (!kube_source_) return;
+  {
+    std::lock_guard<std::mutex> g(kube_mu_);
+    kube_dirty_ = true;
+  }
+  kube_cv_.notify_all();
 }
 
 void Agent::kube_worker() {
@@ -130,6 +152,10 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
     info.name = pod.name;
     info.namespace_ = pod.namespace_;
     info.service_account = pod.service_account;
+    auto overrides = kube::pod_overrides(pod);
+    info.dns = overrides.dns;
+    info.bypass_inbound = overrides.bypass_inbound;
+    bool now = have;
     if (want && !have) {
       if (pod.phase != "Running" && pod.phase != "Pending") continue;  // Succeeded, Failed: nothing runs
       if (!zds_->connected()) continue;  // captured only with a proxy to take it: retried on the timer
@@ -145,14 +171,13 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
         continue;
       }
       spdlog::info("kube: captured running pod {} (netns {})", info.full_name(), *path);
-      annotate(pod, true);
+      now = true;
     } else if (!want && have) {
       auto st = release(info, "its labels no longer enroll it");
       if (!st) spdlog::warn("kube: release {}: {}", info.full_name(), st.error().message());
-      else annotate(pod, false);
-    } else if (want && have) {
-      annotate(pod, true);
+      else now = false;
     }
+    annotate(pod, now);
   }
 }
 

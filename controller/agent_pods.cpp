@@ -51,8 +51,9 @@ PodOptions Agent::options_for(const PodInfo& pod) const {
   o.uid = pod.uid;
   o.service_account = pod.service_account.empty() ? "default" : pod.service_account;
   o.container_id = pod.container_id;
-  o.dns = cfg_.dns;
+  o.dns = pod.dns.value_or(cfg_.dns);
   o.fail_open = cfg_.fail_open;
+  o.bypass_inbound = pod.bypass_inbound;
   return o;
 }
 

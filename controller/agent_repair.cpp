@@ -35,6 +35,7 @@ PodOptions options_from_status(const PodStatus& s) {
   uint32_t flags = s.has_entry ? s.entry.flags : s.meta.flags;
   o.dns = flags & PODSTEER_POD_DNS;
   o.fail_open = flags & PODSTEER_POD_FAIL_OPEN;
+  o.bypass_inbound = flags & PODSTEER_POD_NO_INBOUND;
   o.exclude_inbound_ports = s.excluded_inbound_ports;
   o.exclude_outbound_ports = s.excluded_outbound_ports;
   for (const auto& c : s.excluded_cidrs)
@@ -61,12 +62,8 @@ void Agent::repair_worker() {
     repair_once();
     repair_pass_us_ = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
     repair_passes_++;
-    if (kube_source_ && !kube_reconciled_ && zds_->connected()) {
-      // a proxy is here now: the pass that makes the agent ready need not wait for the timer
-      std::lock_guard<std::mutex> g(kube_mu_);
-      kube_dirty_ = true;
-      kube_cv_.notify_all();
-    }
+    if (!kube_reconciled_ && zds_->connected())
+      kick_kube();  // a proxy is here now: the pass that makes the agent ready need not wait for the timer
     std::unique_lock<std::mutex> g(repair_mu_);
     repair_cv_.wait_for(g, std::chrono::milliseconds(cfg_.repair_interval_ms), [this] { return stopping_.load(); });
   }

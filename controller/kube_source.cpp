@@ -39,14 +39,37 @@ Labels string_map(const json& j) {
 }  // namespace
 
 bool LabelPolicy::enrolled(const Pod& pod, const Labels* ns_labels) const {
-  if (pod.host_network) return false;
-  auto it = pod.labels.find(key);
-  if (it != pod.labels.end()) return it->second == value;  // "none" (or anything else) opts out
-  if (ns_labels) {
-    auto n = ns_labels->find(key);
-    if (n != ns_labels->end() && n->second == value) return true;
-  }
-  return false;
+  auto label = [](const Labels& l, const std::string& k) {
+    auto it = l.find(k);
+    return it == l.end() ? std::string() : it->second;
+  };
+  bool ambient = label(pod.labels, key) == value || (ns_labels && label(*ns_labels, key) == value);
+  if (!ambient || label(pod.labels, key) == opt_out || pod.host_network) return false;
+  if (pod.annotations.count("sidecar.istio.io/status")) return false;  // a sidecar pod: never both
+  if (pod.namespace_ == proxy_namespace && proxy_apps.count(label(pod.labels, "app"))) return false;
+  return true;
+}
+
+std::optional<bool> parse_go_bool(const std::string& s) {
+  for (const char* t : {"1", "t", "T", "TRUE", "true", "True"})
+    if (s == t) return true;
+  for (const char* f : {"0", "f", "F", "FALSE", "false", "False"})
+    if (s == f) return false;
+  return std::nullopt;
+}
+
+PodOverrides pod_overrides(const Pod& pod) {
+  PodOverrides o;
+  auto read = [&](const char* key) -> std::optional<bool> {
+    auto it = pod.annotations.find(key);
+    if (it == pod.annotations.end()) return std::nullopt;
+    auto v = parse_go_bool(it->second);
+    if (!v) spdlog::warn("kube: {}/{}: {}='{}' is not a boolean: ignored", pod.namespace_, pod.name, key, it->second);
+    return v;
+  };
+  o.bypass_inbound = read("ambient.istio.io/bypass-inbound-capture").value_or(false);
+  o.dns = read("ambient.istio.io/dns-capture");
+  return o;
 }
 
 Result<Pod> parse_pod(const json& o) {

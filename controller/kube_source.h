@@ -14,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,14 +39,32 @@ struct Snapshot {
   bool synced = false;  // both lists done at least once
 };
 
-// Istio's selectors by default: the pod label, or the namespace label with the pod not
-// labelled "none"; never hostNetwork pods.
+// istio-cni's enablement (cni/pkg/util/podutil.go, PodRedirectionEnabled): the label on the
+// pod or its namespace, unless the pod is labelled "none"; never hostNetwork pods, pods
+// with a sidecar (sidecar.istio.io/status) or the node proxy's own pods.
 struct LabelPolicy {
   std::string key = "istio.io/dataplane-mode";
   std::string value = "ambient";
   std::string opt_out = "none";
+  // the node proxy's pods: this namespace and label app=one of these (Istio: istio-system, ztunnel)
+  std::string proxy_namespace = "istio-system";
+  std::set<std::string> proxy_apps = {"ztunnel", "podsteer-proxy"};
   bool enrolled(const Pod& pod, const Labels* ns_labels) const;
 };
+
+// Istio's per-pod settings (istio-cni: getPodLevelTrafficOverrides), read as Go's
+// strconv.ParseBool reads them; a value that does not parse is ignored.
+struct PodOverrides {
+  std::optional<bool> dns;      // ambient.istio.io/dns-capture; unset: the node's default
+  bool bypass_inbound = false;  // ambient.istio.io/bypass-inbound-capture
+};
+PodOverrides pod_overrides(const Pod& pod);
+std::optional<bool> parse_go_bool(const std::string& s);
+
+// The annotation istiod reads (ambient.istio.io/redirection) and its values.
+inline constexpr const char* kRedirectionAnnotation = "ambient.istio.io/redirection";
+inline constexpr const char* kRedirectionEnabled = "enabled";
+inline constexpr const char* kRedirectionPending = "pending";
 
 // A pod object as the API sends it. The service account is "default" when the spec has
 // none, as the API server fills it in.

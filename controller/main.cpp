@@ -50,6 +50,9 @@ int main(int argc, char** argv) {
   cni::InstallOptions cni_opts;
   app.add_option("--state-dir", cfg.state_dir, "bpffs directory of our pins")->capture_default_str();
   app.add_option("--hook-cgroup", cfg.node.hook_cgroup, "cgroup v2 directory for the socket hooks (first start only)");
+  app.add_option("--node-netns", cfg.node.node_netns,
+                 "the node's netns: connections whose socket exists there (kubelet probes) reach the app "
+                 "(default: the agent's own, hostNetwork)");
   app.add_option("--cni-socket", cfg.cni_socket, "where podsteer-cni reaches the agent")->capture_default_str();
   app.add_option("--zds-socket", cfg.zds_socket, "where the node proxy connects (ZDS)")->capture_default_str();
   app.add_option("--http-addr", cfg.http_addr, "address of /metrics, /healthz, /readyz")->capture_default_str();
@@ -61,7 +64,11 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-token-file", cfg.metrics_token_file,
                  "require 'Authorization: Bearer <first line of this file>' on /metrics");
   app.add_option("--enroll-namespaces", enroll_namespaces, "namespaces whose pods the CNI source enrolls ('*' for all)")->delimiter(',');
-  app.add_flag("--dns", cfg.dns, "capture DNS of enrolled pods");
+  app.add_option("--dns-capture", cfg.dns,
+                 "capture DNS of enrolled pods unless a pod's ambient.istio.io/dns-capture says otherwise "
+                 "(on by default, as in Istio since 1.25)")
+      ->capture_default_str();
+  app.add_flag("--dns", cfg.dns, "the same as --dns-capture=true (kept for earlier command lines)");
   app.add_flag("--fail-open", cfg.fail_open, "enrolled pods go direct when the proxy is not listening");
   app.add_flag("--install-cni", install_cni, "install podsteer-cni into the node's CNI config and keep it there");
   app.add_flag("--uninstall-cni", uninstall_cni, "remove podsteer-cni from the node's CNI config and exit");
@@ -76,6 +83,9 @@ int main(int argc, char** argv) {
                  "is gone (default: $POD_NAMESPACE/podsteer-agent)");
   std::string label = "istio.io/dataplane-mode=ambient";
   app.add_option("--enroll-label", label, "KEY=VALUE on a pod or its namespace that enrolls it")->capture_default_str();
+  app.add_option("--system-namespace", cfg.label_policy.proxy_namespace,
+                 "the node proxy's namespace: its pods (label app=ztunnel or podsteer-proxy) are never captured")
+      ->capture_default_str();
   app.add_flag("-v,--verbose", verbose);
   CLI11_PARSE(app, argc, argv);
   init_logging(verbose);

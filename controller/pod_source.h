@@ -23,6 +23,9 @@ struct PodInfo {
   std::vector<std::string> ips;
   std::optional<bool> enroll_hint;  // an explicit yes/no from the source (e.g. CNI_ARGS)
   std::vector<std::string> enroll_namespaces;  // from the CNI network config, if any
+  // per-pod settings from the pod's annotations (Kubernetes source); unset: the node's
+  std::optional<bool> dns;
+  bool bypass_inbound = false;
 
   std::string full_name() const { return namespace_ + "/" + name; }
 };

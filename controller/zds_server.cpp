@@ -100,6 +100,7 @@ void ZdsServer::handshake(Fd fd) {
       if (ns && (p.netns_cookie == 0 || ns->cookie == p.netns_cookie)) {
         st = request(*c, "snapshot add " + p.full_name(), add_request(p), ns->fd.get());
         ++adds;
+        if (st) mark_acked(p.uid);
       } else {
         // The pod is ours but its netns does not open now (istio-cni does the same): the
         // proxy keeps what it has instead of dropping it.
@@ -199,6 +200,9 @@ Status ZdsServer::add(const PodInfo& pod, int netns_fd) {
   if (!st) {  // the caller rolls the capture back: later snapshots must not name the pod
     std::lock_guard<std::mutex> g(mu_);
     workloads_.erase(pod.uid);
+    acked_.erase(pod.uid);
+  } else {
+    mark_acked(pod.uid);
   }
   return st;
 }
@@ -210,6 +214,16 @@ std::vector<PodInfo> ZdsServer::workloads() {
   return out;
 }
 
+void ZdsServer::mark_acked(const std::string& uid) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (workloads_.count(uid)) acked_.insert(uid);  // not one removed while its ack was in flight
+}
+
+bool ZdsServer::acked(const std::string& uid) {
+  std::lock_guard<std::mutex> g(mu_);
+  return acked_.count(uid) > 0;
+}
+
 void ZdsServer::upsert(const PodInfo& pod) {
   std::lock_guard<std::mutex> g(mu_);
   workloads_[pod.uid] = pod;
@@ -219,6 +233,7 @@ void ZdsServer::remove(const std::string& uid) {
   {
     std::lock_guard<std::mutex> g(mu_);
     workloads_.erase(uid);
+    acked_.erase(uid);
   }
   pb::WorkloadRequest req;
   req.mutable_del()->set_uid(uid);

@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,6 +53,9 @@ class ZdsServer {
   void upsert(const PodInfo& pod);
   // The pods every proxy is told about.
   std::vector<PodInfo> workloads();
+  // Has a proxy acked this pod's AddWorkload since the pod was added or recorded? (Kept
+  // when that proxy goes: istiod's view of the pod must not flip while a proxy restarts.)
+  bool acked(const std::string& uid);
   bool connected();
   size_t proxies();
   ZdsCounters counters();
@@ -66,6 +70,7 @@ class ZdsServer {
   std::shared_ptr<Conn> newest();
   std::vector<std::shared_ptr<Conn>> live();
   void drop(const std::shared_ptr<Conn>& c);
+  void mark_acked(const std::string& uid);
 
   std::string path_;
   int ack_timeout_ms_;
@@ -75,6 +80,7 @@ class ZdsServer {
   std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)
   std::vector<std::thread> handshakes_;       // one per connection, joined on stop
   std::map<std::string, PodInfo> workloads_;  // by uid
+  std::set<std::string> acked_;               // uids of workloads_ a proxy acked
   ZdsCounters counters_;
   std::map<uint64_t, int64_t> pending_;  // request serial -> start (ms, steady clock)
   uint64_t serial_ = 0;

@@ -37,6 +37,10 @@ struct NodeConfig {
   uint32_t route_table = PODSTEER_DEFAULT_ROUTE_TABLE;
   uint32_t rule_pref = PODSTEER_DEFAULT_RULE_PREF;
   std::string hook_cgroup;  // empty: the default (kubepods cgroup, else cgroup2 root)
+  // The node's own netns: a connection whose socket exists there (a kubelet probe) reaches
+  // the app. Empty: the netns this process runs in (the agent runs with hostNetwork).
+  // Not kept in the state: every process that enrolls or repairs names the same one.
+  std::string node_netns;
 };
 
 struct Cidr {
@@ -59,6 +63,16 @@ struct PodOptions {
   std::vector<Cidr> exclude_outbound_cidrs;
   bool dns = false;
   bool fail_open = false;
+  bool bypass_inbound = false;  // outbound only (Istio's ambient.istio.io/bypass-inbound-capture)
+};
+
+// The pod's TC ingress program on one interface (connections the node opened).
+struct NodeInHook {
+  unsigned ifindex = 0;
+  std::string mode;       // "tcx" (a pinned link) or "clsact" (a cls_bpf filter of ours)
+  uint32_t id = 0;        // the tcx link's id, or the filter's program id
+  uint32_t prio = 0;      // clsact: the filter's priority (handle 0x5053)
+  bool attached = false;  // running on that interface now
 };
 
 // The inbound side of one pod as the kernel has it now.
@@ -66,6 +80,8 @@ struct InboundStatus {
   uint32_t link_id = 0, prog_id = 0;  // the pod's sk_lookup link; 0: missing
   bool attached = false;              // the link still runs in the pod's netns
   bool proxy_listening = false;       // a proxy listener is in podsteer_listeners
+  std::vector<NodeInHook> node_in;    // the TC ingress program, per interface
+  std::vector<unsigned> node_in_missing;  // veth interfaces without it (netns alive only)
 };
 
 struct PodStatus {
@@ -160,8 +176,11 @@ class Datapath {
   ReturnPath return_path() const;
   Status attach_inbound(const Netns& ns);
   Status upgrade_inbound(uint64_t cookie);
-  void detach_inbound(uint64_t cookie);
-  InboundStatus inbound_status(uint64_t cookie, uint64_t netns_cookie_now) const;
+  // netns_fd: the pod's netns, -1 when it is gone (its TC filters went with it)
+  void detach_inbound(uint64_t cookie, int netns_fd);
+  InboundStatus inbound_status(uint64_t cookie, const Netns* ns) const;
+  // The node's netns id inside the pod's netns (given one if it has none), -1 if unknown
+  int32_t node_nsid(const Netns& pod) const;
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
   void erase_connections(uint64_t cookie);
@@ -174,6 +193,7 @@ class Datapath {
   Result<PodStatus> status_of(uint64_t cookie, Detail detail, const ExclusionKeys& keys);
 
   std::string state_dir_;
+  std::string node_netns_ = "/proc/self/ns/net";
   podsteer_config config_{};
   uint32_t config_map_id_ = 0;
   std::optional<Map<__u64, podsteer_pod>> pods_;

@@ -121,7 +121,8 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
   entry.flags = (opts.dns ? PODSTEER_POD_DNS : 0) | (opts.fail_open ? PODSTEER_POD_FAIL_OPEN : 0) |
                 (opts.exclude_outbound_ports.empty() ? PODSTEER_POD_NO_OUT_PORTS : 0) |
                 (opts.exclude_outbound_cidrs.empty() ? PODSTEER_POD_NO_OUT_CIDRS : 0) |
-                (opts.exclude_inbound_ports.empty() ? PODSTEER_POD_NO_IN_PORTS : 0);
+                (opts.exclude_inbound_ports.empty() ? PODSTEER_POD_NO_IN_PORTS : 0) |
+                (opts.bypass_inbound ? PODSTEER_POD_NO_INBOUND : 0);
   PODSTEER_TRY(pod_addresses(ns, entry));
   entry.enrolled_ns = now_ns();
   const uint64_t cookie = ns.cookie;
@@ -154,7 +155,7 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
     if (names.container_id.empty()) names.container_id = str_of(m.container_id, sizeof(m.container_id));
     fill_names(m, names);
     copy_str(m.netns_path, sizeof(m.netns_path), ns.path);
-    m.flags = entry.flags & (PODSTEER_POD_DNS | PODSTEER_POD_FAIL_OPEN);
+    m.flags = entry.flags & PODSTEER_POD_SETTINGS;
     m.netns_ino = netns_ino(ns);
     bool same = old.flags == entry.flags && old.ip4 == entry.ip4 && !std::memcmp(old.ip6, entry.ip6, 16) &&
                 !std::memcmp(&before, &m, sizeof(m)) && made->setup == 0;
@@ -166,14 +167,14 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
   podsteer_pod_meta meta{};
   fill_names(meta, opts);
   copy_str(meta.netns_path, sizeof(meta.netns_path), ns.path);
-  meta.flags = entry.flags & (PODSTEER_POD_DNS | PODSTEER_POD_FAIL_OPEN);
+  meta.flags = entry.flags & PODSTEER_POD_SETTINGS;
   meta.netns_ino = netns_ino(ns);
   Rollback undo;
   undo.add([this, cookie] { erase_exclusions(cookie, nullptr); });
   PODSTEER_TRY(write_exclusions(cookie, opts));
   undo.add([this, cookie] { (void)stats_->erase(cookie); });
   PODSTEER_TRY(stats_->reset(cookie));
-  undo.add([this, cookie] { detach_inbound(cookie); });
+  undo.add([this, cookie, fd = ns.fd.get()] { detach_inbound(cookie, fd); });
   PODSTEER_TRY(attach_inbound(ns));
   auto made = make_return_path(ns.fd.get(), return_path());
   if (!made) return made.error();
@@ -205,11 +206,14 @@ Status Datapath::unenroll_locked(uint64_t cookie) {
     return invalid(fmt::format("no pod with netns cookie {} is enrolled", cookie));
   // The pod entry goes first: from then on the hooks leave new connections alone.
   PODSTEER_TRY(pods_->erase(cookie));
-  detach_inbound(cookie);
+  std::optional<Netns> ns;
+  if (meta->has_value())
+    if (auto r = open_netns(str_of((*meta)->netns_path, sizeof((*meta)->netns_path))); r && r->cookie == cookie)
+      ns.emplace(std::move(*r));
+  detach_inbound(cookie, ns ? ns->fd.get() : -1);
   if (meta->has_value()) {
     const podsteer_pod_meta& m = **meta;
-    auto ns = open_netns(str_of(m.netns_path, sizeof(m.netns_path)));
-    if (ns && ns->cookie == cookie) {
+    if (ns) {
       auto st = remove_return_path(ns->fd.get(), return_path(), m.netns_setup, m.fwmark_accept_before);
       if (!st) spdlog::warn("unenroll {}: return path: {}", cookie, st.error().message());
     }

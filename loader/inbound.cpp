@@ -1,14 +1,23 @@
-// Inbound capture per pod: the pod's own instance of the sk_lookup program (its netns
-// cookie written into its code: sk_lookup cannot ask for it), linked to the pod's netns and pinned
-// at pods/<cookie>/inbound.
+// Inbound capture per pod, both programs of the pod's own instance of bpf/lookup.bpf.c
+// (its netns cookie, and the node's netns id, written into its code):
+//   - the sk_lookup program, linked to the pod's netns, pinned at pods/<cookie>/inbound;
+//   - the TC ingress program on each of the pod's veth interfaces (connections the node
+//     itself opened), a tcx link pinned at pods/<cookie>/node_in_tcx_<ifindex> where the
+//     kernel has tcx (6.6+), else a cls_bpf filter of ours (handle 0x5053, the first free
+//     priority from 0xc000) whose program is pinned at
+//     pods/<cookie>/node_in_clsact_<ifindex>_<priority>: the pin names the filter.
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <fcntl.h>
 #include <sys/socket.h>
+
+#include <filesystem>
 
 #include "datapath.h"
 #include "datapath_internal.h"
 #include "log.h"
 #include "lookup_cookie.h"
+#include "pod_netns.h"
 #include "podsteer_listeners.skel.h"
 #include "podsteer_lookup.skel.h"
 #include "skeleton.h"
@@ -24,58 +33,292 @@ using LookupSkel = Skeleton<podsteer_lookup, podsteer_lookup__open, podsteer_loo
 using ListenersSkel =
     Skeleton<podsteer_listeners, podsteer_listeners__open, podsteer_listeners__load, podsteer_listeners__destroy>;
 
+constexpr int kTcxIngress = 46;              // BPF_TCX_INGRESS (6.6+), absent from Debian's UAPI headers
+constexpr uint32_t kClsactHandle = 0x5053;   // "PS"
+constexpr uint32_t kClsactFirstPrio = 0xc000;
+const char* kTcxPrefix = "node_in_tcx_";
+const char* kClsactPrefix = "node_in_clsact_";
+
+uint32_t prog_id_of_fd(int fd) {
+  bpf_prog_info info{};
+  __u32 len = sizeof(info);
+  return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
+}
+
+bpf_tc_hook ingress_hook(unsigned ifindex) {
+  bpf_tc_hook hook{};
+  hook.sz = sizeof(hook);
+  hook.ifindex = static_cast<int>(ifindex);
+  hook.attach_point = BPF_TC_INGRESS;
+  return hook;
+}
+
+// The program id of our cls_bpf filter at (ifindex, prio), 0 if there is none. Calling
+// thread in the pod's netns.
+uint32_t clsact_prog_id(unsigned ifindex, uint32_t prio) {
+  bpf_tc_hook hook = ingress_hook(ifindex);
+  bpf_tc_opts opts{};
+  opts.sz = sizeof(opts);
+  opts.handle = kClsactHandle;
+  opts.priority = prio;
+  return bpf_tc_query(&hook, &opts) == 0 ? opts.prog_id : 0;
+}
+
+// The pins of the pod's TC hooks, read back from their names.
+std::vector<NodeInHook> node_in_pins(const std::string& dir) {
+  std::vector<NodeInHook> out;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator(dir, ec); !ec && it != std::filesystem::directory_iterator();
+       it.increment(ec)) {
+    std::string name = it->path().filename();
+    NodeInHook h;
+    if (name.rfind(kTcxPrefix, 0) == 0) {
+      h.mode = "tcx";
+      h.ifindex = std::strtoul(name.c_str() + strlen(kTcxPrefix), nullptr, 10);
+    } else if (name.rfind(kClsactPrefix, 0) == 0) {
+      h.mode = "clsact";
+      char* rest = nullptr;
+      h.ifindex = std::strtoul(name.c_str() + strlen(kClsactPrefix), &rest, 10);
+      h.prio = rest && *rest == '_' ? std::strtoul(rest + 1, nullptr, 10) : 0;
+    } else {
+      continue;
+    }
+    out.push_back(h);
+  }
+  return out;
+}
+
+std::string node_in_pin(const std::string& dir, const NodeInHook& h) {
+  return h.mode == "tcx" ? join(dir, kTcxPrefix + std::to_string(h.ifindex))
+                         : join(dir, fmt::format("{}{}_{}", kClsactPrefix, h.ifindex, h.prio));
+}
+
+// Fills in id and attached from the kernel. clsact needs the calling thread in the pod's netns.
+void read_node_in(const std::string& dir, NodeInHook& h) {
+  Fd pin(bpf_obj_get(node_in_pin(dir, h).c_str()));
+  if (!pin.valid()) return;
+  if (h.mode == "tcx") {
+    bpf_link_info info{};
+    __u32 len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(pin.get(), &info, &len) == 0) {
+      h.id = info.id;
+      // tcx's link info {ifindex, attach_type} sits where netns's {netns_ino, ...} does in
+      // libbpf 1.1's header; a link whose device went away reports ifindex 0
+      h.attached = info.netns.netns_ino == h.ifindex;
+    }
+  } else {
+    h.id = prog_id_of_fd(pin.get());
+    h.attached = h.id && clsact_prog_id(h.ifindex, h.prio) == h.id;
+  }
+}
+
+// Attaches the TC program on one interface; calling thread in the pod's netns.
+Status attach_node_in_one(const std::string& dir, int prog, unsigned ifindex) {
+  Fd link(bpf_link_create(prog, static_cast<int>(ifindex), static_cast<bpf_attach_type>(kTcxIngress), nullptr));
+  if (link.valid()) {
+    NodeInHook h{ifindex, "tcx"};
+    std::string pin = node_in_pin(dir, h);
+    if (bpf_obj_pin(link.get(), pin.c_str()) != 0) {
+      auto e = sys_error("pin tcx link", pin);
+      bpf_link_detach(link.get());
+      return e;
+    }
+    return {};
+  }
+  if (errno != EINVAL) return sys_error(fmt::format("attach tcx ingress on ifindex {}", ifindex));
+  // No tcx (before 6.6): a cls_bpf filter under clsact, returning "no verdict" so that the
+  // filters after it still run. Never replace a filter that is not ours: the first free
+  // priority is taken.
+  bpf_tc_hook hook = ingress_hook(ifindex);
+  int err = bpf_tc_hook_create(&hook);
+  if (err && err != -EEXIST) return Error{"create clsact qdisc", -err, std::to_string(ifindex)};
+  for (uint32_t prio = kClsactFirstPrio; prio <= kClsactFirstPrio + 64; ++prio) {
+    bpf_tc_opts opts{};
+    opts.sz = sizeof(opts);
+    opts.prog_fd = prog;
+    opts.handle = kClsactHandle;
+    opts.priority = prio;
+    err = bpf_tc_attach(&hook, &opts);
+    if (err == -EEXIST || err == -EINVAL) continue;  // this priority holds someone else's filter
+    if (err) break;
+    std::string pin = node_in_pin(dir, NodeInHook{ifindex, "clsact", 0, prio});
+    if (bpf_obj_pin(prog, pin.c_str()) != 0) {
+      auto e = sys_error("pin cls_bpf program", pin);
+      bpf_tc_opts del{};
+      del.sz = sizeof(del);
+      del.handle = kClsactHandle;
+      del.priority = prio;
+      (void)bpf_tc_detach(&hook, &del);
+      return e;
+    }
+    return {};
+  }
+  return Error{fmt::format("attach cls_bpf on ifindex {}", ifindex), -err, ""};
+}
+
+// Removes one hook and its pin: a tcx link is detached, a cls_bpf filter removed only while
+// it still runs our program. netns_fd -1: the netns is gone, and its filters with it.
+void detach_node_in_one(const std::string& dir, const NodeInHook& h, int netns_fd) {
+  std::string pin = node_in_pin(dir, h);
+  Fd obj(bpf_obj_get(pin.c_str()));
+  if (h.mode == "tcx") {
+    if (obj.valid() && bpf_link_detach(obj.get()) != 0 && errno != ENOLINK)
+      spdlog::warn("detach tcx link {}: {}", pin, std::strerror(errno));
+  } else if (obj.valid() && netns_fd >= 0) {
+    uint32_t ours = prog_id_of_fd(obj.get());
+    (void)in_netns(netns_fd, [&]() -> Status {
+      if (clsact_prog_id(h.ifindex, h.prio) != ours) return {};
+      bpf_tc_hook hook = ingress_hook(h.ifindex);
+      bpf_tc_opts del{};
+      del.sz = sizeof(del);
+      del.handle = kClsactHandle;
+      del.priority = h.prio;
+      if (int err = bpf_tc_detach(&hook, &del); err)
+        spdlog::warn("detach cls_bpf from ifindex {}: {}", h.ifindex, std::strerror(-err));
+      return {};
+    });
+  }
+  unlink(pin.c_str());
+}
+
+// The pod's veth interfaces, where the TC program goes.
+std::vector<unsigned> node_in_ifindexes(int netns_fd) {
+  auto peers = peer_links(netns_fd);
+  if (!peers) spdlog::warn("list the pod's interfaces: {}", peers.error().message());
+  return peers ? *peers : std::vector<unsigned>{};
+}
+
 }  // namespace
 
-// This pod's instance of the sk_lookup program, loaded with the node's maps.
-static Status load_lookup(LookupSkel& skel, const std::string& state_dir, uint64_t cookie) {
+// This pod's instance of lookup.bpf.c, loaded with the node's maps. nsid < 0: no TC
+// program (the pod has no veth whose peer netns is known), only sk_lookup.
+static Status load_lookup(LookupSkel& skel, const std::string& state_dir, uint64_t cookie, int32_t nsid) {
   if (!skel.opened()) return sys_error("open sk_lookup skeleton");
-  if (int err = set_lookup_cookie(skel->progs.podsteer_lookup, cookie); err)
-    return Error{"write the pod's cookie into its sk_lookup program (a build problem if EINVAL)", -err,
-                 std::to_string(cookie)};
+  auto patch = [&](bpf_program* p, uint64_t magic, uint64_t value, const char* what) -> Status {
+    if (int err = set_imm64(p, magic, value); err)
+      return Error{fmt::format("write the pod's {} into {} (a build problem if EINVAL)", what, bpf_program__name(p)),
+                   -err, std::to_string(cookie)};
+    return {};
+  };
+  PODSTEER_TRY(patch(skel->progs.podsteer_lookup, PODSTEER_LOOKUP_COOKIE_MAGIC, cookie, "netns cookie"));
+  if (nsid >= 0) {
+    PODSTEER_TRY(patch(skel->progs.podsteer_node_in, PODSTEER_LOOKUP_COOKIE_MAGIC, cookie, "netns cookie"));
+    PODSTEER_TRY(patch(skel->progs.podsteer_node_in, PODSTEER_NODE_NSID_MAGIC, uint64_t(nsid), "node netns id"));
+  } else {
+    bpf_program__set_autoload(skel->progs.podsteer_node_in, false);
+  }
   pin_maps_under(skel->obj, join(state_dir, "maps"));
   if (int err = skel.load(); err)
-    return Error{"load sk_lookup program (run with -v for the verifier log)", -err, std::to_string(cookie)};
+    return Error{"load the pod's inbound programs (run with -v for the verifier log)", -err, std::to_string(cookie)};
   return {};
+}
+
+int32_t Datapath::node_nsid(const Netns& pod) const {
+  Fd node(::open(node_netns_.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!node.valid()) {
+    spdlog::warn("open the node's netns {}: {} (connections the node opens to pods are captured)", node_netns_,
+                 std::strerror(errno));
+    return -1;
+  }
+  auto id = netns_id_of(pod.fd.get(), node.get());
+  if (!id) {
+    spdlog::warn("the node's netns id in {}: {} (connections the node opens to it are captured)", pod.path,
+                 id.error().message());
+    return -1;
+  }
+  return *id;
 }
 
 Status Datapath::upgrade_inbound(uint64_t cookie) {
   std::string pin = inbound_pin(state_dir_, cookie);
   Fd link(bpf_obj_get(pin.c_str()));
   if (!link.valid()) return {};  // not linked (being enrolled or removed): nothing to replace
+  auto meta = meta_->lookup(cookie);
+  std::optional<Netns> ns;
+  if (meta && meta->has_value())
+    if (auto r = open_netns(str_of((*meta)->netns_path, sizeof((*meta)->netns_path))); r && r->cookie == cookie)
+      ns.emplace(std::move(*r));
+  int32_t nsid = ns ? node_nsid(*ns) : -1;
   LookupSkel skel;
-  PODSTEER_TRY(load_lookup(skel, state_dir_, cookie));
+  PODSTEER_TRY(load_lookup(skel, state_dir_, cookie, nsid));
   if (bpf_link_update(link.get(), bpf_program__fd(skel->progs.podsteer_lookup), nullptr) != 0)
     return sys_error("bpf_link_update", pin);
-  return {};
+  if (!ns || nsid < 0) return {};
+  // The TC hooks: a tcx link is updated in place; a cls_bpf filter is replaced at its
+  // handle and priority (BPF_TC_F_REPLACE), so no packet passes unseen in between.
+  std::string dir = pod_dir(state_dir_, cookie);
+  int prog = bpf_program__fd(skel->progs.podsteer_node_in);
+  for (const auto& h : node_in_pins(dir)) {
+    std::string hpin = node_in_pin(dir, h);
+    if (h.mode == "tcx") {
+      Fd l(bpf_obj_get(hpin.c_str()));
+      if (l.valid() && bpf_link_update(l.get(), prog, nullptr) != 0) return sys_error("bpf_link_update", hpin);
+      continue;
+    }
+    PODSTEER_TRY(in_netns(ns->fd.get(), [&]() -> Status {
+      bpf_tc_hook hook = ingress_hook(h.ifindex);
+      bpf_tc_opts opts{};
+      opts.sz = sizeof(opts);
+      opts.prog_fd = prog;
+      opts.handle = kClsactHandle;
+      opts.priority = h.prio;
+      opts.flags = BPF_TC_F_REPLACE;
+      if (int err = bpf_tc_attach(&hook, &opts); err) return Error{"replace cls_bpf filter", -err, hpin};
+      return {};
+    }));
+    unlink(hpin.c_str());
+    if (bpf_obj_pin(prog, hpin.c_str()) != 0) return sys_error("pin cls_bpf program", hpin);
+  }
+  // a pod captured by a build without the TC program gains it now
+  auto missing = inbound_status(cookie, &*ns).node_in_missing;
+  return in_netns(ns->fd.get(), [&]() -> Status {
+    for (unsigned ifindex : missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex));
+    return {};
+  });
 }
 
 Status Datapath::attach_inbound(const Netns& ns) {
-  PODSTEER_TRY(make_dir(pod_dir(state_dir_, ns.cookie)));
+  std::string dir = pod_dir(state_dir_, ns.cookie);
+  PODSTEER_TRY(make_dir(dir));
+  InboundStatus now = inbound_status(ns.cookie, &ns);
+  if (now.attached && now.node_in_missing.empty()) return {};  // re-enroll: everything is there
   std::string pin = inbound_pin(state_dir_, ns.cookie);
-  if (path_exists(pin)) {
-    if (inbound_status(ns.cookie, ns.cookie).attached) return {};  // re-enroll: the link is there
+  if (!now.attached && path_exists(pin)) {
     // pinned but detached (by hand, bpftool link detach): a new link replaces it
     Fd old(bpf_obj_get(pin.c_str()));
     if (old.valid()) bpf_link_detach(old.get());
     unlink(pin.c_str());
   }
+  int32_t nsid = node_nsid(ns);
   LookupSkel skel;
-  PODSTEER_TRY(load_lookup(skel, state_dir_, ns.cookie));
-  bpf_link* link = bpf_program__attach_netns(skel->progs.podsteer_lookup, ns.fd.get());
-  if (!link) return sys_error("link sk_lookup program to the pod's netns", ns.path);
-  int err = bpf_link__pin(link, pin.c_str());
-  if (err) bpf_link__detach(link);
-  bpf_link__destroy(link);  // the pin holds the link (and the program) from here on
-  if (err) return Error{"pin sk_lookup link", -err, pin};
-  return {};
+  PODSTEER_TRY(load_lookup(skel, state_dir_, ns.cookie, nsid));
+  if (!now.attached) {
+    bpf_link* link = bpf_program__attach_netns(skel->progs.podsteer_lookup, ns.fd.get());
+    if (!link) return sys_error("link sk_lookup program to the pod's netns", ns.path);
+    int err = bpf_link__pin(link, pin.c_str());
+    if (err) bpf_link__detach(link);
+    bpf_link__destroy(link);  // the pin holds the link (and the program) from here on
+    if (err) return Error{"pin sk_lookup link", -err, pin};
+  }
+  if (now.node_in_missing.empty() || nsid < 0) return {};
+  // a hook pinned but no longer running (its filter deleted by hand) is replaced
+  for (const auto& h : now.node_in)
+    if (!h.attached) detach_node_in_one(dir, h, ns.fd.get());
+  int prog = bpf_program__fd(skel->progs.podsteer_node_in);
+  return in_netns(ns.fd.get(), [&]() -> Status {
+    for (unsigned ifindex : now.node_in_missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex));
+    return {};
+  });
 }
 
-void Datapath::detach_inbound(uint64_t cookie) {
+void Datapath::detach_inbound(uint64_t cookie, int netns_fd) {
+  std::string dir = pod_dir(state_dir_, cookie);
+  for (const auto& h : node_in_pins(dir)) detach_node_in_one(dir, h, netns_fd);
   std::string pin = inbound_pin(state_dir_, cookie);
   Fd link(bpf_obj_get(pin.c_str()));
   if (link.valid() && bpf_link_detach(link.get()) != 0 && errno != ENOLINK)
     spdlog::warn("detach sk_lookup link {}: {}", pin, std::strerror(errno));
-  (void)remove_tree(pod_dir(state_dir_, cookie));
+  (void)remove_tree(dir);
 }
 
 Status Datapath::find_listeners(const Netns& ns) {
@@ -107,7 +350,7 @@ Status Datapath::find_listeners(const Netns& ns) {
   return st;
 }
 
-InboundStatus Datapath::inbound_status(uint64_t cookie, uint64_t netns_cookie_now) const {
+InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns) const {
   InboundStatus s;
   Fd link(bpf_obj_get(inbound_pin(state_dir_, cookie).c_str()));
   if (link.valid()) {
@@ -117,13 +360,25 @@ InboundStatus Datapath::inbound_status(uint64_t cookie, uint64_t netns_cookie_no
       s.link_id = info.id;
       s.prog_id = info.prog_id;
       // a netns link whose netns went away reports inode 0
-      s.attached = info.netns.netns_ino != 0 && netns_cookie_now == cookie;
+      s.attached = info.netns.netns_ino != 0 && ns && ns->cookie == cookie;
     }
   }
   for (uint16_t family : {AF_INET6, AF_INET}) {
     podsteer_listener_key k = listener_key(cookie, config_.inbound_port, family);
     __u64 v;
     if (bpf_map_lookup_elem(listeners_.get(), &k, &v) == 0) s.proxy_listening = true;
+  }
+  std::string dir = pod_dir(state_dir_, cookie);
+  s.node_in = node_in_pins(dir);
+  if (!ns || ns->cookie != cookie) return s;
+  (void)in_netns(ns->fd.get(), [&]() -> Status {
+    for (auto& h : s.node_in) read_node_in(dir, h);
+    return {};
+  });
+  for (unsigned ifindex : node_in_ifindexes(ns->fd.get())) {
+    bool have = false;
+    for (const auto& h : s.node_in) have = have || (h.ifindex == ifindex && h.attached);
+    if (!have) s.node_in_missing.push_back(ifindex);
   }
   return s;
 }

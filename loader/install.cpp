@@ -200,6 +200,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
   if (!lock) return lock.error();
   Datapath dp;
   dp.state_dir_ = state_dir;
+  if (!want.node_netns.empty()) dp.node_netns_ = want.node_netns;
   bool installed = path_exists(map_pin(state_dir, "podsteer_config"));
   if (installed && is_abi1_state(state_dir)) PODSTEER_TRY(migrate_from_abi1(state_dir));
   if (installed) {

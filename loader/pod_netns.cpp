@@ -2,6 +2,7 @@
 
 #include <linux/fib_rules.h>
 #include <linux/if.h>
+#include <linux/net_namespace.h>
 #include <linux/rtnetlink.h>
 #include <netlink/addr.h>
 #include <netlink/netlink.h>
@@ -282,6 +283,78 @@ Status remove_return_path(int netns_fd, const ReturnPath& rp, uint32_t setup, ui
       note(write_fwmark_accept(int(fwmark_accept_before)));
     return first;
   });
+}
+
+Result<std::vector<unsigned>> peer_links(int netns_fd) {
+  std::vector<unsigned> out;
+  Status s = in_netns(netns_fd, [&]() -> Status {
+    auto sock = route_socket();
+    if (!sock) return sock.error();
+    nl_cache* raw = nullptr;
+    if (int err = rtnl_link_alloc_cache(sock->get(), AF_UNSPEC, &raw); err < 0) return nl_error("list links", err);
+    NlCache cache(raw);
+    for (nl_object* o = nl_cache_get_first(cache.get()); o; o = nl_cache_get_next(o)) {
+      auto* link = reinterpret_cast<rtnl_link*>(o);
+      int32_t nsid = -1;
+      if (rtnl_link_get_ifindex(link) == kLoopbackIfindex || rtnl_link_get_link_netnsid(link, &nsid) != 0 || nsid < 0)
+        continue;
+      out.push_back(static_cast<unsigned>(rtnl_link_get_ifindex(link)));
+    }
+    return {};
+  });
+  if (!s) return s.error();
+  return out;
+}
+
+namespace {
+
+// One RTM_GETNSID or RTM_NEWNSID for `other_fd` on a route socket of the calling thread's
+// netns; the NETNSA_NSID of the answer (GET) or 0 (NEW).
+Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
+  std::unique_ptr<nl_msg, void (*)(nl_msg*)> msg(nlmsg_alloc_simple(type, NLM_F_REQUEST | NLM_F_ACK), nlmsg_free);
+  if (!msg) return invalid("nlmsg_alloc failed");
+  rtgenmsg g{};
+  g.rtgen_family = AF_UNSPEC;
+  if (nlmsg_append(msg.get(), &g, sizeof(g), NLMSG_ALIGNTO) < 0 || nla_put_u32(msg.get(), NETNSA_FD, other_fd) < 0 ||
+      (type == RTM_NEWNSID && nla_put_s32(msg.get(), NETNSA_NSID, -1) < 0))
+    return invalid("build nsid request");
+  if (int err = nl_send_auto(sock, msg.get()); err < 0) return nl_error("send nsid request", err);
+  int32_t nsid = type == RTM_NEWNSID ? 0 : -1;
+  auto parse = [](nl_msg* m, void* arg) -> int {
+    nlattr* tb[NETNSA_MAX + 1];
+    if (nlmsg_parse(nlmsg_hdr(m), sizeof(rtgenmsg), tb, NETNSA_MAX, nullptr) == 0 && tb[NETNSA_NSID])
+      *static_cast<int32_t*>(arg) = nla_get_s32(tb[NETNSA_NSID]);
+    return NL_OK;
+  };
+  nl_socket_modify_cb(sock, NL_CB_VALID, NL_CB_CUSTOM, parse, &nsid);
+  int err = nl_wait_for_ack(sock);  // the answer (GET) comes before the ack and goes to parse
+  if (err < 0) return nl_error(type == RTM_GETNSID ? "RTM_GETNSID" : "RTM_NEWNSID", err);
+  return nsid;
+}
+
+}  // namespace
+
+Result<int32_t> netns_id_of(int netns_fd, int other_fd) {
+  int32_t id = -1;
+  Status s = in_netns(netns_fd, [&]() -> Status {
+    auto sock = route_socket();
+    if (!sock) return sock.error();
+    auto got = nsid_request(sock->get(), RTM_GETNSID, other_fd);
+    if (!got) return got.error();
+    if (*got >= 0) {
+      id = *got;
+      return {};
+    }
+    auto made = nsid_request(sock->get(), RTM_NEWNSID, other_fd);
+    if (!made) return made.error();
+    auto again = nsid_request(sock->get(), RTM_GETNSID, other_fd);
+    if (!again) return again.error();
+    id = *again;
+    return {};
+  });
+  if (!s) return s.error();
+  if (id < 0) return invalid("the node's netns has no id in the pod's netns");
+  return id;
 }
 
 }  // namespace podsteer

@@ -46,4 +46,11 @@ Result<ReturnPathMade> make_return_path(int netns_fd, const ReturnPath& rp);
 Status remove_return_path(int netns_fd, const ReturnPath& rp, uint32_t setup, uint32_t fwmark_accept_before);
 Result<ReturnPathState> read_return_path(int netns_fd, const ReturnPath& rp);
 
+// The pod's interfaces whose other end lives in another netns (veths, as every CNI makes):
+// where connections from outside arrive.
+Result<std::vector<unsigned>> peer_links(int netns_fd);
+// The id that netns `other` has inside netns `netns_fd` (RTM_GETNSID), given one
+// (RTM_NEWNSID) when it has none yet: the kernel's name for it in BPF socket lookups.
+Result<int32_t> netns_id_of(int netns_fd, int other_fd);
+
 }  // namespace podsteer

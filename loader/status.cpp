@@ -25,6 +25,7 @@ std::vector<std::string> PodStatus::missing() const {
   if (!has_entry) out.push_back("pod entry (podsteer_pods)");
   if (!inbound.link_id) out.push_back("sk_lookup link");
   else if (!inbound.attached) out.push_back("sk_lookup link attached to the pod's netns");
+  for (unsigned ifindex : inbound.node_in_missing) out.push_back(fmt::format("tc ingress on ifindex {}", ifindex));
   for (const auto& m : return_path.missing()) out.push_back(m);
   return out;
 }
@@ -46,17 +47,15 @@ Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const Excl
       s.counters.proxy_missing += cpu.proxy_missing;
     }
   }
-  uint64_t cookie_now = 0;
   std::optional<Netns> ns;
   if (s.meta.netns_path[0]) {
     auto r = open_netns(str_of(s.meta.netns_path, sizeof(s.meta.netns_path)));
     if (r && r->cookie == cookie) {
       s.netns_alive = true;
-      cookie_now = cookie;
       ns.emplace(std::move(*r));
     }
   }
-  s.inbound = inbound_status(cookie, cookie_now);
+  s.inbound = inbound_status(cookie, ns ? &*ns : nullptr);
   for (const auto& k : keys.ports) {
     if (k.netns_cookie != cookie) continue;
     (k.direction == PODSTEER_DIR_INBOUND ? s.excluded_inbound_ports : s.excluded_outbound_ports).push_back(k.port);

@@ -37,6 +37,11 @@
 #define PODSTEER_POD_NO_OUT_PORTS (1u << 4) /* no excluded outbound ports */
 #define PODSTEER_POD_NO_OUT_CIDRS (1u << 5) /* no excluded outbound CIDRs: no LPM trie lookup */
 #define PODSTEER_POD_NO_IN_PORTS (1u << 6)  /* no excluded inbound ports */
+/* Istio's ambient.istio.io/bypass-inbound-capture: outbound (and DNS) captured, inbound left
+ * alone (istio-cni's "ingress mode", for gateways that take non-mesh traffic) */
+#define PODSTEER_POD_NO_INBOUND (1u << 7)
+/* the settings a pod was enrolled with, kept in podsteer_meta so a lost entry is rebuilt */
+#define PODSTEER_POD_SETTINGS (PODSTEER_POD_DNS | PODSTEER_POD_FAIL_OPEN | PODSTEER_POD_NO_INBOUND)
 
 /* podsteer_ports direction */
 #define PODSTEER_DIR_INBOUND 1
@@ -193,6 +198,14 @@ struct podsteer_tuple_key {
 #define PODSTEER_XSTR_(x) PODSTEER_STR_(x)
 #define PODSTEER_LOOKUP_COOKIE_MAGIC PODSTEER_XPASTE_ULL_(PODSTEER_LOOKUP_COOKIE_HEX)
 #define PODSTEER_LOOKUP_COOKIE_MAGIC_STR PODSTEER_XSTR_(PODSTEER_LOOKUP_COOKIE_HEX)
+/* ... and for the node's netns id as the pod's netns numbers it, in each pod's TC program */
+#define PODSTEER_NODE_NSID_HEX 0x7ea5c00c0de5eed5
+#define PODSTEER_NODE_NSID_MAGIC PODSTEER_XPASTE_ULL_(PODSTEER_NODE_NSID_HEX)
+#define PODSTEER_NODE_NSID_MAGIC_STR PODSTEER_XSTR_(PODSTEER_NODE_NSID_HEX)
+/* How long after its SYN a connection the node opened is left to the app by sk_lookup: the
+ * handshake, SYN retransmits and a SYN-cookie ACK fit; a later connection that happens to
+ * reuse the tuple (conntrack keeps it from doing so sooner) is captured again. */
+#define PODSTEER_NODE_CONN_TTL_NS (10ULL * 1000 * 1000 * 1000)
 
 /* podsteer_config: one entry, the node-wide settings chosen when the state dir was made.
  * The socket programs carry the same values in .rodata; each pod's sk_lookup instance reads

@@ -158,6 +158,7 @@ socklen_t sa_len(const sockaddr_storage& ss) { return ss.ss_family == AF_INET ? 
 
 struct ProxyConfig {
   bool quiet = false;  // only errors: for runs of many connections
+  bool strict = false; // refuse plaintext inbound (15006), as ztunnel under STRICT mTLS
   uint32_t mark = 0;
   uint16_t outbound = 15001, inbound = 15006, hbone = 15008, dns = 15053;
   bool orig_src = true;  // connect to the app from the client's address, as ztunnel does
@@ -239,6 +240,15 @@ void proxy_conn(int c, uint16_t listener, const ProxyConfig& cfg) {
     // ztunnel refuses calls to its own ports: they would loop
     ev["error"] = "call to the proxy itself";
     emit(ev);
+    close(c);
+    return;
+  }
+  if (cfg.strict && listener == cfg.inbound) {
+    // ztunnel under a STRICT PeerAuthentication: plaintext inbound is refused
+    ev["error"] = "plaintext refused (STRICT)";
+    emit(ev);
+    linger lg{1, 0};
+    setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     close(c);
     return;
   }
@@ -565,6 +575,7 @@ int main(int argc, char** argv) {
   proxy->add_option("--dns-port", pcfg.dns);
   proxy->add_flag("--no-orig-src", no_orig_src, "connect to the app from the pod's address (ztunnel ENABLE_ORIG_SRC=false)");
   proxy->add_flag("--quiet", pcfg.quiet, "log errors only");
+  proxy->add_flag("--strict", pcfg.strict, "refuse every plaintext inbound connection (15006), as ztunnel under STRICT mTLS");
   auto* serve = app.add_subcommand("serve");
   serve->add_option("--port", port)->required();
   serve->add_option("--addr", addr);

@@ -71,7 +71,8 @@ Topology::~Topology() {
 }
 
 CmdResult Topology::podsteer(const std::vector<std::string>& args) {
-  std::vector<std::string> argv = {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup};
+  std::vector<std::string> argv = {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup,
+                                   "--node-netns", netns(node1)};
   argv.insert(argv.end(), args.begin(), args.end());
   return run(argv);
 }
@@ -87,6 +88,10 @@ void Topology::capture(bool dns, const std::vector<std::string>& extra) {
     std::vector<std::string> argv = {ISTIO_INPOD_SCRIPT, "apply", netns(app)};
     if (dns) argv.push_back("--dns");
     auto r = run(argv);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    // and istio-cni's rule in the node's netns: what the node itself opens to an ambient
+    // pod comes from 169.254.7.127, which the in-pod rules leave to the app
+    r = run({ISTIO_INPOD_SCRIPT, "host", netns(node1), app4, app6});
     ASSERT_EQ(r.rc, 0) << r.out;
   }
 }
@@ -112,8 +117,23 @@ std::unique_ptr<Peer> Topology::start_server(const std::string& netns_name, int 
 
 std::unique_ptr<Peer> Topology::start_app(int port, const std::string& addr) { return start_server(app, port, addr); }
 
+void Topology::node_port(int node_port, int app_port) {
+  std::string rules = fmt::format(
+      "set -e\n"
+      "nsenter --net={n1} iptables -w -t nat -A PREROUTING -p tcp -d 10.215.0.1 --dport {np} -j DNAT --to-destination {a4}:{ap}\n"
+      "nsenter --net={n1} iptables -w -t nat -A POSTROUTING -p tcp -d {a4} --dport {ap} -j MASQUERADE\n"
+      "nsenter --net={n1} ip6tables -w -t nat -A PREROUTING -p tcp -d fd00:215::1 --dport {np} -j DNAT --to-destination [{a6}]:{ap}\n"
+      "nsenter --net={n1} ip6tables -w -t nat -A POSTROUTING -p tcp -d {a6} --dport {ap} -j MASQUERADE\n",
+      fmt::arg("n1", netns(node1)), fmt::arg("np", node_port), fmt::arg("ap", app_port), fmt::arg("a4", app4),
+      fmt::arg("a6", app6));
+  auto r = run({"/bin/bash", "-c", rules});
+  ASSERT_EQ(r.rc, 0) << r.out;
+}
+
 std::vector<std::string> Topology::client_argv(From from) const {
   switch (from) {
+    case From::Node:
+      return {testpeer_bin(), "--netns", netns(node1)};
     case From::OtherNode:
       return {testpeer_bin(), "--netns", netns(node2)};
     case From::SameNodePod:

@@ -23,7 +23,8 @@ namespace podsteer::test {
 enum class Mode { Podsteer, Istio };
 const char* mode_name(Mode m);
 
-enum class From { OtherNode, SameNodePod, AppPod };
+// Node: node1 itself, not under the hook cgroup, as the kubelet probes its pods.
+enum class From { OtherNode, SameNodePod, AppPod, Node };
 
 class Topology {
  public:
@@ -44,6 +45,9 @@ class Topology {
   // What `podsteer enroll` or istio-inpod.sh does to the app pod; extra: podsteer flags.
   void capture(bool dns = false, const std::vector<std::string>& extra = {});
   CmdResult podsteer(const std::vector<std::string>& args);
+  // kube-proxy's NodePort path in node1: node1's address on to-n2 (10.215.0.1) at
+  // node_port is DNATed to the app pod's port and masqueraded to node1's address.
+  void node_port(int node_port, int app_port);
 
   // The ztunnel-like proxy in the app pod (testpeer proxy), in its own cgroup.
   std::unique_ptr<Peer> start_proxy(const std::vector<std::string>& extra = {});

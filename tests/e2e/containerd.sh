@@ -159,11 +159,11 @@ set_running web shop "$WEB"
 set_running plain default "$PLAIN"
 ann=""
 for _ in $(seq 50); do
-  ann=$(api GET /api/v1/namespaces/shop/pods/web | jq -r '.metadata.annotations["podsteer.io/captured"] // ""')
+  ann=$(api GET /api/v1/namespaces/shop/pods/web | jq -r '.metadata.annotations["ambient.istio.io/redirection"] // ""')
   [ "$ann" = true ] && break
   sleep 0.1
 done
-check "the Kubernetes path agrees: shop/web annotated podsteer.io/captured=true" [ "$ann" = true ]
+check "the Kubernetes path agrees: shop/web annotated ambient.istio.io/redirection=enabled" [ "$ann" = enabled ]
 check "  ... and captured once: one AddWorkload for it" [ "$(grep -c '"event":"pod_added".*"pod":"shop/web"' "$DIR/proxy.log")" = 1 ]
 # plain's connection to web was captured at web (inbound), never at plain (outbound)
 check "plain's own side is untouched: no connection captured in default/plain" \

@@ -218,12 +218,21 @@ TEST_F(AgentTest, PendingPodCapturedAtCniAddStaysCapturedWithItsIdentity) {
                 .rc,
             0);
   std::string annotation;
-  for (int i = 0; i < 50 && annotation != "true"; ++i) {
+  for (int i = 0; i < 50 && annotation != "enabled"; ++i) {
     std::this_thread::sleep_for(Ms(100));
     auto p = api->get("/api/v1/namespaces/ambient/pods/web");
-    annotation = p["metadata"].value("annotations", json::object()).value("podsteer.io/captured", "");
+    annotation = p["metadata"].value("annotations", json::object()).value("ambient.istio.io/redirection", "");
   }
-  EXPECT_EQ(annotation, "true");
+  EXPECT_EQ(annotation, "enabled") << "the annotation istiod reads to give the pod HBONE";
+  // on the wire, as istio-cni sends it: a JSON merge patch of pods/status
+  bool seen = false;
+  for (const auto& p : api->get("/testctl/status-patches")) {
+    if (p.value("path", "") != "/api/v1/namespaces/ambient/pods/web/status") continue;
+    seen = true;
+    EXPECT_EQ(p.value("content_type", ""), "application/merge-patch+json");
+    EXPECT_EQ(p.value("body", ""), R"({"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"}}})");
+  }
+  EXPECT_TRUE(seen) << api->get("/testctl/status-patches");
   EXPECT_EQ(captured_pods().size(), 2u);
   auto stats = api->get("/testctl/stats");
   EXPECT_GE(stats.value("status_patches", 0), 1) << "annotated through pods/status";

@@ -136,10 +136,10 @@ TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
   std::string annotations;
   for (int i = 0; i < 50; ++i) {
     annotations = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
-    if (annotations.find("podsteer.io/captured") != std::string::npos) break;
+    if (annotations.find("ambient.istio.io/redirection") != std::string::npos) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  EXPECT_NE(annotations.find("\"podsteer.io/captured\":\"true\""), std::string::npos) << annotations;
+  EXPECT_NE(annotations.find("\"ambient.istio.io/redirection\":\"enabled\""), std::string::npos) << annotations;
 
   // a connection open through the proxy survives the opt-out
   auto session = std::make_unique<Peer>(
@@ -158,11 +158,11 @@ TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
             std::string::npos)
       << "the open connection was not reset";
   auto gone = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
-  for (int i = 0; i < 50 && gone.find("podsteer.io/captured") != std::string::npos; ++i) {
+  for (int i = 0; i < 50 && gone.find("ambient.istio.io/redirection") != std::string::npos; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     gone = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
   }
-  EXPECT_EQ(gone.find("podsteer.io/captured"), std::string::npos) << gone;
+  EXPECT_EQ(gone.find("ambient.istio.io/redirection"), std::string::npos) << "removed on release: " << gone;
 }
 
 TEST_F(KubeTest, RestartedAgentFindsRunningPodsThroughProc) {

@@ -40,6 +40,7 @@ uint64_t gone_generation = 0;           // bumped to expire every open watch (ER
 std::string token_file;
 bool api_down = false;
 uint64_t status_patches = 0;            // PATCHes of pods/status
+json status_patch_log = json::array();   // each one as it came: path, content type, body bytes
 uint64_t lists = 0;                     // list requests (not watches), for relist backoff checks                  // every API request answers 503 (the API is unreachable)
 bool hold_watches = false;              // open watches deliver nothing (a lagging watch cache)
 uint64_t gets = 0;                      // GETs of one pod or namespace
@@ -403,6 +404,8 @@ int main(int argc, char** argv) {
     {
       std::lock_guard<std::mutex> g(mu);
       status_patches++;
+      status_patch_log.push_back(
+          {{"path", req.path}, {"content_type", req.get_header_value("Content-Type")}, {"body", req.body}});
     }
     upsert("pods", obj, res, false);
   });
@@ -501,6 +504,10 @@ int main(int argc, char** argv) {
   srv.Get("/testctl/stats", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);
     reply(res, 200, {{"status_patches", status_patches}, {"lists", lists}, {"gets", gets}, {"pod_patches", pod_patches}});
+  });
+  srv.Get("/testctl/status-patches", [](const httplib::Request&, httplib::Response& res) {
+    std::lock_guard<std::mutex> g(mu);
+    reply(res, 200, status_patch_log);
   });
   srv.Get("/testctl/watchers", [](const httplib::Request&, httplib::Response& res) {
     std::lock_guard<std::mutex> g(mu);

@@ -6,6 +6,13 @@
 #
 #   istio-inpod.sh apply NETNS [--dns] [--exclusions FILE]
 #   istio-inpod.sh remove NETNS
+#   istio-inpod.sh host NODE_NETNS POD_IP4 POD_IP6
+#
+# host: istio-cni's one rule in the node's netns (CreateHostRulesForHealthChecks): every
+# TCP connection the node itself opens (-m owner --socket-exists) to an ambient pod is
+# SNATed to 169.254.7.127, which the in-pod rules leave to the app; traffic forwarded
+# through the node has no local socket and is not. (Istio matches the pods by an ipset;
+# here the one pod's addresses.)
 #
 # --exclusions FILE (benchmarks only; Istio ambient has no such option): one IPv4 CIDR per
 # line, each a RETURN before the outbound REDIRECT, the way iptables users exclude ranges.
@@ -14,6 +21,24 @@ set -euo pipefail
 cmd=${1:?apply|remove}
 netns=${2:?netns path}
 shift 2
+if [ "$cmd" = host ]; then
+  pod4=${1:?pod IPv4}; pod6=${2:?pod IPv6}
+  nsenter --net="$netns" iptables-restore -w --noflush <<EOF4
+*nat
+:ISTIO_POSTRT - [0:0]
+-A POSTROUTING -j ISTIO_POSTRT
+-A ISTIO_POSTRT -m owner --socket-exists -p tcp -d $pod4 -j SNAT --to-source 169.254.7.127
+COMMIT
+EOF4
+  nsenter --net="$netns" ip6tables-restore -w --noflush <<EOF6
+*nat
+:ISTIO_POSTRT - [0:0]
+-A POSTROUTING -j ISTIO_POSTRT
+-A ISTIO_POSTRT -m owner --socket-exists -p tcp -d $pod6 -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff
+COMMIT
+EOF6
+  exit 0
+fi
 dns=0
 exclusions=""
 while (($#)); do
