@@ -114,6 +114,9 @@ Status write_atomic(const std::string& path, const std::string& content, mode_t 
 
 }  // namespace
 
+const char* const kTokenFile = "podsteer-cni.token";
+const char* const kCaFile = "podsteer-cni-ca.crt";
+
 Result<std::string> primary_conflist(const std::string& conf_dir) {
   std::vector<std::string> files;
   std::error_code ec;
@@ -125,13 +128,22 @@ Result<std::string> primary_conflist(const std::string& conf_dir) {
   return files.front();
 }
 
-Result<bool> chain_into(const std::string& content, const std::string& agent_socket, std::string& out) {
+Result<bool> chain_into(const std::string& content, const std::string& agent_socket, std::string& out,
+                        const nlohmann::json& settings) {
   auto list = as_conflist("", content);
   if (!list) return list.error();
+  json entry = {{"type", kType}, {"agentSocket", agent_socket}};
+  if (settings.is_object())
+    for (const auto& [k, v] : settings.items()) entry[k] = v;
   auto& plugins = (*list)["plugins"];
-  for (const auto& p : plugins)
-    if (is_ours(p)) return false;
-  plugins.push_back({{"type", kType}, {"agentSocket", agent_socket}});
+  for (auto& p : plugins) {
+    if (!is_ours(p)) continue;
+    if (p == entry) return false;
+    p = entry;  // ours, with other settings (the API server's address moved): updated in place
+    out = list->dump(2) + "\n";
+    return true;
+  }
+  plugins.push_back(entry);
   out = list->dump(2) + "\n";
   return true;
 }
@@ -202,7 +214,7 @@ Result<bool> ensure_chained(const InstallOptions& o) {
     // a single plugin: it becomes a .conflist (which sorts after the .conf of the same
     // name: if the primary CNI writes its .conf again, the next pass converts that one)
     std::string updated;
-    auto changed = chain_into(snap->content, o.agent_socket, updated);
+    auto changed = chain_into(snap->content, o.agent_socket, updated, o.plugin_settings);
     if (!changed) return Error{changed.error().op, 0, *path};
     std::string target = fs::path(*path).replace_extension(".conflist").string();
     PODSTEER_TRY(write_atomic(target, updated, mode));
@@ -211,7 +223,7 @@ Result<bool> ensure_chained(const InstallOptions& o) {
   }
   return rewrite(*path, *snap, [&](const std::string& base) -> Result<std::optional<std::string>> {
     std::string updated;
-    auto changed = chain_into(base, o.agent_socket, updated);
+    auto changed = chain_into(base, o.agent_socket, updated, o.plugin_settings);
     if (!changed) return Error{changed.error().op, 0, *path};
     if (!*changed) return std::optional<std::string>();
     return std::optional<std::string>(updated);
@@ -254,6 +266,30 @@ Status uninstall(const InstallOptions& o) {
     if (!r) return r.error();
   }
   if (!o.bin_dir.empty()) fs::remove(o.bin_dir + "/" + kType, ec);
+  if (!o.conf_dir.empty())
+    for (const char* f : {kTokenFile, kCaFile}) fs::remove(o.conf_dir + "/" + f, ec);
+  return {};
+}
+
+Status set_api_access(InstallOptions& o, const std::string& server, const std::string& token, const std::string& ca_pem,
+                      const std::string& enroll_label, const std::string& system_namespace) {
+  auto keep = [](const std::string& path, const std::string& content, mode_t mode) -> Status {
+    std::ifstream in(path);
+    std::stringstream have;
+    have << in.rdbuf();
+    if (in && have.str() == content) return {};  // unchanged: no write
+    return write_atomic(path, content, mode);
+  };
+  json k = {{"server", server}};
+  if (!token.empty()) {
+    k["tokenFile"] = o.conf_dir + "/" + kTokenFile;
+    PODSTEER_TRY(keep(o.conf_dir + "/" + kTokenFile, token + "\n", 0600));
+  }
+  if (!ca_pem.empty()) {
+    k["caFile"] = o.conf_dir + "/" + kCaFile;
+    PODSTEER_TRY(keep(o.conf_dir + "/" + kCaFile, ca_pem, 0644));
+  }
+  o.plugin_settings = {{"kubernetes", k}, {"enrollment", {{"label", enroll_label}, {"systemNamespace", system_namespace}}}};
   return {};
 }
 

@@ -63,6 +63,30 @@ bool parse_plugin_conf(const std::string& stdin_json, PluginConf& out, PluginErr
       out.enroll_namespaces.push_back(ns.get<std::string>());
     }
   }
+  // an object of strings: a key of another type is a decode error
+  auto strings = [&](const char* name, const std::vector<std::pair<const char*, std::string*>>& fields) {
+    auto it = conf.find(name);
+    if (it == conf.end() || it->is_null()) return true;
+    if (!it->is_object()) {
+      err = {kInvalidConfig, "invalid network configuration", std::string("'") + name + "' is not an object"};
+      return false;
+    }
+    for (const auto& [key, into] : fields) {
+      auto f = it->find(key);
+      if (f == it->end() || f->is_null()) continue;
+      if (!f->is_string()) {
+        err = {kInvalidConfig, "invalid network configuration", std::string("'") + name + "." + key + "' is not a string"};
+        return false;
+      }
+      *into = f->get<std::string>();
+    }
+    return true;
+  };
+  KubeAccess kube;
+  if (!strings("kubernetes", {{"server", &kube.server}, {"tokenFile", &kube.token_file}, {"caFile", &kube.ca_file}}) ||
+      !strings("enrollment", {{"label", &out.enroll_label}, {"systemNamespace", &out.system_namespace}}))
+    return false;
+  if (!kube.server.empty()) out.kubernetes = kube;
   if (auto it = conf.find("prevResult"); it != conf.end() && it->is_object()) {
     out.chained = true;
     out.prev_result = *it;

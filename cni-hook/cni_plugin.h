@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,15 @@ struct PluginError {
   std::string msg, details;
 };
 
+// How podsteer-cni reaches the API server when the agent cannot be reached (written into
+// its config by the agent's installer): the server, and files the agent keeps up to date
+// on the node with its service account's token and the cluster CA.
+struct KubeAccess {
+  std::string server;
+  std::string token_file;
+  std::string ca_file;
+};
+
 struct PluginConf {
   std::string cni_version = "1.0.0";
   std::string agent_socket = "/var/run/podsteer/cni.sock";
@@ -33,6 +43,9 @@ struct PluginConf {
   nlohmann::ordered_json prev_result;       // printed unchanged on ADD
   std::vector<std::string> ips;             // prevResult's addresses
   std::vector<std::string> enroll_namespaces;
+  std::optional<KubeAccess> kubernetes;  // "kubernetes": {"server", "tokenFile", "caFile"}
+  std::string enroll_label = "istio.io/dataplane-mode=ambient";  // "enrollment": {"label", ...}
+  std::string system_namespace = "istio-system";                 // ... "systemNamespace"
 };
 
 extern const std::vector<std::string> kSupportedVersions;

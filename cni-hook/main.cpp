@@ -1,7 +1,9 @@
 // podsteer-cni: a chained CNI plugin (spec 1.0.0; accepts 0.3.x and 0.4.0). On ADD it asks
 // the podsteer agent to capture the pod and waits until the pod is captured (with the
 // proxy's ack) or not enrolled, then prints prevResult unchanged. Fail closed: if the agent
-// cannot be reached or refuses an enrolled pod, ADD fails and the runtime retries. DEL
+// refuses an enrolled pod, ADD fails and the runtime retries. If the agent cannot be
+// reached at all, the plugin asks the API server itself (api_fallback.h): a pod the agent
+// would not capture starts; one it would, and any the API cannot tell about, fail. DEL
 // never fails for want of an agent: libcni runs DEL in reverse and stops at the first
 // error, so a failing DEL would keep the primary plugin from releasing the pod's address.
 #include <poll.h>
@@ -14,6 +16,7 @@
 #include <iostream>
 #include <iterator>
 
+#include "api_fallback.h"
 #include "cni_plugin.h"
 
 using namespace podsteer::cni;
@@ -36,8 +39,10 @@ std::string env(const char* name) {
   return v ? v : "";
 }
 
-// The agent's answer, or false when it cannot be reached (err says why).
-bool ask_agent(const std::string& socket_path, const json& req, json& answer, PluginError& err) {
+// The agent's answer, or false when there is none (err says why; connected: whether the
+// agent took the connection at all, after which its silence is not "away").
+bool ask_agent(const std::string& socket_path, const json& req, json& answer, PluginError& err, bool& connected) {
+  connected = false;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -47,6 +52,7 @@ bool ask_agent(const std::string& socket_path, const json& req, json& answer, Pl
     if (fd >= 0) close(fd);
     return false;
   }
+  connected = true;
   std::string line = req.dump() + "\n";
   if (write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
     err = {kTryAgain, "podsteer agent is not reachable", std::string("write: ") + std::strerror(errno)};
@@ -109,10 +115,21 @@ int main() {
   if (args.count("PODSTEER_ENROLL")) req["enroll"] = args["PODSTEER_ENROLL"] == "true";
 
   json reply;
-  if (!ask_agent(conf.agent_socket, req, reply, err)) {
+  bool connected = false;
+  if (!ask_agent(conf.agent_socket, req, reply, err, connected)) {
     // DEL succeeds regardless: the agent cleans up what it finds when it returns
     if (command == "DEL") return 0;
-    fail(err);
+    if (connected || !conf.kubernetes) fail(err);  // an agent that took the request, or no API to ask
+    auto enrolled = enrolled_by_api(conf, args["K8S_POD_NAMESPACE"], args["K8S_POD_NAME"], args["K8S_POD_UID"]);
+    if (!enrolled)
+      fail({kTryAgain, "podsteer agent is not reachable, and the API server cannot say whether the pod is captured",
+            err.details + "; " + enrolled.error().message()});
+    if (*enrolled)
+      fail({kTryAgain, "podsteer agent is not reachable, and the pod is ambient: it must not start uncaptured",
+            err.details});
+    // not one the agent captures: it starts as if podsteer were not chained
+    if (command == "ADD") std::cout << conf.prev_result.dump() << std::endl;
+    return 0;
   }
   auto status = reply.find("status");
   if (status == reply.end() || !status->is_string() || *status == "error") {

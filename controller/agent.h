@@ -82,6 +82,9 @@ class Agent {
   // node's CNI config; a restart or an upgrade leaves it in place, so new pods wait for
   // the next agent instead of starting uncaptured (istio-cni decides the same way).
   bool daemonset_removed();
+  // --install-cni on a node whose primary CNI has not written its config yet: not ready
+  // until podsteer-cni is chained in
+  void set_cni_pending(bool pending) { cni_pending_ = pending; }
 
  private:
   // ---- agent_pods.cpp
@@ -93,6 +96,8 @@ class Agent {
   Status release(const PodInfo& pod, const std::string& why);
   std::optional<PodStatus> find_captured(const PodInfo& pod);
   PodOptions options_for(const PodInfo& pod) const;
+  // The pod's Istio annotations (dns-capture, bypass-inbound-capture) into info
+  static void take_overrides(PodInfo& info, const kube::Pod& pod);
   static PodInfo pod_from_meta(const PodStatus& s);
 
   // ---- agent_cni.cpp
@@ -127,7 +132,7 @@ class Agent {
   std::unique_ptr<CniServer> cni_;
   struct Http;
   std::unique_ptr<Http> http_;
-  std::atomic<bool> adopted_{false}, stopping_{false};
+  std::atomic<bool> adopted_{false}, stopping_{false}, cni_pending_{false};
 
   std::mutex pod_locks_mu_;
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;

@@ -73,9 +73,7 @@ Result<bool> Agent::kube_decides(PodInfo& pod) {
   }
   pod.service_account = kp->service_account;
   if (pod.uid.empty()) pod.uid = kp->uid;
-  auto overrides = kube::pod_overrides(*kp);
-  pod.dns = overrides.dns;
-  pod.bypass_inbound = overrides.bypass_inbound;
+  take_overrides(pod, *kp);
   return cfg_.label_policy.enrolled(*kp, &*ns_labels);
 }
 

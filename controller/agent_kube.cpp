@@ -152,9 +152,6 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
     info.name = pod.name;
     info.namespace_ = pod.namespace_;
     info.service_account = pod.service_account;
-    auto overrides = kube::pod_overrides(pod);
-    info.dns = overrides.dns;
-    info.bypass_inbound = overrides.bypass_inbound;
     bool now = have;
     if (want && !have) {
       if (pod.phase != "Running" && pod.phase != "Pending") continue;  // Succeeded, Failed: nothing runs
@@ -165,6 +162,7 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
         continue;
       }
       info.netns = *path;
+      take_overrides(info, pod);
       auto st = capture(info);
       if (!st) {
         spdlog::warn("kube: capture {}: {}", info.full_name(), st.error().message());

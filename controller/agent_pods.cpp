@@ -44,6 +44,14 @@ PodInfo Agent::pod_from_meta(const PodStatus& s) {
   return p;
 }
 
+void Agent::take_overrides(PodInfo& info, const kube::Pod& pod) {
+  std::vector<std::string> ignored;
+  auto o = kube::pod_overrides(pod, &ignored);
+  for (const auto& w : ignored) spdlog::warn("kube: {}/{}: {}: ignored", pod.namespace_, pod.name, w);
+  info.dns = o.dns;
+  info.bypass_inbound = o.bypass_inbound;
+}
+
 PodOptions Agent::options_for(const PodInfo& pod) const {
   PodOptions o;
   o.namespace_ = pod.namespace_;

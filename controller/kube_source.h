@@ -20,57 +20,16 @@
 #include <vector>
 
 #include "kube_client.h"
+#include "kube_policy.h"
 #include "pod_source.h"
 
 namespace podsteer::kube {
-
-using Labels = std::map<std::string, std::string>;
-
-struct Pod {
-  std::string uid, name, namespace_, service_account, phase;
-  bool host_network = false;
-  Labels labels, annotations;
-  std::vector<std::string> ips;
-};
 
 struct Snapshot {
   std::map<std::string, Pod> pods;          // by uid
   std::map<std::string, Labels> namespaces;  // name -> labels
   bool synced = false;  // both lists done at least once
 };
-
-// istio-cni's enablement (cni/pkg/util/podutil.go, PodRedirectionEnabled): the label on the
-// pod or its namespace, unless the pod is labelled "none"; never hostNetwork pods, pods
-// with a sidecar (sidecar.istio.io/status) or the node proxy's own pods.
-struct LabelPolicy {
-  std::string key = "istio.io/dataplane-mode";
-  std::string value = "ambient";
-  std::string opt_out = "none";
-  // the node proxy's pods: this namespace and label app=one of these (Istio: istio-system, ztunnel)
-  std::string proxy_namespace = "istio-system";
-  std::set<std::string> proxy_apps = {"ztunnel", "podsteer-proxy"};
-  bool enrolled(const Pod& pod, const Labels* ns_labels) const;
-};
-
-// Istio's per-pod settings (istio-cni: getPodLevelTrafficOverrides), read as Go's
-// strconv.ParseBool reads them; a value that does not parse is ignored.
-struct PodOverrides {
-  std::optional<bool> dns;      // ambient.istio.io/dns-capture; unset: the node's default
-  bool bypass_inbound = false;  // ambient.istio.io/bypass-inbound-capture
-};
-PodOverrides pod_overrides(const Pod& pod);
-std::optional<bool> parse_go_bool(const std::string& s);
-
-// The annotation istiod reads (ambient.istio.io/redirection) and its values.
-inline constexpr const char* kRedirectionAnnotation = "ambient.istio.io/redirection";
-inline constexpr const char* kRedirectionEnabled = "enabled";
-inline constexpr const char* kRedirectionPending = "pending";
-
-// A pod object as the API sends it. The service account is "default" when the spec has
-// none, as the API server fills it in.
-Result<Pod> parse_pod(const nlohmann::json& obj);
-// A namespace object: its name and labels.
-Result<std::pair<std::string, Labels>> parse_namespace(const nlohmann::json& obj);
 
 struct ListAnswer {
   std::vector<nlohmann::json> items;

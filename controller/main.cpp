@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <filesystem>
+#include <sstream>
+#include <fstream>
 #include <thread>
 
 #include "agent.h"
@@ -19,7 +21,8 @@ using namespace podsteer;
 namespace {
 
 // Keeps our plugin in the primary conflist when the primary CNI rewrites it.
-void watch_cni_config(const cni::InstallOptions& o, const std::atomic<bool>& stop) {
+void watch_cni_config(cni::InstallOptions& o, const std::atomic<bool>& stop,
+                      const std::function<Status(cni::InstallOptions&)>& refresh) {
   int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
   if (in >= 0) inotify_add_watch(in, o.conf_dir.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
   while (!stop) {
@@ -34,10 +37,32 @@ void watch_cni_config(const cni::InstallOptions& o, const std::atomic<bool>& sto
     }
     if (stop) break;
     (void)changed;  // also re-checked on the timer: inotify may miss a replaced directory
+    if (auto st = refresh(o); !st) spdlog::warn("cni: podsteer-cni's API access: {}", st.error().message());
     auto r = cni::ensure_chained(o);
     if (r && *r) spdlog::info("cni: re-added podsteer-cni to {}", cni::primary_conflist(o.conf_dir).value());
   }
   if (in >= 0) close(in);
+}
+
+// podsteer-cni asks the API server itself when the agent is away: it gets the agent's
+// server, token and CA (re-read here, so a rotated token reaches the plugin within a second).
+Status refresh_plugin_api_access(const AgentConfig& cfg, const std::string& label, const std::string& system_namespace,
+                                 cni::InstallOptions& o) {
+  if (cfg.kubeconfig.empty() && !cfg.in_cluster) return {};  // the CNI-only source: no API to ask
+  auto kc = cfg.kubeconfig.empty() ? kube::in_cluster_config() : kube::load_kubeconfig(cfg.kubeconfig);
+  if (!kc) return kc.error();
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  std::string token = kc->token;
+  if (token.empty() && !kc->token_file.empty()) {
+    token = slurp(kc->token_file);
+    while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
+  }
+  return cni::set_api_access(o, kc->server, token, kc->ca_file.empty() ? "" : slurp(kc->ca_file), label, system_namespace);
 }
 
 }  // namespace
@@ -83,7 +108,8 @@ int main(int argc, char** argv) {
                  "is gone (default: $POD_NAMESPACE/podsteer-agent)");
   std::string label = "istio.io/dataplane-mode=ambient";
   app.add_option("--enroll-label", label, "KEY=VALUE on a pod or its namespace that enrolls it")->capture_default_str();
-  app.add_option("--system-namespace", cfg.label_policy.proxy_namespace,
+  std::string system_namespace = "istio-system";
+  app.add_option("--system-namespace", system_namespace,
                  "the node proxy's namespace: its pods (label app=ztunnel or podsteer-proxy) are never captured")
       ->capture_default_str();
   app.add_flag("-v,--verbose", verbose);
@@ -92,10 +118,7 @@ int main(int argc, char** argv) {
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
   if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");
   if (cfg.daemonset.empty() && getenv("POD_NAMESPACE")) cfg.daemonset = std::string(getenv("POD_NAMESPACE")) + "/podsteer-agent";
-  if (auto eq = label.find('='); eq != std::string::npos) {
-    cfg.label_policy.key = label.substr(0, eq);
-    cfg.label_policy.value = label.substr(eq + 1);
-  }
+  cfg.label_policy = kube::LabelPolicy::from(label, system_namespace);
   cni_opts.agent_socket = cfg.cni_socket;
   if (cni_opts.plugin_binary.empty())
     cni_opts.plugin_binary = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "podsteer-cni").string();
@@ -131,13 +154,30 @@ int main(int argc, char** argv) {
   std::atomic<bool> stop{false};
   std::thread watcher;
   if (install_cni) {
+    // A new node: the agent may start before the primary CNI has written its config. It
+    // waits for it, not ready, instead of exiting into a crash loop.
+    agent.set_cni_pending(true);
+    for (bool told = false; !cni::primary_conflist(cni_opts.conf_dir); told = true) {
+      if (!told)
+        spdlog::warn("cni: no primary CNI config in {} yet: waiting for it (not ready until podsteer-cni is chained in)",
+                     cni_opts.conf_dir);
+      timespec half{0, 500'000'000};
+      if (int sig = sigtimedwait(&sigs, nullptr, &half); sig > 0) {
+        spdlog::info("signal {} while waiting for the primary CNI config: stopping", sig);
+        agent.stop();
+        return 0;
+      }
+    }
+    auto refresh = [&](cni::InstallOptions& o) { return refresh_plugin_api_access(cfg, label, system_namespace, o); };
+    if (auto st = refresh(cni_opts); !st) spdlog::warn("cni: podsteer-cni's API access: {}", st.error().message());
     auto ist = cni::install(cni_opts);
     if (!ist) {
       spdlog::error("install CNI plugin: {}", ist.error().message());
       return 1;
     }
     spdlog::info("cni: podsteer-cni installed in {} and chained in {}", cni_opts.bin_dir, cni_opts.conf_dir);
-    watcher = std::thread([&] { watch_cni_config(cni_opts, stop); });
+    agent.set_cni_pending(false);
+    watcher = std::thread([&, refresh] { watch_cni_config(cni_opts, stop, refresh); });
   }
   int sig = 0;
   sigwait(&sigs, &sig);

@@ -309,7 +309,7 @@ Result<std::vector<unsigned>> peer_links(int netns_fd) {
 namespace {
 
 // One RTM_GETNSID or RTM_NEWNSID for `other_fd` on a route socket of the calling thread's
-// netns; the NETNSA_NSID of the answer (GET) or 0 (NEW).
+// netns; the NETNSA_NSID of the answer (GET: -1 when it has none) or 0 (NEW).
 Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
   std::unique_ptr<nl_msg, void (*)(nl_msg*)> msg(nlmsg_alloc_simple(type, NLM_F_REQUEST | NLM_F_ACK), nlmsg_free);
   if (!msg) return invalid("nlmsg_alloc failed");
@@ -318,18 +318,35 @@ Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
   if (nlmsg_append(msg.get(), &g, sizeof(g), NLMSG_ALIGNTO) < 0 || nla_put_u32(msg.get(), NETNSA_FD, other_fd) < 0 ||
       (type == RTM_NEWNSID && nla_put_s32(msg.get(), NETNSA_NSID, -1) < 0))
     return invalid("build nsid request");
-  if (int err = nl_send_auto(sock, msg.get()); err < 0) return nl_error("send nsid request", err);
-  int32_t nsid = type == RTM_NEWNSID ? 0 : -1;
+  struct Answer {
+    int32_t nsid = -1;
+    bool got = false;
+  } answer;
   auto parse = [](nl_msg* m, void* arg) -> int {
-    nlattr* tb[NETNSA_MAX + 1];
-    if (nlmsg_parse(nlmsg_hdr(m), sizeof(rtgenmsg), tb, NETNSA_MAX, nullptr) == 0 && tb[NETNSA_NSID])
-      *static_cast<int32_t*>(arg) = nla_get_s32(tb[NETNSA_NSID]);
+    auto* a = static_cast<Answer*>(arg);
+    nlattr* tb[NETNSA_MAX + 1] = {};
+    if (nlmsg_hdr(m)->nlmsg_type == RTM_NEWNSID &&
+        nlmsg_parse(nlmsg_hdr(m), sizeof(rtgenmsg), tb, NETNSA_MAX, nullptr) == 0 && tb[NETNSA_NSID]) {
+      a->nsid = nla_get_s32(tb[NETNSA_NSID]);
+      a->got = true;
+    }
     return NL_OK;
   };
-  nl_socket_modify_cb(sock, NL_CB_VALID, NL_CB_CUSTOM, parse, &nsid);
-  int err = nl_wait_for_ack(sock);  // the answer (GET) comes before the ack and goes to parse
-  if (err < 0) return nl_error(type == RTM_GETNSID ? "RTM_GETNSID" : "RTM_NEWNSID", err);
-  return nsid;
+  std::unique_ptr<nl_cb, void (*)(nl_cb*)> cb(nl_cb_clone(nl_socket_get_cb(sock)), nl_cb_put);
+  if (!cb) return invalid("nl_cb_clone failed");
+  nl_cb_set(cb.get(), NL_CB_VALID, NL_CB_CUSTOM, parse, &answer);
+  bool acked = false;
+  nl_cb_set(cb.get(), NL_CB_ACK, NL_CB_CUSTOM, [](nl_msg*, void* arg) -> int {
+    *static_cast<bool*>(arg) = true;
+    return NL_STOP;
+  }, &acked);
+  if (int err = nl_send_auto(sock, msg.get()); err < 0) return nl_error("send nsid request", err);
+  while (!acked) {
+    int err = nl_recvmsgs(sock, cb.get());
+    if (err < 0) return nl_error(type == RTM_GETNSID ? "RTM_GETNSID" : "RTM_NEWNSID", err);
+  }
+  if (type == RTM_NEWNSID) return 0;
+  return answer.got ? answer.nsid : -1;
 }
 
 }  // namespace

@@ -395,6 +395,34 @@ TEST_F(NodeTest, CniInstallerChainsKeepsAndRemovesThePlugin) {
   EXPECT_NE(access((bin + "/podsteer-cni").c_str(), F_OK), 0);
 }
 
+// A new node: the agent starts before the primary CNI has written its config. It waits,
+// not ready, instead of exiting into a crash loop, and chains in once the config is there.
+TEST_F(NodeTest, AgentWaitsForThePrimaryCniConfigAndIsNotReadyMeanwhile) {
+  std::string bin = node->dir + "/opt-cni-bin", conf = node->dir + "/etc-cni-net.d";
+  ASSERT_EQ(sh("mkdir -p " + bin + " " + conf).rc, 0);
+  node->start_agent({"--install-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf, "--cni-plugin",
+                     std::string(CNI_PLUGIN_DIR) + "/podsteer-cni"});
+  node->start_proxy();  // the one other thing readiness waits for
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(kill(node->agent->pid(), 0), 0) << "the agent exited instead of waiting:\n" << node->agent->output();
+  auto early = node->http_get("/readyz");
+  EXPECT_NE(early.find("503"), std::string::npos) << early;
+  EXPECT_NE(early.find("primary CNI"), std::string::npos) << early;
+  std::ofstream(conf + "/10-kindnet.conflist")
+      << json{{"cniVersion", "1.0.0"}, {"name", "kindnet"}, {"plugins", {{{"type", "ptp"}}}}}.dump();
+  bool chained = false, ready = false;
+  for (int i = 0; i < 100 && !(chained && ready); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    auto j = json::parse(read_file(conf + "/10-kindnet.conflist"), nullptr, false);
+    chained = !j.is_discarded() && j["plugins"].size() == 2 && j["plugins"][1]["type"] == "podsteer-cni";
+    ready = node->http_get("/readyz").find("200 OK") != std::string::npos;
+  }
+  EXPECT_TRUE(chained) << read_file(conf + "/10-kindnet.conflist");
+  EXPECT_TRUE(ready) << node->http_get("/readyz") << node->agent->output();
+  node->agent->stop();
+  EXPECT_EQ(run({AGENT_BIN, "--uninstall-cni", "--cni-bin-dir", bin, "--cni-conf-dir", conf}).rc, 0);
+}
+
 }  // namespace
 
 namespace {
