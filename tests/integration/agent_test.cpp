@@ -170,6 +170,57 @@ class AgentTest : public ::testing::Test {
   std::unique_ptr<KubeApi> api;
 };
 
+// istio-cni's enablement, decided from the API at CNI ADD: a pod with a sidecar and the node
+// proxy's own pods are never captured, even in an ambient namespace; a pod labelled with
+// another value than "none" is; bypass-inbound-capture captures outbound only; DNS capture
+// is on by default and a pod's dns-capture annotation turns it off (or on).
+TEST_F(AgentTest, IstiosEnablementRulesAndPerPodSettings) {
+  api_namespace("ambient", true);
+  api_namespace("istio-system", true);
+  auto pod = [&](const std::string& ns, const std::string& name, const json& labels, const json& annotations) {
+    json p = {{"metadata", {{"name", name}, {"uid", "uid-" + name}, {"labels", labels}, {"annotations", annotations}}},
+              {"spec", {{"nodeName", node->id}, {"containers", {{{"name", "app"}, {"image", "app"}}}}}},
+              {"status", {{"phase", "Pending"}}}};
+    ASSERT_EQ(api->call("POST", "/api/v1/namespaces/" + ns + "/pods", p).rc, 0);
+  };
+  pod("ambient", "plain", json::object(), json::object());
+  pod("ambient", "sidecar", json::object(), {{"sidecar.istio.io/status", "{\"containers\":[\"istio-proxy\"]}"}});
+  pod("istio-system", "ztunnel-x", {{"app", "ztunnel"}}, json::object());
+  pod("ambient", "other-value", {{"istio.io/dataplane-mode", "sidecar"}}, json::object());
+  pod("ambient", "gateway", json::object(), {{"ambient.istio.io/bypass-inbound-capture", "true"}});
+  pod("ambient", "nodns", json::object(), {{"ambient.istio.io/dns-capture", "false"}});
+  pod("ambient", "garbled", json::object(), {{"ambient.istio.io/dns-capture", "maybe"}});
+  node->conflist["plugins"][1].erase("enrollNamespaces");  // the API decides, not the CNI config
+  node->start_agent(kube_flags());
+  node->proxy = start_proxy();
+  ASSERT_TRUE(wait_ready()) << node->http_get("/readyz") << node->agent->output();
+
+  std::map<std::string, Pod> pods;
+  for (const auto& [ns, name] : std::vector<std::pair<std::string, std::string>>{
+           {"ambient", "plain"}, {"ambient", "sidecar"}, {"istio-system", "ztunnel-x"}, {"ambient", "other-value"},
+           {"ambient", "gateway"}, {"ambient", "nodns"}, {"ambient", "garbled"}}) {
+    auto r = node->add_pod(pods[name], ns, name);
+    ASSERT_EQ(r.rc, 0) << name << ": " << r.out << node->agent->output();
+  }
+  std::map<std::string, json> captured;
+  json st = node->status();
+  for (const auto& p : st["pods"]) captured[p["pod"].get<std::string>()] = p;
+  EXPECT_FALSE(captured.count("ambient/sidecar")) << "a sidecar pod is never captured";
+  EXPECT_FALSE(captured.count("istio-system/ztunnel-x")) << "nor the node proxy's own pods";
+  EXPECT_TRUE(captured.count("ambient/other-value")) << "only the value none opts a pod out";
+  ASSERT_TRUE(captured.count("ambient/plain"));
+  EXPECT_TRUE(captured["ambient/plain"]["dns"].get<bool>()) << "DNS capture is on by default";
+  EXPECT_FALSE(captured["ambient/plain"]["bypass_inbound"].get<bool>());
+  ASSERT_TRUE(captured.count("ambient/gateway"));
+  EXPECT_TRUE(captured["ambient/gateway"]["bypass_inbound"].get<bool>()) << captured["ambient/gateway"];
+  ASSERT_TRUE(captured.count("ambient/nodns"));
+  EXPECT_FALSE(captured["ambient/nodns"]["dns"].get<bool>()) << "the pod's dns-capture=false";
+  ASSERT_TRUE(captured.count("ambient/garbled"));
+  EXPECT_TRUE(captured["ambient/garbled"]["dns"].get<bool>()) << "a value that is not a boolean is ignored";
+  EXPECT_NE(node->agent->output().find("dns-capture='maybe' is not a boolean"), std::string::npos);
+  for (auto& [_, p] : pods) node->chain("DEL", p);
+}
+
 TEST_F(AgentTest, PendingPodCapturedAtCniAddStaysCapturedWithItsIdentity) {
   api_namespace("ambient", true);
   api_namespace("default", false);

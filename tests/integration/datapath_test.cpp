@@ -52,8 +52,9 @@ class DatapathTest : public ::testing::Test {
   std::unique_ptr<Env> env;
 };
 
-json wait_accept(Peer& proxy, const std::string& orig_dst) {
-  return proxy.wait_for([&](const json& j) { return j.value("event", "") == "accept" && j.value("orig_dst", "") == orig_dst; });
+json wait_accept(Peer& proxy, const std::string& orig_dst, int timeout_ms = 5000) {
+  return proxy.wait_for([&](const json& j) { return j.value("event", "") == "accept" && j.value("orig_dst", "") == orig_dst; },
+                        timeout_ms);
 }
 
 TEST_F(DatapathTest, OutboundIPv4ReachesProxyWithOriginalDestination) {
@@ -310,6 +311,25 @@ TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
   auto c = env->pod_connect(env->remote_ip4, 8080);
   EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos);
   EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
+}
+
+// Istio's ambient.istio.io/bypass-inbound-capture ("ingress mode"): outbound is captured,
+// inbound reaches the app directly, and the proxy never sees it.
+TEST_F(DatapathTest, BypassInboundCapturesOutboundOnly) {
+  auto proxy = env->start_proxy();
+  auto app = env->start_server(env->pod_ns, 9090);
+  auto remote = env->start_server(env->remote_ns, 8080);
+  enroll({"--bypass-inbound"});
+  auto st = env->status()["pods"][0];
+  EXPECT_TRUE(st["bypass_inbound"].get<bool>()) << st;
+  EXPECT_TRUE(st["missing"].empty()) << st;
+  auto in = env->remote_connect(env->pod_ip4, 9090);
+  EXPECT_NE(in.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << in;
+  auto out = env->pod_connect(env->remote_ip4, 8080);
+  EXPECT_NE(out.value("reply", "").find("got=hello"), std::string::npos) << out;
+  EXPECT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null()) << "outbound still goes through the proxy";
+  EXPECT_TRUE(wait_accept(*proxy, env->pod_ip4 + ":9090", 300).is_null()) << "inbound never reaches the proxy";
+  EXPECT_EQ(counters()["redirected_in"], 0);
 }
 
 TEST_F(DatapathTest, UninstallLeavesNothingBehind) {

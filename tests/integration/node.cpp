@@ -140,8 +140,9 @@ ChainResult Node::add_pod(Pod& pod, const std::string& pod_namespace, const std:
 
 // Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
 std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
-                              const std::vector<std::string>& extra) {
+                              const std::vector<std::string>& extra, const std::string& netns) {
   std::vector<std::string> argv = {KUBE_SERVER_BIN, "--port-file", dir + "/port"};
+  if (!netns.empty()) argv.insert(argv.begin(), {"nsenter", "--net=" + netns});
   argv.insert(argv.end(), extra.begin(), extra.end());
   server = std::make_unique<Peer>(argv);
   std::string port;
@@ -162,8 +163,9 @@ void write_kubeconfig(const std::string& path, const std::string& port, const st
       port, user);
 }
 
-KubeApi::KubeApi(const std::string& dir) {
-  port = start_kube_server(server, dir);
+KubeApi::KubeApi(const std::string& dir, const std::string& in_netns, const std::vector<std::string>& extra)
+    : netns(in_netns) {
+  port = start_kube_server(server, dir, extra, netns);
   EXPECT_FALSE(port.empty()) << server->output();
   kubeconfig = dir + "/kubeconfig";
   write_kubeconfig(kubeconfig, port, "{}");
@@ -173,6 +175,7 @@ CmdResult KubeApi::call(const std::string& method, const std::string& path, cons
   std::vector<std::string> argv = {"curl", "-s", "-X", method, "-H", "Content-Type: application/json",
                                    "http://127.0.0.1:" + port + path};
   if (!body.is_null()) argv.insert(argv.end() - 1, {"-d", body.dump()});
+  if (!netns.empty()) argv.insert(argv.begin(), {"nsenter", "--net=" + netns});
   return run(argv);
 }
 

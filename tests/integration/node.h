@@ -53,19 +53,21 @@ class Node {
 
 // Starts kube-testserver with dir/port as its port file; returns the port ("" on failure).
 std::string start_kube_server(std::unique_ptr<Peer>& server, const std::string& dir,
-                              const std::vector<std::string>& extra = {});
+                              const std::vector<std::string>& extra = {}, const std::string& netns = "");
 // A kubeconfig for the test server; user is the YAML of the user entry (e.g. "{}").
 void write_kubeconfig(const std::string& path, const std::string& port, const std::string& user);
 
 // kube-testserver as a node's API server, with a kubeconfig for it in dir.
 class KubeApi {
  public:
-  explicit KubeApi(const std::string& dir);
+  // netns: run the server (and the test's calls to it) in that netns instead of the
+  // machine's, where a plugin run in a node netns can reach it on 127.0.0.1
+  explicit KubeApi(const std::string& dir, const std::string& netns = "", const std::vector<std::string>& extra = {});
   CmdResult call(const std::string& method, const std::string& path, const json& body = nullptr);
   json get(const std::string& path);
   void testctl(const std::string& what);  // POST /testctl/<what>
   std::unique_ptr<Peer> server;
-  std::string port, kubeconfig;
+  std::string port, kubeconfig, netns;
 };
 
 }  // namespace podsteer::test

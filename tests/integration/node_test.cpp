@@ -450,3 +450,94 @@ TEST_F(NodeTest, DnsIsCapturedAndForwardedByTheProxy) {
 }
 
 }  // namespace
+
+namespace {
+
+// With the agent away, podsteer-cni asks the API server itself, as istio-cni's plugin
+// does: a pod the agent would not capture starts; an ambient pod, and any pod the API
+// cannot tell about, does not. The API server runs in the node's netns, where the plugin
+// runs (a kubelet's plugins reach the API from the node's own netns).
+TEST_F(NodeTest, WithTheAgentAwayOnlyPodsItWouldCaptureWaitForIt) {
+  std::string token = node->dir + "/api-token";
+  std::ofstream(token) << "s3cret\n";
+  KubeApi api(node->dir, "/var/run/netns/" + node->node_ns_name, {"--token-file", token});
+  ASSERT_FALSE(api.port.empty()) << api.server->output();
+  auto curl_auth = [&](const std::string& method, const std::string& path, const json& body) {
+    return run({"nsenter", "--net=/var/run/netns/" + node->node_ns_name, "curl", "-s", "-X", method, "-H",
+                "Authorization: Bearer s3cret", "-H", "Content-Type: application/json", "-d", body.dump(),
+                "http://127.0.0.1:" + api.port + path});
+  };
+  for (const auto& [ns, ambient] : std::vector<std::pair<std::string, bool>>{{"plain", false}, {"mesh", true}}) {
+    json labels = ambient ? json{{"istio.io/dataplane-mode", "ambient"}} : json::object();
+    ASSERT_EQ(curl_auth("POST", "/api/v1/namespaces", {{"metadata", {{"name", ns}, {"labels", labels}}}}).rc, 0);
+  }
+  auto api_pod = [&](const std::string& ns, const std::string& name, const json& labels) {
+    json pod = {{"metadata", {{"name", name}, {"uid", "uid-" + name}, {"labels", labels}}},
+                {"spec", {{"nodeName", node->id}, {"containers", {{{"name", "app"}, {"image", "app"}}}}}},
+                {"status", {{"phase", "Pending"}}}};
+    ASSERT_EQ(curl_auth("POST", "/api/v1/namespaces/" + ns + "/pods", pod).rc, 0);
+  };
+  api_pod("plain", "web", json::object());
+  api_pod("plain", "labelled", {{"istio.io/dataplane-mode", "ambient"}});
+  api_pod("mesh", "app", json::object());
+  api_pod("mesh", "optout", {{"istio.io/dataplane-mode", "none"}});
+  // podsteer-cni as the agent's installer writes it: no agent listens on agentSocket
+  std::string plugin_token = node->dir + "/podsteer-cni.token";  // the agent's copy of its token
+  std::ofstream(plugin_token) << "s3cret\n";
+  node->conflist["plugins"][1]["kubernetes"] = {{"server", "http://127.0.0.1:" + api.port}, {"tokenFile", plugin_token}};
+  node->conflist["plugins"][1]["enrollment"] = {{"label", "istio.io/dataplane-mode=ambient"},
+                                                {"systemNamespace", "istio-system"}};
+
+  Pod web, labelled, app, optout;
+  auto r = node->add_pod(web, "plain", "web");
+  EXPECT_EQ(r.rc, 0) << "a pod no one captures starts without the agent: " << r.out;
+  EXPECT_FALSE(web.ip.empty()) << "prevResult passed on unchanged: " << r.out;
+  r = node->add_pod(optout, "mesh", "optout");
+  EXPECT_EQ(r.rc, 0) << "labelled none in an ambient namespace: " << r.out;
+  r = node->add_pod(labelled, "plain", "labelled");
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("the pod is ambient"), std::string::npos) << r.out;
+  EXPECT_EQ(r.result.value("code", 0), 11) << "try again later: " << r.out;
+  r = node->add_pod(app, "mesh", "app");
+  EXPECT_NE(r.rc, 0) << "an ambient pod never starts uncaptured: " << r.out;
+
+  // another pod of the same name in the API (the old one, not yet gone): cannot tell
+  Pod again;
+  again.uid = "uid-of-a-newer-web";
+  again.netns_name = "pst-" + node->id + "-web2";
+  again.container_id = "ctr-" + node->id + "-web2";
+  r = node->add_pod(again, "plain", "web");
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("another pod of this name"), std::string::npos) << r.out;
+
+  // the API down too: nobody can say, so the pod waits
+  api.testctl("down?on=true");
+  Pod later;
+  later.netns_name = "pst-" + node->id + "-web3";
+  later.container_id = "ctr-" + node->id + "-web3";
+  r = node->add_pod(later, "plain", "web");  // a name the API knows, had it answered
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("cannot say"), std::string::npos) << r.out;
+
+  // a wrong token is a refusal, not a yes
+  std::ofstream(plugin_token) << "wrong\n";
+  api.testctl("down?on=false");
+  Pod refused;
+  refused.netns_name = "pst-" + node->id + "-web4";
+  refused.container_id = "ctr-" + node->id + "-web4";
+  r = node->add_pod(refused, "plain", "web");
+  EXPECT_NE(r.rc, 0) << "the API refused us: " << r.out;
+  EXPECT_NE(r.out.find("HTTP 401"), std::string::npos) << r.out;
+
+  // without API access in its config (the CNI-only pod source), the agent's absence fails ADD
+  node->conflist["plugins"][1].erase("kubernetes");
+  Pod no_api;
+  no_api.netns_name = "pst-" + node->id + "-web5";
+  no_api.container_id = "ctr-" + node->id + "-web5";
+  r = node->add_pod(no_api, "plain", "web");
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("podsteer agent is not reachable"), std::string::npos) << r.out;
+  for (Pod* p : {&web, &optout, &labelled, &app, &again, &later, &refused, &no_api}) node->chain("DEL", *p);
+}
+
+}  // namespace
