@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
   bool no_orig_src = false;
   app.add_flag("--no-orig-src", no_orig_src,
                "connect to apps from the pod's own address, not the client's (ztunnel: ENABLE_ORIG_SRC=false)");
+  app.add_flag("--strict", cfg.strict,
+               "refuse every plaintext inbound connection, as ztunnel under a STRICT PeerAuthentication");
   app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
   cfg.orig_src = !no_orig_src;

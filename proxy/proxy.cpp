@@ -457,6 +457,13 @@ void Proxy::on_accept(Handle* h) {
     }
   }
   c->dst = addr_str(orig);
+  if (cfg_.strict && h->kind == Kind::InboundListener) {
+    // ztunnel under a STRICT PeerAuthentication: plaintext inbound is refused (reset)
+    linger reset{1, 0};
+    setsockopt(down.get(), SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+    log_conn(c.get(), "plaintext inbound refused (strict)");
+    return;
+  }
   orig = canonical(orig, olen);
   // nothing redirected a connection to the default upstream: no return path for the
   // client's address either, so it goes from the pod's own

@@ -40,6 +40,9 @@ struct Config {
   // Inbound connections go to the app from the client's address (IP_TRANSPARENT +
   // IP_FREEBIND), as ztunnel does by default (ENABLE_ORIG_SRC): the app sees who called.
   bool orig_src = true;
+  // Refuse every plaintext inbound connection (15006), as ztunnel does under a STRICT
+  // PeerAuthentication: whatever reaches the inbound listener fails.
+  bool strict = false;
   bool quiet = false;
   // ztunnel finds the workload of an AddWorkload by namespace, name and service account
   // in its xDS workload store; one it cannot find gets no certificate and every

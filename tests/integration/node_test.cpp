@@ -541,3 +541,65 @@ TEST_F(NodeTest, WithTheAgentAwayOnlyPodsItWouldCaptureWaitForIt) {
 }
 
 }  // namespace
+
+namespace {
+
+// The kubelet's probes on a real node: the agent, told which netns is the node's, leaves
+// the connections the node itself opens (a client in the node's netns, under no hook
+// cgroup, as the kubelet is) to the app, even while the proxy refuses every plaintext
+// inbound connection (ztunnel under STRICT). Traffic forwarded through the node - a
+// NodePort, DNATed and masqueraded to the node's own address - has no socket there and
+// stays captured: refused by the STRICT proxy, as ztunnel would refuse it.
+TEST_F(NodeTest, KubeletProbesReachTheAppWhileNodePortTrafficIsCaptured) {
+  std::string node_ns = "/var/run/netns/" + node->node_ns_name;
+  node->start_agent({"--node-netns", node_ns});
+  node->proxy = std::make_unique<Peer>(std::vector<std::string>{PROXY_BIN, "--zds-socket", node->zds_socket, "--strict"},
+                                       false, node->proxy_cgroup);
+  ASSERT_FALSE(node->proxy->wait_for([](const json& j) { return j.value("event", "") == "snapshot_received"; }).is_null());
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0) << node->agent->output();
+  Peer app({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "serve", "--port", "9090"});
+  ASSERT_FALSE(app.wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  auto hook = node->status()["pods"][0]["inbound"]["tc_ingress"];
+  ASSERT_EQ(hook.size(), 1u) << hook;
+  EXPECT_TRUE(hook[0]["attached"].get<bool>()) << hook;
+
+  // the kubelet: httpGet/tcpSocket probes are plain connections from the node
+  for (int i = 0; i < 3; ++i) {
+    auto probe = peer_once({testpeer_bin(), "--netns", node_ns, "connect", "--to", web.ip, "--port", "9090", "--send",
+                            "probe", "--timeout-ms", "2000"});
+    EXPECT_TRUE(got(probe, "probe")) << "probe " << i << " did not reach the app: " << probe;
+    EXPECT_NE(probe.value("reply", "").find("peer=10.211.0.1:"), std::string::npos) << probe;
+  }
+  for (const auto& c : proxy_connections())
+    EXPECT_EQ(c.value("original_dst", "").find(web.ip + ":9090"), std::string::npos) << "a probe reached the proxy: " << c;
+  auto dump = run({podsteer_bin(), "--state-dir", node->state_dir, "dump", "node"});
+  EXPECT_NE(dump.out.find(web.ip + ":9090"), std::string::npos) << dump.out;
+
+  // a client outside the node, through a NodePort (DNAT + MASQUERADE in the node's netns)
+  std::string outside = "pst-" + node->id + "-out";
+  ASSERT_TRUE(node->make_netns(outside));
+  std::string setup = fmt::format(
+      "set -e\n"
+      "ip -n {out} link add eth0 type veth peer name to-out netns {n}\n"
+      "ip -n {n} addr add 10.212.0.1/24 dev to-out && ip -n {n} link set to-out up\n"
+      "ip -n {out} addr add 10.212.0.2/24 dev eth0 && ip -n {out} link set eth0 up\n"
+      "ip -n {out} route add default via 10.212.0.1\n"
+      "nsenter --net={ns} sysctl -qw net.ipv4.ip_forward=1\n"
+      "nsenter --net={ns} iptables -w -t nat -A PREROUTING -p tcp -d 10.212.0.1 --dport 30090 -j DNAT --to-destination {pod}:9090\n"
+      "nsenter --net={ns} iptables -w -t nat -A POSTROUTING -p tcp -d {pod} --dport 9090 -j MASQUERADE\n",
+      fmt::arg("out", outside), fmt::arg("n", node->node_ns_name), fmt::arg("ns", node_ns), fmt::arg("pod", web.ip));
+  auto s = run({"/bin/bash", "-c", setup});
+  ASSERT_EQ(s.rc, 0) << s.out;
+  auto np = peer_once({testpeer_bin(), "--netns", "/var/run/netns/" + outside, "connect", "--to", "10.212.0.1", "--port",
+                       "30090", "--send", "nodeport", "--timeout-ms", "2000"});
+  EXPECT_FALSE(got(np, "nodeport")) << "NodePort traffic went around the proxy: " << np;
+  auto refused = node->proxy->wait_for([&](const json& j) {
+    return j.value("event", "") == "connection" && j.value("original_dst", "") == web.ip + ":9090" &&
+           j.value("error", "").find("refused") != std::string::npos;
+  });
+  EXPECT_FALSE(refused.is_null()) << "the proxy never saw the NodePort connection:\n" << node->proxy->output();
+  node->chain("DEL", web);
+}
+
+}  // namespace
