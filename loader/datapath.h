@@ -179,8 +179,9 @@ class Datapath {
   // netns_fd: the pod's netns, -1 when it is gone (its TC filters went with it)
   void detach_inbound(uint64_t cookie, int netns_fd);
   InboundStatus inbound_status(uint64_t cookie, const Netns* ns) const;
-  // The node's netns id inside the pod's netns (given one if it has none), -1 if unknown
-  int32_t node_nsid(const Netns& pod) const;
+  // The node's netns id inside the pod's netns (with assign, given one if it has none),
+  // -1 if it has none or cannot be had
+  int32_t node_nsid(const Netns& pod, bool assign) const;
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
   void erase_connections(uint64_t cookie);

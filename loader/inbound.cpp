@@ -213,14 +213,14 @@ static Status load_lookup(LookupSkel& skel, const std::string& state_dir, uint64
   return {};
 }
 
-int32_t Datapath::node_nsid(const Netns& pod) const {
+int32_t Datapath::node_nsid(const Netns& pod, bool assign) const {
   Fd node(::open(node_netns_.c_str(), O_RDONLY | O_CLOEXEC));
   if (!node.valid()) {
     spdlog::warn("open the node's netns {}: {} (connections the node opens to pods are captured)", node_netns_,
                  std::strerror(errno));
     return -1;
   }
-  auto id = netns_id_of(pod.fd.get(), node.get());
+  auto id = netns_id_of(pod.fd.get(), node.get(), assign);
   if (!id) {
     spdlog::warn("the node's netns id in {}: {} (connections the node opens to it are captured)", pod.path,
                  id.error().message());
@@ -238,7 +238,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
   if (meta && meta->has_value())
     if (auto r = open_netns(str_of((*meta)->netns_path, sizeof((*meta)->netns_path))); r && r->cookie == cookie)
       ns.emplace(std::move(*r));
-  int32_t nsid = ns ? node_nsid(*ns) : -1;
+  int32_t nsid = ns ? node_nsid(*ns, true) : -1;
   LookupSkel skel;
   PODSTEER_TRY(load_lookup(skel, state_dir_, cookie, nsid));
   if (bpf_link_update(link.get(), bpf_program__fd(skel->progs.podsteer_lookup), nullptr) != 0)
@@ -280,6 +280,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
 Status Datapath::attach_inbound(const Netns& ns) {
   std::string dir = pod_dir(state_dir_, ns.cookie);
   PODSTEER_TRY(make_dir(dir));
+  int32_t nsid = node_nsid(ns, true);  // first: the status below expects hooks only once it has one
   InboundStatus now = inbound_status(ns.cookie, &ns);
   if (now.attached && now.node_in_missing.empty()) return {};  // re-enroll: everything is there
   std::string pin = inbound_pin(state_dir_, ns.cookie);
@@ -289,7 +290,6 @@ Status Datapath::attach_inbound(const Netns& ns) {
     if (old.valid()) bpf_link_detach(old.get());
     unlink(pin.c_str());
   }
-  int32_t nsid = node_nsid(ns);
   LookupSkel skel;
   PODSTEER_TRY(load_lookup(skel, state_dir_, ns.cookie, nsid));
   if (!now.attached) {
@@ -375,6 +375,9 @@ InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns) const {
     for (auto& h : s.node_in) read_node_in(dir, h);
     return {};
   });
+  // The hooks a pod should have: none while the node's netns has no id in it (not enrolled
+  // by this build yet: the upgrade adds them), else one per veth.
+  if (node_nsid(*ns, false) < 0) return s;
   for (unsigned ifindex : node_in_ifindexes(ns->fd.get())) {
     bool have = false;
     for (const auto& h : s.node_in) have = have || (h.ifindex == ifindex && h.attached);

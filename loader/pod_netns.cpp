@@ -351,14 +351,14 @@ Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
 
 }  // namespace
 
-Result<int32_t> netns_id_of(int netns_fd, int other_fd) {
+Result<int32_t> netns_id_of(int netns_fd, int other_fd, bool assign) {
   int32_t id = -1;
   Status s = in_netns(netns_fd, [&]() -> Status {
     auto sock = route_socket();
     if (!sock) return sock.error();
     auto got = nsid_request(sock->get(), RTM_GETNSID, other_fd);
     if (!got) return got.error();
-    if (*got >= 0) {
+    if (*got >= 0 || !assign) {
       id = *got;
       return {};
     }
@@ -370,7 +370,7 @@ Result<int32_t> netns_id_of(int netns_fd, int other_fd) {
     return {};
   });
   if (!s) return s.error();
-  if (id < 0) return invalid("the node's netns has no id in the pod's netns");
+  if (id < 0 && assign) return invalid("the node's netns has no id in the pod's netns");
   return id;
 }
 

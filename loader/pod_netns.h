@@ -49,8 +49,9 @@ Result<ReturnPathState> read_return_path(int netns_fd, const ReturnPath& rp);
 // The pod's interfaces whose other end lives in another netns (veths, as every CNI makes):
 // where connections from outside arrive.
 Result<std::vector<unsigned>> peer_links(int netns_fd);
-// The id that netns `other` has inside netns `netns_fd` (RTM_GETNSID), given one
-// (RTM_NEWNSID) when it has none yet: the kernel's name for it in BPF socket lookups.
-Result<int32_t> netns_id_of(int netns_fd, int other_fd);
+// The id that netns `other` has inside netns `netns_fd` (RTM_GETNSID): the kernel's name
+// for it in BPF socket lookups. assign: give it one (RTM_NEWNSID) when it has none yet;
+// otherwise -1 then.
+Result<int32_t> netns_id_of(int netns_fd, int other_fd, bool assign);
 
 }  // namespace podsteer

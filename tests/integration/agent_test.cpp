@@ -592,6 +592,15 @@ TEST_F(AgentTest, DriftRepairPutsBackEveryPieceWithinASecond) {
       {"socket hook connect4", "bpftool link detach pinned " + node->state_dir + "/links/podsteer_connect4"},
       {"socket hook sockops", "bpftool link detach pinned " + node->state_dir + "/links/podsteer_sockops"},
   };
+  // the TC program for connections the node opens: a tcx link (6.6+) or a cls_bpf filter
+  auto tc = node->status()["pods"][0]["inbound"]["tc_ingress"];
+  ASSERT_EQ(tc.size(), 1u) << tc;
+  std::string ifindex = std::to_string(tc[0]["ifindex"].get<unsigned>());
+  pieces.push_back(
+      {"tc ingress", tc[0]["mode"] == "tcx"
+                         ? "bpftool link detach pinned " + node->state_dir + "/pods/" + cookie + "/node_in_tcx_" + ifindex
+                         : "nsenter --net=" + web.netns + " tc filter del dev eth0 ingress pref " +
+                               std::to_string(tc[0]["priority"].get<unsigned>()) + " handle 0x5053 bpf"});
   auto whole = [&] {
     auto s = node->status();
     return s.is_object() && s["pods"].size() == 1 && s["pods"][0]["missing"].empty() && s["missing_hooks"].empty();
