@@ -438,7 +438,7 @@ void Proxy::on_accept(Handle* h) {
   int r = v4 ? getsockopt(down.get(), SOL_IP, kSoOriginalDst, &orig, &olen)
              : getsockopt(down.get(), SOL_IPV6, kSoOriginalDst, &orig, &olen);
   // A connection made straight to the listener has itself as "original destination"
-  // (inbound ones steered by TC keep the app's port as local address, so they differ).
+  // (inbound ones handed over by sk_lookup keep the app's port as local address, so they differ).
   uint16_t listen_port = h->kind == Kind::OutboundListener  ? cfg_.outbound_port
                          : h->kind == Kind::InboundListener ? cfg_.inbound_port
                                                             : cfg_.dns_port;

@@ -18,7 +18,7 @@ struct seen {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, struct seen);
 } foreign_seen SEC(".maps");
@@ -55,5 +55,6 @@ static __always_inline int count(struct __sk_buff *skb, __u32 slot)
 SEC("tc") int foreign_first(struct __sk_buff *skb) { return count(skb, 0); }
 SEC("tc") int foreign_last(struct __sk_buff *skb) { return count(skb, 1); }
 SEC("tc") int foreign_clsact(struct __sk_buff *skb) { return count(skb, 2); }
+SEC("tc") int foreign_clsact_after(struct __sk_buff *skb) { return count(skb, 3); }
 
 char LICENSE[] SEC("license") = "GPL";

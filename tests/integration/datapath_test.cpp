@@ -361,35 +361,48 @@ TEST_F(DatapathTest, UninstallLeavesNothingBehind) {
   EXPECT_NE(after.find("\n0\n"), std::string::npos) << "tcp_fwmark_accept back to 0: " << after;
 }
 
-TEST_F(DatapathTest, ForeignTcProgramsSeeEveryPacketAndPodsteerAddsNone) {
-  // A CNI's own TC programs on the pod's interface: first and last in tcx (where the
-  // kernel has it) and a classic clsact filter. podsteer steers inbound without TC, so
-  // each of them sees every packet, steered SYNs included, and runs on unchanged.
+TEST_F(DatapathTest, ForeignTcProgramsAroundPodsteersSeeEveryPacket) {
+  // A CNI's own TC programs on the pod's interface, before and after podsteer's TC program
+  // (connections the node opens): in tcx (where the kernel has it) first and last, and
+  // classic clsact filters at a priority below and above ours. Ours gives no verdict, so
+  // each of them sees every packet, steered SYNs included; and uninstall takes only ours.
   auto* skel = foreign_counter__open_and_load();
   ASSERT_NE(skel, nullptr);
   std::vector<int> links;
   bool tcx = false;
-  std::thread([&] {
-    int fd = open(env->pod_ns.c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_EQ(setns(fd, CLONE_NEWNET), 0);
-    close(fd);
-    unsigned ifindex = if_nametoindex("eth0");
-    LIBBPF_OPTS(bpf_link_create_opts, first, .flags = 1u << 3 /* BPF_F_BEFORE */);
-    LIBBPF_OPTS(bpf_link_create_opts, last, .flags = 1u << 4 /* BPF_F_AFTER */);
-    int a = bpf_link_create(bpf_program__fd(skel->progs.foreign_first), ifindex, static_cast<bpf_attach_type>(46), &first);
-    int b = bpf_link_create(bpf_program__fd(skel->progs.foreign_last), ifindex, static_cast<bpf_attach_type>(46), &last);
-    tcx = a >= 0 && b >= 0;  // tcx: 6.6+
-    for (int l : {a, b})
-      if (l >= 0) links.push_back(l);
+  auto in_pod = [&](const std::function<void(unsigned)>& fn) {
+    std::thread([&] {
+      int fd = open(env->pod_ns.c_str(), O_RDONLY | O_CLOEXEC);
+      ASSERT_EQ(setns(fd, CLONE_NEWNET), 0);
+      close(fd);
+      fn(if_nametoindex("eth0"));
+    }).join();
+  };
+  auto clsact = [&](unsigned ifindex, bpf_program* prog, uint32_t prio) {
     LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = int(ifindex), .attach_point = BPF_TC_INGRESS);
     bpf_tc_hook_create(&hook);
-    LIBBPF_OPTS(bpf_tc_opts, opts, .prog_fd = bpf_program__fd(skel->progs.foreign_clsact));
+    LIBBPF_OPTS(bpf_tc_opts, opts, .prog_fd = bpf_program__fd(prog), .priority = prio);
     ASSERT_EQ(bpf_tc_attach(&hook, &opts), 0);
-  }).join();
-
+  };
+  in_pod([&](unsigned ifindex) {
+    LIBBPF_OPTS(bpf_link_create_opts, first, .flags = 1u << 3 /* BPF_F_BEFORE */);
+    int a = bpf_link_create(bpf_program__fd(skel->progs.foreign_first), ifindex, static_cast<bpf_attach_type>(46), &first);
+    tcx = a >= 0;  // tcx: 6.6+
+    if (a >= 0) links.push_back(a);
+    clsact(ifindex, skel->progs.foreign_clsact, 1);
+  });
   auto proxy = env->start_proxy();
   auto app = env->start_server(env->pod_ns, 9090);
   enroll();
+  auto ours = env->status()["pods"][0]["inbound"]["tc_ingress"];
+  ASSERT_EQ(ours.size(), 1u) << ours;
+  EXPECT_EQ(ours[0]["mode"], tcx ? "tcx" : "clsact") << ours;
+  in_pod([&](unsigned ifindex) {
+    LIBBPF_OPTS(bpf_link_create_opts, last, .flags = 1u << 4 /* BPF_F_AFTER */);
+    int b = bpf_link_create(bpf_program__fd(skel->progs.foreign_last), ifindex, static_cast<bpf_attach_type>(46), &last);
+    if (b >= 0) links.push_back(b);
+    clsact(ifindex, skel->progs.foreign_clsact_after, 0xd000);
+  });
   for (const auto& ip : {env->pod_ip4, env->pod_ip6}) {
     auto c = env->remote_connect(ip, 9090);
     EXPECT_NE(c.value("reply", "").find("got=hello"), std::string::npos) << c;
@@ -403,23 +416,26 @@ TEST_F(DatapathTest, ForeignTcProgramsSeeEveryPacketAndPodsteerAddsNone) {
     bpf_map_lookup_elem(bpf_map__fd(skel->maps.foreign_seen), &slot, &v);
     return v;
   };
-  std::vector<uint32_t> slots = {2};
-  if (tcx) slots = {0, 1, 2};
-  else fprintf(stderr, "no tcx on this kernel: only the clsact filter is checked\n");
+  std::vector<uint32_t> slots = {2, 3};
+  if (tcx) slots = {0, 1, 2, 3};
+  else fprintf(stderr, "no tcx on this kernel: only the clsact filters are checked\n");
   for (uint32_t slot : slots) {
     EXPECT_EQ(seen(slot).syn, 2u) << "program " << slot << " missed a SYN";
-    EXPECT_EQ(seen(slot).tcp, seen(2).tcp) << "program " << slot << " saw other packets than the clsact filter";
+    EXPECT_EQ(seen(slot).tcp, seen(2).tcp) << "program " << slot << " saw other packets than the first clsact filter";
   }
   EXPECT_GE(seen(2).tcp, 10u);
   auto filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
-  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
-  EXPECT_NE(filters.out.find("foreign_clsact"), std::string::npos) << filters.out;
-  auto all_links = sh("bpftool link show");
-  EXPECT_EQ(all_links.out.find("podsteer_tc"), std::string::npos) << all_links.out;
+  // bpftool 7.1 names no tcx link's program: ours is known by its link id there
+  std::string our_link = tcx ? std::to_string(ours[0]["link_id"].get<uint32_t>()) : "";
+  if (tcx) EXPECT_EQ(sh("bpftool link show id " + our_link).rc, 0);
+  else EXPECT_NE(filters.out.find("podsteer_node"), std::string::npos) << filters.out;
 
   ASSERT_EQ(env->podsteer({"uninstall"}).rc, 0);
   filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
-  EXPECT_NE(filters.out.find("foreign_clsact"), std::string::npos) << "the foreign filter must survive: " << filters.out;
+  EXPECT_NE(filters.out.find("foreign_clsact "), std::string::npos) << "the foreign filters must survive: " << filters.out;
+  EXPECT_NE(filters.out.find("foreign_clsact_"), std::string::npos) << filters.out;  // 15 characters of a name
+  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
+  if (tcx) EXPECT_NE(sh("bpftool link show id " + our_link + " 2>&1").rc, 0) << "our tcx link is gone";
   for (int l : links) close(l);
   foreign_counter__destroy(skel);
 }
