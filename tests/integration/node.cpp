@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -165,6 +166,7 @@ void write_kubeconfig(const std::string& path, const std::string& port, const st
 
 KubeApi::KubeApi(const std::string& dir, const std::string& in_netns, const std::vector<std::string>& extra)
     : netns(in_netns) {
+  if (std::find(extra.begin(), extra.end(), "--tls-cert") != extra.end()) scheme = "https";
   port = start_kube_server(server, dir, extra, netns);
   EXPECT_FALSE(port.empty()) << server->output();
   kubeconfig = dir + "/kubeconfig";
@@ -172,8 +174,8 @@ KubeApi::KubeApi(const std::string& dir, const std::string& in_netns, const std:
 }
 
 CmdResult KubeApi::call(const std::string& method, const std::string& path, const json& body) {
-  std::vector<std::string> argv = {"curl", "-s", "-X", method, "-H", "Content-Type: application/json",
-                                   "http://127.0.0.1:" + port + path};
+  std::vector<std::string> argv = {"curl", "-s", "-k", "-X", method, "-H", "Content-Type: application/json",
+                                   scheme + "://127.0.0.1:" + port + path};
   if (!body.is_null()) argv.insert(argv.end() - 1, {"-d", body.dump()});
   if (!netns.empty()) argv.insert(argv.begin(), {"nsenter", "--net=" + netns});
   return run(argv);

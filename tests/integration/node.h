@@ -68,6 +68,7 @@ class KubeApi {
   void testctl(const std::string& what);  // POST /testctl/<what>
   std::unique_ptr<Peer> server;
   std::string port, kubeconfig, netns;
+  std::string scheme = "http";  // https when started with --tls-cert
 };
 
 }  // namespace podsteer::test

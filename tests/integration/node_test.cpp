@@ -603,3 +603,49 @@ TEST_F(NodeTest, KubeletProbesReachTheAppWhileNodePortTrafficIsCaptured) {
 }
 
 }  // namespace
+
+namespace {
+
+// The same, against an API server that speaks TLS (as every real one does): podsteer-cni
+// trusts it only through the cluster CA the agent left for it, and only under the name or
+// address its certificate carries.
+TEST_F(NodeTest, WithTheAgentAwayThePluginChecksTheApiServersCertificate) {
+  std::string d = node->dir, ns = "/var/run/netns/" + node->node_ns_name;
+  auto pki = run({"/bin/bash", "-c",
+                  "set -e; cd " + d + "\n"
+                  "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca 2>/dev/null\n"
+                  "openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.crt -days 2 -subj /CN=other 2>/dev/null\n"
+                  "openssl req -newkey rsa:2048 -nodes -keyout api.key -out api.csr -subj /CN=kube-apiserver 2>/dev/null\n"
+                  "printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext\n"
+                  "openssl x509 -req -in api.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out api.crt -days 2 "
+                  "-extfile san.ext 2>/dev/null\n"});
+  ASSERT_EQ(pki.rc, 0) << pki.out;
+  KubeApi api(d, ns, {"--tls-cert", d + "/api.crt", "--tls-key", d + "/api.key"});
+  ASSERT_FALSE(api.port.empty()) << api.server->output();
+  ASSERT_EQ(api.call("POST", "/api/v1/namespaces", {{"metadata", {{"name", "plain"}}}}).rc, 0);
+  ASSERT_EQ(api.call("POST", "/api/v1/namespaces/plain/pods",
+                     {{"metadata", {{"name", "web"}, {"uid", "uid-web"}}},
+                      {"spec", {{"nodeName", node->id}, {"containers", {{{"name", "app"}, {"image", "app"}}}}}}})
+                .rc,
+            0);
+  int n = 0;
+  auto add = [&](const std::string& server, const std::string& ca) {
+    node->conflist["plugins"][1]["kubernetes"] = {{"server", server}, {"caFile", ca}};
+    Pod p;
+    p.netns_name = "pst-" + node->id + "-tls" + std::to_string(++n);
+    p.container_id = "ctr-" + node->id + "-tls" + std::to_string(n);
+    p.uid = "uid-web";
+    auto r = node->add_pod(p, "plain", "web");
+    node->chain("DEL", p);
+    return r;
+  };
+  auto r = add("https://127.0.0.1:" + api.port, d + "/ca.crt");
+  EXPECT_EQ(r.rc, 0) << "the cluster CA vouches for the server: " << r.out;
+  r = add("https://127.0.0.1:" + api.port, d + "/other-ca.crt");
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("certificate"), std::string::npos) << r.out;
+  r = add("https://localhost:" + api.port, d + "/ca.crt");
+  EXPECT_NE(r.rc, 0) << "the certificate names 127.0.0.1, not localhost: " << r.out;
+}
+
+}  // namespace

@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <sstream>
 
@@ -285,9 +286,19 @@ int main(int argc, char** argv) {
   app.add_option("--port", port);
   app.add_option("--port-file", port_file, "write the chosen port here");
   app.add_option("--token-file", token_file, "require Authorization: Bearer <first line of this file>");
+  std::string tls_cert, tls_key;
+  app.add_option("--tls-cert", tls_cert, "serve HTTPS with this certificate (PEM) ...");
+  app.add_option("--tls-key", tls_key, "... and this key");
   CLI11_PARSE(app, argc, argv);
 
-  httplib::Server srv;
+  std::unique_ptr<httplib::Server> server;
+  if (!tls_cert.empty()) server = std::make_unique<httplib::SSLServer>(tls_cert.c_str(), tls_key.c_str());
+  else server = std::make_unique<httplib::Server>();
+  if (!server->is_valid()) {
+    fprintf(stderr, "kube-testserver: cannot serve with %s and %s\n", tls_cert.c_str(), tls_key.c_str());
+    return 1;
+  }
+  httplib::Server& srv = *server;
   srv.Get("/version", [](const httplib::Request&, httplib::Response& res) {
     reply(res, 200, {{"major", "1"}, {"minor", "32"}, {"gitVersion", "v1.32.0-podsteer-test"}, {"platform", "linux/amd64"}});
   });
