@@ -81,11 +81,19 @@ class KubeTest : public ::testing::Test {
     argv.insert(argv.end(), args.begin(), args.end());
     return run(argv, {"KUBECONFIG=" + dir + "/kubectl-config"});
   }
-  void start_agent(const std::vector<std::string>& proxy_flags = {}) {
+  // The agent alone; start_agent also starts a proxy if none runs (ensure_proxy) and waits
+  // for its snapshot.
+  void launch_agent() {
     agent = std::make_unique<Peer>(std::vector<std::string>{
         AGENT_BIN, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "--cni-socket", dir + "/cni.sock",
         "--zds-socket", proxy_zds, "--http-port", std::to_string(21000 + getpid() % 20000), "--kubeconfig",
         dir + "/kubeconfig", "--node-name", node});
+  }
+  void start_agent(const std::vector<std::string>& proxy_flags = {}) {
+    launch_agent();
+    ensure_proxy(proxy_flags);
+  }
+  void ensure_proxy(const std::vector<std::string>& proxy_flags = {}) {
     if (!proxy) {
       std::vector<std::string> argv = {PROXY_BIN, "--zds-socket", proxy_zds};
       argv.insert(argv.end(), proxy_flags.begin(), proxy_flags.end());
@@ -185,6 +193,37 @@ TEST_F(KubeTest, RestartedAgentFindsRunningPodsThroughProc) {
   // the pod's own opt-out beats its namespace
   ASSERT_EQ(kubectl({"label", "pod", "web", "istio.io/dataplane-mode=none"}).rc, 0);
   EXPECT_TRUE(captured(0)) << agent->output();
+}
+
+// The annotation istiod reads, through a proxy's comings and goings: "enabled" once a proxy
+// acked the pod, kept while that proxy is away (istiod must not flip the pod's peers to
+// plaintext for a proxy restart); "pending" for a captured pod no proxy has acked yet (an
+// agent that restarts without a proxy finds one), "enabled" again at the proxy's ack.
+TEST_F(KubeTest, RedirectionAnnotationIsPendingUntilAProxyAcksAndNeverGoesBack) {
+  auto annotation = [&] {
+    return kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations.ambient\\.istio\\.io/redirection}"}).out;
+  };
+  auto wait_for = [&](const std::string& want) {
+    for (int i = 0; i < 100 && annotation() != want; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    return annotation();
+  };
+  ASSERT_EQ(kubectl({"label", "namespace", "shop", "istio.io/dataplane-mode=ambient"}).rc, 0);
+  start_agent();
+  ASSERT_TRUE(captured(1)) << agent->output();
+  EXPECT_EQ(wait_for("enabled"), "enabled") << agent->output();
+
+  proxy.reset();  // the proxy goes away (a ztunnel restart)
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // past a reconcile round
+  EXPECT_EQ(annotation(), "enabled") << "not back to pending while the proxy is away";
+
+  // a new agent, no proxy yet, and the annotation gone meanwhile: captured, not acked
+  agent->stop();
+  ASSERT_EQ(kubectl({"annotate", "pod", "web", "ambient.istio.io/redirection-"}).rc, 0);
+  launch_agent();
+  EXPECT_EQ(wait_for("pending"), "pending") << agent->output();
+  ensure_proxy();  // the agent's snapshot, the proxy's ack
+
+  EXPECT_EQ(wait_for("enabled"), "enabled") << agent->output();
 }
 
 // Open fds of pid that refer to the netns at path.
