@@ -1236,22 +1236,19 @@ int main(int argc, char** argv) {
                         return spread(pct, 1) + " % over rounds";
                       }());
   }
-  auto runs_of = [&](const char* k) {
+  auto runs_in = [](const json& from, const char* k) {
     std::vector<double> v;
-    for (const auto& x : lookup.value(k, json::array())) v.push_back(x.get<double>());
+    for (const auto& x : from.value(k, json::array())) v.push_back(x.get<double>());
     return v;
   };
+  auto runs_of = [&](const char* k) { return runs_in(lookup, k); };
+  auto tc_runs = [&](const char* k) { return runs_in(tc, k); };
   md += fmt::format("\nThe sk_lookup program alone under BPF_PROG_TEST_RUN, median of {} runs (min-max): {} ns for a "
                     "client's SYN handed to the proxy's listener (selected it: {}), {} ns for a connection the pod "
                     "makes to itself. It runs only when a packet matches no connection: packets of existing connections "
                     "cost it nothing.\n",
                     runs_of("syn_from_client_ns_runs").size(), spread(runs_of("syn_from_client_ns_runs")),
                     lookup.value("syn_selected_the_listener", false), spread(runs_of("connection_to_itself_ns_runs")));
-  auto tc_runs = [&](const char* k) {
-    std::vector<double> v;
-    for (const auto& x : tc.value(k, json::array())) v.push_back(x.get<double>());
-    return v;
-  };
   md += fmt::format("\nThe TC ingress program alone under BPF_PROG_TEST_RUN, median of {} runs (min-max): {} ns for a "
                     "SYN the node has no socket for (a client's, or NodePort traffic), {} ns for a SYN of the node's own "
                     "connection (recorded for sk_lookup: {}; the client's: {}), {} ns for an ordinary packet.\n",

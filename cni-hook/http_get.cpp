@@ -100,9 +100,9 @@ Result<int> dial(const Url& u, int timeout_seconds) {
   return Error{"connect to the API server", last, u.host + ":" + u.port};
 }
 
-// The status and body of an HTTP/1.x answer (body ends at the end of data; a chunked one
-// is decoded).
-Result<HttpAnswer> parse_answer(const std::string& raw) {
+}  // namespace
+
+Result<HttpAnswer> parse_http_answer(const std::string& raw) {
   HttpAnswer a;
   if (raw.rfind("HTTP/1.", 0) != 0 || raw.size() < 12) return invalid("not an HTTP answer from the API server");
   a.status = std::atoi(raw.c_str() + 9);
@@ -120,13 +120,11 @@ Result<HttpAnswer> parse_answer(const std::string& raw) {
     if (eol == std::string::npos) return invalid("truncated chunked body");
     size_t n = std::strtoul(body.c_str() + pos, nullptr, 16);
     if (n == 0) return a;
-    if (eol + 2 + n > body.size()) return invalid("truncated chunked body");
+    if (n > body.size() || eol + 2 + n > body.size()) return invalid("truncated chunked body");
     a.body.append(body, eol + 2, n);
     pos = eol + 2 + n + 2;
   }
 }
-
-}  // namespace
 
 Result<HttpAnswer> http_get(const std::string& server, const std::string& path, const std::string& bearer_token,
                             const std::string& ca_file, int timeout_seconds) {
@@ -194,7 +192,7 @@ Result<HttpAnswer> http_get(const std::string& server, const std::string& path, 
     if (ssl && SSL_get_error(ssl.get(), n) == SSL_ERROR_SYSCALL && errno == 0) break;  // closed without close_notify
     return Error{"read the API server's answer", errno, server};
   }
-  return parse_answer(raw);
+  return parse_http_answer(raw);
 }
 
 }  // namespace podsteer::cni

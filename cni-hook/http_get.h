@@ -21,6 +21,10 @@ struct HttpAnswer {
   std::string body;
 };
 
+// The status and body of an HTTP/1.x answer as it came off the wire: the body is what
+// follows the headers, or its chunks joined when it is chunked (tests/fuzz/api_answer).
+Result<HttpAnswer> parse_http_answer(const std::string& raw);
+
 // server: http://HOST:PORT or https://HOST:PORT (HOST may be [IPv6]). https verifies the
 // server against ca_file (the system's CAs when empty) and its name or IP address.
 Result<HttpAnswer> http_get(const std::string& server, const std::string& path, const std::string& bearer_token,

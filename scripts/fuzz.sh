@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${ASAN_BUILD_DIR:-build-asan}
-TARGETS=(cni_request cni_plugin conflist kubeconfig kube_list kube_watch zds_frames)
+TARGETS=(cni_request cni_plugin conflist kubeconfig kube_list kube_watch zds_frames api_answer)
 [[ -x $BUILD_DIR/tests/fuzz/fuzz_zds_frames ]] || scripts/build-asan.sh
 if [[ -n ${FUZZ_SECONDS:-} ]]; then limit=(-max_total_time="$FUZZ_SECONDS"); else limit=(-runs="${FUZZ_RUNS:-1000000}"); fi
 mkdir -p "$BUILD_DIR/fuzz-artifacts"

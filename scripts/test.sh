@@ -43,7 +43,7 @@ if want asan; then
     ctest --output-on-failure -E 'Migrates|bench_smoke'"
 fi
 if want fuzz; then
-  part "fuzz smoke: 7 targets x ${FUZZ_SECONDS:-20}s" env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
+  part "fuzz smoke: 8 targets x ${FUZZ_SECONDS:-20}s" env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
 fi
 if want kernels; then
   # a subset on 6.1 (software-emulated here: ~10 s per test, ~100 s for the source-kept
