@@ -27,6 +27,11 @@ inline std::string inbound_pin(const std::string& state, uint64_t cookie) { retu
 
 Status make_dir(const std::string& p);
 
+// Removes a pod's TC hooks (inbound.cpp): tcx links by their pins; cls_bpf filters in the
+// pod's netns (netns_fd), only while they still run our program (-1: the netns is gone,
+// and its filters with it). Their pins go too.
+void detach_node_in_hooks(const std::string& state_dir, uint64_t cookie, int netns_fd);
+
 inline void copy_str(char* dst, size_t cap, const std::string& s) {
   std::memset(dst, 0, cap);
   std::memcpy(dst, s.data(), std::min(cap - 1, s.size()));

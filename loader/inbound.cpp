@@ -311,9 +311,14 @@ Status Datapath::attach_inbound(const Netns& ns) {
   });
 }
 
+void detail::detach_node_in_hooks(const std::string& state_dir, uint64_t cookie, int netns_fd) {
+  std::string dir = pod_dir(state_dir, cookie);
+  for (const auto& h : node_in_pins(dir)) detach_node_in_one(dir, h, netns_fd);
+}
+
 void Datapath::detach_inbound(uint64_t cookie, int netns_fd) {
   std::string dir = pod_dir(state_dir_, cookie);
-  for (const auto& h : node_in_pins(dir)) detach_node_in_one(dir, h, netns_fd);
+  detach_node_in_hooks(state_dir_, cookie, netns_fd);
   std::string pin = inbound_pin(state_dir_, cookie);
   Fd link(bpf_obj_get(pin.c_str()));
   if (link.valid() && bpf_link_detach(link.get()) != 0 && errno != ENOLINK)

@@ -237,7 +237,7 @@ Status Datapath::uninstall(const std::string& state_dir) {
 }
 
 // For a state dir this build cannot adopt (another map ABI, a damaged install): the
-// return path each pod got, found through whatever of the meta and config maps still
+// return path and cls_bpf filters each pod got, found through whatever of the meta and config maps still
 // reads with this build's layouts.
 static void clean_netns_best_effort(const std::string& state_dir) {
   podsteer_config cfg{};
@@ -258,8 +258,10 @@ static void clean_netns_best_effort(const std::string& state_dir) {
     auto m = meta->lookup(cookie);
     if (!m || !m->has_value()) continue;
     auto ns = open_netns(str_of((*m)->netns_path, sizeof((*m)->netns_path)));
-    if (ns && ns->cookie == cookie)
+    if (ns && ns->cookie == cookie) {
       (void)remove_return_path(ns->fd.get(), rp, (*m)->netns_setup, (*m)->fwmark_accept_before);
+      detach_node_in_hooks(state_dir, cookie, ns->fd.get());  // cls_bpf filters live in the netns
+    }
   }
 }
 
