@@ -704,7 +704,8 @@ json tc_test_run(bool smoke) {
       return;
     }
     int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    auto nsid = podsteer::netns_id_of(self, node_ns, true);
+    auto links = podsteer::node_links(self, node_ns, true);
+    auto nsid = links ? podsteer::Result<int32_t>(links->node_nsid) : podsteer::Result<int32_t>(links.error());
     close(self);
     auto* skel = podsteer_lookup__open();
     const uint64_t cookie = 7;

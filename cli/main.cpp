@@ -323,6 +323,10 @@ int main(int argc, char** argv) {
   NodeConfig node;
   bool verbose = false;
   app.add_option("--state-dir", state_dir, "bpffs directory of our pins")->capture_default_str();
+  app.add_option("--tc-mode", node.tc_mode,
+                 "how a pod's TC program attaches: clsact (cls_bpf, every kernel) or tcx (6.6+; each attach "
+                 "waits for an RCU grace period)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, TcMode>{{"clsact", TcMode::Clsact}, {"tcx", TcMode::Tcx}}));
   app.add_option("--node-netns", node.node_netns,
                  "the node's netns: connections whose socket exists there (kubelet probes) reach the app "
                  "(default: this command's own)");

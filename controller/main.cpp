@@ -75,6 +75,11 @@ int main(int argc, char** argv) {
   cni::InstallOptions cni_opts;
   app.add_option("--state-dir", cfg.state_dir, "bpffs directory of our pins")->capture_default_str();
   app.add_option("--hook-cgroup", cfg.node.hook_cgroup, "cgroup v2 directory for the socket hooks (first start only)");
+  app.add_option("--tc-mode", cfg.node.tc_mode,
+                 "how the pod's TC program attaches: clsact (cls_bpf, every kernel) or tcx (6.6+; each attach "
+                 "waits for an RCU grace period, milliseconds per pod start)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, TcMode>{{"clsact", TcMode::Clsact}, {"tcx", TcMode::Tcx}}))
+      ->capture_default_str();
   app.add_option("--node-netns", cfg.node.node_netns,
                  "the node's netns: connections whose socket exists there (kubelet probes) reach the app "
                  "(default: the agent's own, hostNetwork)");

@@ -26,6 +26,10 @@
 
 namespace podsteer {
 
+// How the pod's TC program attaches: a cls_bpf filter under clsact (every kernel), or a
+// tcx link (6.6+; each attach waits for an RCU grace period, milliseconds per pod start).
+enum class TcMode { Clsact, Tcx };
+
 struct NodeConfig {
   uint16_t outbound_port = PODSTEER_DEFAULT_OUTBOUND_PORT;
   uint16_t inbound_port = PODSTEER_DEFAULT_INBOUND_PORT;
@@ -41,6 +45,7 @@ struct NodeConfig {
   // the app. Empty: the netns this process runs in (the agent runs with hostNetwork).
   // Not kept in the state: every process that enrolls or repairs names the same one.
   std::string node_netns;
+  TcMode tc_mode = TcMode::Clsact;  // for new attachments; existing ones keep theirs
 };
 
 struct Cidr {
@@ -179,9 +184,9 @@ class Datapath {
   // netns_fd: the pod's netns, -1 when it is gone (its TC filters went with it)
   void detach_inbound(uint64_t cookie, int netns_fd);
   InboundStatus inbound_status(uint64_t cookie, const Netns* ns) const;
-  // The node's netns id inside the pod's netns (with assign, given one if it has none),
-  // -1 if it has none or cannot be had
-  int32_t node_nsid(const Netns& pod, bool assign) const;
+  // The pod's veths and the node's netns id there (with assign, given one if it has none;
+  // -1 if it has none or cannot be had)
+  NodeLinks node_links_of(const Netns& pod, bool assign) const;
   Status write_exclusions(uint64_t cookie, const PodOptions& opts);
   void erase_exclusions(uint64_t cookie, const PodOptions* keep);
   void erase_connections(uint64_t cookie);
@@ -195,6 +200,7 @@ class Datapath {
 
   std::string state_dir_;
   std::string node_netns_ = "/proc/self/ns/net";
+  TcMode tc_mode_ = TcMode::Clsact;
   podsteer_config config_{};
   uint32_t config_map_id_ = 0;
   std::optional<Map<__u64, podsteer_pod>> pods_;

@@ -2,10 +2,11 @@
 // (its netns cookie, and the node's netns id, written into its code):
 //   - the sk_lookup program, linked to the pod's netns, pinned at pods/<cookie>/inbound;
 //   - the TC ingress program on each of the pod's veth interfaces (connections the node
-//     itself opened), a tcx link pinned at pods/<cookie>/node_in_tcx_<ifindex> where the
-//     kernel has tcx (6.6+), else a cls_bpf filter of ours (handle 0x5053, the first free
+//     itself opened): a cls_bpf filter of ours under clsact (handle 0x5053, the first free
 //     priority from 0xc000) whose program is pinned at
-//     pods/<cookie>/node_in_clsact_<ifindex>_<priority>: the pin names the filter.
+//     pods/<cookie>/node_in_clsact_<ifindex>_<priority> (the pin names the filter), or, with
+//     --tc-mode tcx on a kernel that has it (6.6+), a tcx link pinned at
+//     pods/<cookie>/node_in_tcx_<ifindex>.
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>
@@ -112,9 +113,14 @@ void read_node_in(const std::string& dir, NodeInHook& h) {
   }
 }
 
-// Attaches the TC program on one interface; calling thread in the pod's netns.
-Status attach_node_in_one(const std::string& dir, int prog, unsigned ifindex) {
-  Fd link(bpf_link_create(prog, static_cast<int>(ifindex), static_cast<bpf_attach_type>(kTcxIngress), nullptr));
+// Attaches the TC program on one interface; calling thread in the pod's netns. tcx only
+// when asked (TcMode): its attach waits for an RCU grace period, 4-19 ms a pod here, where
+// a cls_bpf filter takes well under 1 ms; a kernel without tcx gets the filter anyway.
+Status attach_node_in_one(const std::string& dir, int prog, unsigned ifindex, TcMode mode) {
+  Fd link(mode == TcMode::Tcx
+              ? bpf_link_create(prog, static_cast<int>(ifindex), static_cast<bpf_attach_type>(kTcxIngress), nullptr)
+              : -1);
+  if (mode != TcMode::Tcx) errno = EINVAL;
   if (link.valid()) {
     NodeInHook h{ifindex, "tcx"};
     std::string pin = node_in_pin(dir, h);
@@ -181,13 +187,6 @@ void detach_node_in_one(const std::string& dir, const NodeInHook& h, int netns_f
   unlink(pin.c_str());
 }
 
-// The pod's veth interfaces, where the TC program goes.
-std::vector<unsigned> node_in_ifindexes(int netns_fd) {
-  auto peers = peer_links(netns_fd);
-  if (!peers) spdlog::warn("list the pod's interfaces: {}", peers.error().message());
-  return peers ? *peers : std::vector<unsigned>{};
-}
-
 }  // namespace
 
 // This pod's instance of lookup.bpf.c, loaded with the node's maps. nsid < 0: no TC
@@ -213,20 +212,20 @@ static Status load_lookup(LookupSkel& skel, const std::string& state_dir, uint64
   return {};
 }
 
-int32_t Datapath::node_nsid(const Netns& pod, bool assign) const {
+NodeLinks Datapath::node_links_of(const Netns& pod, bool assign) const {
   Fd node(::open(node_netns_.c_str(), O_RDONLY | O_CLOEXEC));
   if (!node.valid()) {
     spdlog::warn("open the node's netns {}: {} (connections the node opens to pods are captured)", node_netns_,
                  std::strerror(errno));
-    return -1;
+    return {};
   }
-  auto id = netns_id_of(pod.fd.get(), node.get(), assign);
-  if (!id) {
+  auto links = node_links(pod.fd.get(), node.get(), assign);
+  if (!links) {
     spdlog::warn("the node's netns id in {}: {} (connections the node opens to it are captured)", pod.path,
-                 id.error().message());
-    return -1;
+                 links.error().message());
+    return {};
   }
-  return *id;
+  return *links;
 }
 
 Status Datapath::upgrade_inbound(uint64_t cookie) {
@@ -238,7 +237,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
   if (meta && meta->has_value())
     if (auto r = open_netns(str_of((*meta)->netns_path, sizeof((*meta)->netns_path))); r && r->cookie == cookie)
       ns.emplace(std::move(*r));
-  int32_t nsid = ns ? node_nsid(*ns, true) : -1;
+  int32_t nsid = ns ? node_links_of(*ns, true).node_nsid : -1;
   LookupSkel skel;
   PODSTEER_TRY(load_lookup(skel, state_dir_, cookie, nsid));
   if (bpf_link_update(link.get(), bpf_program__fd(skel->progs.podsteer_lookup), nullptr) != 0)
@@ -272,7 +271,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
   // a pod captured by a build without the TC program gains it now
   auto missing = inbound_status(cookie, &*ns).node_in_missing;
   return in_netns(ns->fd.get(), [&]() -> Status {
-    for (unsigned ifindex : missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex));
+    for (unsigned ifindex : missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex, tc_mode_));
     return {};
   });
 }
@@ -280,7 +279,7 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
 Status Datapath::attach_inbound(const Netns& ns) {
   std::string dir = pod_dir(state_dir_, ns.cookie);
   PODSTEER_TRY(make_dir(dir));
-  int32_t nsid = node_nsid(ns, true);  // first: the status below expects hooks only once it has one
+  int32_t nsid = node_links_of(ns, true).node_nsid;  // first: the status expects hooks once there is one
   InboundStatus now = inbound_status(ns.cookie, &ns);
   if (now.attached && now.node_in_missing.empty()) return {};  // re-enroll: everything is there
   std::string pin = inbound_pin(state_dir_, ns.cookie);
@@ -306,7 +305,7 @@ Status Datapath::attach_inbound(const Netns& ns) {
     if (!h.attached) detach_node_in_one(dir, h, ns.fd.get());
   int prog = bpf_program__fd(skel->progs.podsteer_node_in);
   return in_netns(ns.fd.get(), [&]() -> Status {
-    for (unsigned ifindex : now.node_in_missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex));
+    for (unsigned ifindex : now.node_in_missing) PODSTEER_TRY(attach_node_in_one(dir, prog, ifindex, tc_mode_));
     return {};
   });
 }
@@ -382,8 +381,9 @@ InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns) const {
   });
   // The hooks a pod should have: none while the node's netns has no id in it (not enrolled
   // by this build yet: the upgrade adds them), else one per veth.
-  if (node_nsid(*ns, false) < 0) return s;
-  for (unsigned ifindex : node_in_ifindexes(ns->fd.get())) {
+  NodeLinks links = node_links_of(*ns, false);
+  if (links.node_nsid < 0) return s;
+  for (unsigned ifindex : links.veths) {
     bool have = false;
     for (const auto& h : s.node_in) have = have || (h.ifindex == ifindex && h.attached);
     if (!have) s.node_in_missing.push_back(ifindex);

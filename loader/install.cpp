@@ -201,6 +201,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
   Datapath dp;
   dp.state_dir_ = state_dir;
   if (!want.node_netns.empty()) dp.node_netns_ = want.node_netns;
+  dp.tc_mode_ = want.tc_mode;
   bool installed = path_exists(map_pin(state_dir, "podsteer_config"));
   if (installed && is_abi1_state(state_dir)) PODSTEER_TRY(migrate_from_abi1(state_dir));
   if (installed) {

@@ -285,27 +285,6 @@ Status remove_return_path(int netns_fd, const ReturnPath& rp, uint32_t setup, ui
   });
 }
 
-Result<std::vector<unsigned>> peer_links(int netns_fd) {
-  std::vector<unsigned> out;
-  Status s = in_netns(netns_fd, [&]() -> Status {
-    auto sock = route_socket();
-    if (!sock) return sock.error();
-    nl_cache* raw = nullptr;
-    if (int err = rtnl_link_alloc_cache(sock->get(), AF_UNSPEC, &raw); err < 0) return nl_error("list links", err);
-    NlCache cache(raw);
-    for (nl_object* o = nl_cache_get_first(cache.get()); o; o = nl_cache_get_next(o)) {
-      auto* link = reinterpret_cast<rtnl_link*>(o);
-      int32_t nsid = -1;
-      if (rtnl_link_get_ifindex(link) == kLoopbackIfindex || rtnl_link_get_link_netnsid(link, &nsid) != 0 || nsid < 0)
-        continue;
-      out.push_back(static_cast<unsigned>(rtnl_link_get_ifindex(link)));
-    }
-    return {};
-  });
-  if (!s) return s.error();
-  return out;
-}
-
 namespace {
 
 // One RTM_GETNSID or RTM_NEWNSID for `other_fd` on a route socket of the calling thread's
@@ -351,27 +330,34 @@ Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
 
 }  // namespace
 
-Result<int32_t> netns_id_of(int netns_fd, int other_fd, bool assign) {
-  int32_t id = -1;
+Result<NodeLinks> node_links(int netns_fd, int node_netns_fd, bool assign) {
+  NodeLinks out;
   Status s = in_netns(netns_fd, [&]() -> Status {
     auto sock = route_socket();
     if (!sock) return sock.error();
-    auto got = nsid_request(sock->get(), RTM_GETNSID, other_fd);
-    if (!got) return got.error();
-    if (*got >= 0 || !assign) {
-      id = *got;
-      return {};
+    nl_cache* raw = nullptr;
+    if (int err = rtnl_link_alloc_cache(sock->get(), AF_UNSPEC, &raw); err < 0) return nl_error("list links", err);
+    NlCache cache(raw);
+    for (nl_object* o = nl_cache_get_first(cache.get()); o; o = nl_cache_get_next(o)) {
+      auto* link = reinterpret_cast<rtnl_link*>(o);
+      int32_t peer = -1;
+      if (rtnl_link_get_ifindex(link) != kLoopbackIfindex && rtnl_link_get_link_netnsid(link, &peer) == 0 && peer >= 0)
+        out.veths.push_back(static_cast<unsigned>(rtnl_link_get_ifindex(link)));
     }
-    auto made = nsid_request(sock->get(), RTM_NEWNSID, other_fd);
+    auto got = nsid_request(sock->get(), RTM_GETNSID, node_netns_fd);
+    if (!got) return got.error();
+    out.node_nsid = *got;
+    if (out.node_nsid >= 0 || !assign) return {};
+    auto made = nsid_request(sock->get(), RTM_NEWNSID, node_netns_fd);
     if (!made) return made.error();
-    auto again = nsid_request(sock->get(), RTM_GETNSID, other_fd);
+    auto again = nsid_request(sock->get(), RTM_GETNSID, node_netns_fd);
     if (!again) return again.error();
-    id = *again;
+    out.node_nsid = *again;
     return {};
   });
   if (!s) return s.error();
-  if (id < 0 && assign) return invalid("the node's netns has no id in the pod's netns");
-  return id;
+  if (out.node_nsid < 0 && assign) return invalid("the node's netns has no id in the pod's netns");
+  return out;
 }
 
 }  // namespace podsteer

@@ -46,12 +46,15 @@ Result<ReturnPathMade> make_return_path(int netns_fd, const ReturnPath& rp);
 Status remove_return_path(int netns_fd, const ReturnPath& rp, uint32_t setup, uint32_t fwmark_accept_before);
 Result<ReturnPathState> read_return_path(int netns_fd, const ReturnPath& rp);
 
-// The pod's interfaces whose other end lives in another netns (veths, as every CNI makes):
-// where connections from outside arrive.
-Result<std::vector<unsigned>> peer_links(int netns_fd);
-// The id that netns `other` has inside netns `netns_fd` (RTM_GETNSID): the kernel's name
-// for it in BPF socket lookups. assign: give it one (RTM_NEWNSID) when it has none yet;
-// otherwise -1 then.
-Result<int32_t> netns_id_of(int netns_fd, int other_fd, bool assign);
+// What the pod's TC hooks need to know of its netns, in one visit: its interfaces whose
+// other end lives in another netns (veths, as every CNI makes: where connections from
+// outside arrive), and the id the node's netns has there (RTM_GETNSID: the kernel's name
+// for it in BPF socket lookups). assign: give the node's netns an id there (RTM_NEWNSID)
+// when it has none yet; otherwise node_nsid is -1 then.
+struct NodeLinks {
+  std::vector<unsigned> veths;
+  int32_t node_nsid = -1;
+};
+Result<NodeLinks> node_links(int netns_fd, int node_netns_fd, bool assign);
 
 }  // namespace podsteer
