@@ -183,7 +183,8 @@ class Datapath {
   Status upgrade_inbound(uint64_t cookie);
   // netns_fd: the pod's netns, -1 when it is gone (its TC filters went with it)
   void detach_inbound(uint64_t cookie, int netns_fd);
-  InboundStatus inbound_status(uint64_t cookie, const Netns* ns) const;
+  // known: the pod's links when the caller has just read them
+  InboundStatus inbound_status(uint64_t cookie, const Netns* ns, const NodeLinks* known = nullptr) const;
   // The pod's veths and the node's netns id there (with assign, given one if it has none;
   // -1 if it has none or cannot be had)
   NodeLinks node_links_of(const Netns& pod, bool assign) const;

@@ -279,8 +279,9 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
 Status Datapath::attach_inbound(const Netns& ns) {
   std::string dir = pod_dir(state_dir_, ns.cookie);
   PODSTEER_TRY(make_dir(dir));
-  int32_t nsid = node_links_of(ns, true).node_nsid;  // first: the status expects hooks once there is one
-  InboundStatus now = inbound_status(ns.cookie, &ns);
+  NodeLinks links = node_links_of(ns, true);  // first: the status expects hooks once there is an id
+  int32_t nsid = links.node_nsid;
+  InboundStatus now = inbound_status(ns.cookie, &ns, &links);
   if (now.attached && now.node_in_missing.empty()) return {};  // re-enroll: everything is there
   std::string pin = inbound_pin(state_dir_, ns.cookie);
   if (!now.attached && path_exists(pin)) {
@@ -354,7 +355,7 @@ Status Datapath::find_listeners(const Netns& ns) {
   return st;
 }
 
-InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns) const {
+InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns, const NodeLinks* known) const {
   InboundStatus s;
   Fd link(bpf_obj_get(inbound_pin(state_dir_, cookie).c_str()));
   if (link.valid()) {
@@ -375,13 +376,14 @@ InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns) const {
   std::string dir = pod_dir(state_dir_, cookie);
   s.node_in = node_in_pins(dir);
   if (!ns || ns->cookie != cookie) return s;
-  (void)in_netns(ns->fd.get(), [&]() -> Status {
-    for (auto& h : s.node_in) read_node_in(dir, h);
-    return {};
-  });
+  if (!s.node_in.empty())
+    (void)in_netns(ns->fd.get(), [&]() -> Status {
+      for (auto& h : s.node_in) read_node_in(dir, h);
+      return {};
+    });
   // The hooks a pod should have: none while the node's netns has no id in it (not enrolled
   // by this build yet: the upgrade adds them), else one per veth.
-  NodeLinks links = node_links_of(*ns, false);
+  NodeLinks links = known ? *known : node_links_of(*ns, false);
   if (links.node_nsid < 0) return s;
   for (unsigned ifindex : links.veths) {
     bool have = false;
