@@ -86,7 +86,7 @@ void Agent::annotate(const kube::Pod& pod, bool captured) {
   if (captured)
     want = zds_->acked(pod.uid) || have == kube::kRedirectionEnabled ? kube::kRedirectionEnabled
                                                                       : kube::kRedirectionPending;
-  const char* legacy = "podsteer.io/captured";  // written by releases before 0.2: taken away
+  const char* legacy = "podsteer.io/captured";  // what earlier builds wrote: taken away
   bool has_legacy = pod.annotations.count(legacy) > 0;
   if (have == want && !has_legacy) return;
   json annotations = {{kube::kRedirectionAnnotation, want.empty() ? json(nullptr) : json(want)}};

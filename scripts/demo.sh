@@ -64,7 +64,8 @@ mkdir -p "$CG/proxy" "$CG/app"
 
 say "podsteer-agent (enrolls namespace 'ambient') and podsteer-proxy (the node proxy, over ZDS)"
 "$B/controller/podsteer-agent" --state-dir "$STATE" --hook-cgroup "$CG" --cni-socket "$WORK/cni.sock" \
-  --zds-socket "$WORK/ztunnel.sock" --http-port 15099 --enroll-namespaces ambient >"$WORK/agent.log" 2>&1 &
+  --zds-socket "$WORK/ztunnel.sock" --http-port 15099 --enroll-namespaces ambient --node-netns "/var/run/netns/$NODE" \
+  >"$WORK/agent.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do [ -S "$WORK/cni.sock" ] && break; sleep 0.1; done
 in_cgroup "$CG/proxy" "$B/proxy/podsteer-proxy" --zds-socket "$WORK/ztunnel.sock" --drain-seconds 2 >"$WORK/proxy.log" 2>&1 &
@@ -91,7 +92,10 @@ if [ "$RUNTIME" = podman ]; then
   printf '   web    (%s) -> db:5432      db saw %s\n' "${IP[web]}" "$(who web "${IP[db]}" 5432)"
   printf '   legacy (%s) -> web:8080     web saw %s\n' "${IP[legacy]}" "$(who legacy "${IP[web]}" 8080)"
   printf '   legacy (%s) -> db:5432      db saw %s\n' "${IP[legacy]}" "$(who legacy "${IP[db]}" 5432)"
-  echo "   (every app sees its real client: the proxy connects on from the client's own address, as ztunnel does)"
+  printf '   node   (kubelet probe) -> web:8080  web saw %s\n' \
+    "$(plain_addr "$(nsenter --net="/var/run/netns/$NODE" busybox wget -qO- "http://${IP[web]}:8080/cgi-bin/who" 2>&1)")"
+  echo "   (every app sees its real client: the proxy connects on from the client's own address, as ztunnel does;"
+  echo "    the node's own connection - a kubelet probe - goes straight to the app, as under Istio's host rule)"
   sleep 0.3
 else
   say "pods: CNI ADD through the chain (the runtime's view)"
@@ -120,6 +124,9 @@ else
   printf '   web    -> db:5432      '; client web "${IP[db]}" 5432 "select 1" | jq -c '{peer, reply}'
   printf '   legacy -> web:8080     '; client legacy "${IP[web]}" 8080 "GET /" | jq -c '{peer, reply}'
   printf '   legacy -> db:5432      '; client legacy "${IP[db]}" 5432 "select 2" | jq -c '{peer, reply}'
+  printf '   node (kubelet probe) -> web:8080  '
+  "$B/tests/testpeer" --netns "/var/run/netns/$NODE" connect --to "${IP[web]}" --port 8080 --send probe | jq -c '{peer, reply}'
+  echo "   (the node's own connection goes straight to the app, as under Istio's host rule: not in the proxy's list below)"
   sleep 0.3
 fi
 
