@@ -1067,7 +1067,8 @@ TEST_F(DatapathTest, MigratesAStateMadeByTheAbi1ReleaseWithoutUncapturingAnyone)
   EXPECT_EQ(pod["excluded_outbound_ports"], json::array({8081}));
   EXPECT_EQ(st["config"]["abi_version"], PODSTEER_ABI_VERSION);
   auto filters = sh("tc -n " + env->pod_ns_name + " filter show dev eth0 ingress");
-  EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << "the ABI 1 TC filter is gone: " << filters.out;
+  EXPECT_EQ(filters.out.find("podsteer_tc_ing"), std::string::npos) << "the ABI 1 TC filter is gone: " << filters.out;
+  EXPECT_NE(filters.out.find("podsteer_node_i"), std::string::npos) << "this build's TC filter is there: " << filters.out;
   // tc releases a removed filter's program from a workqueue, a moment later
   std::string left;
   for (int i = 0; i < 40 && (left = sh("bpftool prog show | grep -c podsteer_tc_ing").out) != "0\n"; ++i)
