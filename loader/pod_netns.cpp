@@ -311,7 +311,9 @@ Result<int32_t> nsid_request(nl_sock* sock, int type, int other_fd) {
     }
     return NL_OK;
   };
-  std::unique_ptr<nl_cb, void (*)(nl_cb*)> cb(nl_cb_clone(nl_socket_get_cb(sock)), nl_cb_put);
+  // nl_socket_get_cb takes a reference of its own: put back once cloned
+  std::unique_ptr<nl_cb, void (*)(nl_cb*)> socket_cb(nl_socket_get_cb(sock), nl_cb_put);
+  std::unique_ptr<nl_cb, void (*)(nl_cb*)> cb(nl_cb_clone(socket_cb.get()), nl_cb_put);
   if (!cb) return invalid("nl_cb_clone failed");
   nl_cb_set(cb.get(), NL_CB_VALID, NL_CB_CUSTOM, parse, &answer);
   bool acked = false;

@@ -368,7 +368,9 @@ TEST_F(DatapathTest, UninstallLeavesNothingBehind) {
 // gives no verdict, so each of them sees every packet, steered SYNs included; and
 // uninstall takes only ours.
 void DatapathTest::foreign_programs_around_ours(const std::string& mode) {
-  auto* skel = foreign_counter__open_and_load();
+  std::unique_ptr<foreign_counter, void (*)(foreign_counter*)> owned(foreign_counter__open_and_load(),
+                                                                     foreign_counter__destroy);
+  auto* skel = owned.get();
   ASSERT_NE(skel, nullptr);
   std::vector<int> links;
   bool tcx = false;
@@ -395,7 +397,6 @@ void DatapathTest::foreign_programs_around_ours(const std::string& mode) {
   });
   if (mode == "tcx" && !tcx) {
     fprintf(stderr, "*** SKIPPING: no tcx on this kernel (6.6+), so no tcx mode to test ***\n");
-    foreign_counter__destroy(skel);
     GTEST_SKIP();
   }
   auto proxy = env->start_proxy();
@@ -446,7 +447,6 @@ void DatapathTest::foreign_programs_around_ours(const std::string& mode) {
   EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
   if (mode == "tcx") EXPECT_NE(sh("bpftool link show id " + our_link + " 2>&1").rc, 0) << "our tcx link is gone";
   for (int l : links) close(l);
-  foreign_counter__destroy(skel);
 }
 
 TEST_F(DatapathTest, ForeignTcProgramsAroundOurClsactFilterSeeEveryPacket) { foreign_programs_around_ours("clsact"); }
