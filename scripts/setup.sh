@@ -11,6 +11,8 @@ PACKAGES=(
   iproute2 procps containernetworking-plugins iperf3 curl util-linux jq iptables nftables conntrack gnuplot-nox
   protobuf-compiler libprotobuf-dev libcpp-httplib-dev prometheus-cpp-dev libcurl4-openssl-dev libyaml-cpp-dev
   libnl-3-dev libnl-route-3-dev
+  # podsteer-cni links OpenSSL statically (libssl.a); the node suite makes test certificates
+  libssl-dev openssl
   # scripts/test-kernels.sh: other kernels under qemu
   qemu-system-x86 busybox-static cpio kmod xz-utils
   # tests/e2e: a real container runtime calls the CNI chain (podman; containerd's CRI plugin,
