@@ -40,18 +40,22 @@ constexpr uint32_t kClsactFirstPrio = 0xc000;
 const char* kTcxPrefix = "node_in_tcx_";
 const char* kClsactPrefix = "node_in_clsact_";
 
-uint32_t prog_id_of_fd(int fd) {
-  bpf_prog_info info{};
-  __u32 len = sizeof(info);
-  return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
-}
-
 bpf_tc_hook ingress_hook(unsigned ifindex) {
   bpf_tc_hook hook{};
   hook.sz = sizeof(hook);
   hook.ifindex = static_cast<int>(ifindex);
   hook.attach_point = BPF_TC_INGRESS;
   return hook;
+}
+
+// Deletes our cls_bpf filter at (ifindex, prio); calling thread in the pod's netns.
+int delete_clsact(unsigned ifindex, uint32_t prio) {
+  bpf_tc_hook hook = ingress_hook(ifindex);
+  bpf_tc_opts del{};
+  del.sz = sizeof(del);
+  del.handle = kClsactHandle;
+  del.priority = prio;
+  return bpf_tc_detach(&hook, &del);
 }
 
 // The program id of our cls_bpf filter at (ifindex, prio), 0 if there is none. Calling
@@ -108,7 +112,7 @@ void read_node_in(const std::string& dir, NodeInHook& h) {
       h.attached = info.netns.netns_ino == h.ifindex;
     }
   } else {
-    h.id = prog_id_of_fd(pin.get());
+    h.id = prog_id_of(pin.get());
     h.attached = h.id && clsact_prog_id(h.ifindex, h.prio) == h.id;
   }
 }
@@ -150,11 +154,7 @@ Status attach_node_in_one(const std::string& dir, int prog, unsigned ifindex, Tc
     std::string pin = node_in_pin(dir, NodeInHook{ifindex, "clsact", 0, prio});
     if (bpf_obj_pin(prog, pin.c_str()) != 0) {
       auto e = sys_error("pin cls_bpf program", pin);
-      bpf_tc_opts del{};
-      del.sz = sizeof(del);
-      del.handle = kClsactHandle;
-      del.priority = prio;
-      (void)bpf_tc_detach(&hook, &del);
+      (void)delete_clsact(ifindex, prio);
       return e;
     }
     return {};
@@ -171,15 +171,10 @@ void detach_node_in_one(const std::string& dir, const NodeInHook& h, int netns_f
     if (obj.valid() && bpf_link_detach(obj.get()) != 0 && errno != ENOLINK)
       spdlog::warn("detach tcx link {}: {}", pin, std::strerror(errno));
   } else if (obj.valid() && netns_fd >= 0) {
-    uint32_t ours = prog_id_of_fd(obj.get());
+    uint32_t ours = prog_id_of(obj.get());
     (void)in_netns(netns_fd, [&]() -> Status {
       if (clsact_prog_id(h.ifindex, h.prio) != ours) return {};
-      bpf_tc_hook hook = ingress_hook(h.ifindex);
-      bpf_tc_opts del{};
-      del.sz = sizeof(del);
-      del.handle = kClsactHandle;
-      del.priority = h.prio;
-      if (int err = bpf_tc_detach(&hook, &del); err)
+      if (int err = delete_clsact(h.ifindex, h.prio); err)
         spdlog::warn("detach cls_bpf from ifindex {}: {}", h.ifindex, std::strerror(-err));
       return {};
     });
