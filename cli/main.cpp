@@ -15,6 +15,7 @@
 #include "map.h"
 #include "netns.h"
 #include "system.h"
+#include "version.h"
 
 using namespace podsteer;
 using json = nlohmann::json;
@@ -319,6 +320,7 @@ int cmd_doctor(const std::string& state_dir) {
 int main(int argc, char** argv) {
   CLI::App app{"podsteer: in-pod traffic redirection for ambient service meshes, with eBPF"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string(kVersion));
   std::string state_dir = "/sys/fs/bpf/podsteer";
   NodeConfig node;
   bool verbose = false;

@@ -11,6 +11,7 @@
 
 #include "log.h"
 #include "netns.h"
+#include "version.h"
 
 namespace podsteer {
 
@@ -197,6 +198,12 @@ std::string Agent::metrics() {
   auto counter = [&](const char* name, const char* help, double v) {
     prometheus::BuildCounter().Name(name).Help(help).Register(reg).Add({}).Increment(v);
   };
+  prometheus::BuildGauge()
+      .Name("podsteer_build_info")
+      .Help("1, with the agent's version as a label")
+      .Register(reg)
+      .Add({{"version", kVersion}})
+      .Set(1);
   gauge("podsteer_agent_ready", "1 when state is adopted, the first capture is done and a proxy is connected",
         ready() ? 1 : 0);
   gauge("podsteer_agent_healthy", "0 when the watchdog sees a path that stopped making progress", healthy() ? 1 : 0);

@@ -15,6 +15,7 @@
 #include "agent.h"
 #include "cni_config.h"
 #include "log.h"
+#include "version.h"
 
 using namespace podsteer;
 
@@ -70,6 +71,7 @@ Status refresh_plugin_api_access(const AgentConfig& cfg, const std::string& labe
 int main(int argc, char** argv) {
   CLI::App app{"podsteer-agent: the podsteer node agent"};
   AgentConfig cfg;
+  app.set_version_flag("--version", std::string(kVersion));
   bool verbose = false, install_cni = false, uninstall_cni = false;
   std::vector<std::string> enroll_namespaces;
   cni::InstallOptions cni_opts;

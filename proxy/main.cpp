@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "proxy.h"
+#include "version.h"
 #include "wire.h"
 
 using namespace podsteer;
@@ -18,6 +19,7 @@ using namespace podsteer;
 int main(int argc, char** argv) {
   CLI::App app{"podsteer-proxy: a small L4 node proxy speaking ZDS"};
   proxy::Config cfg;
+  app.set_version_flag("--version", std::string(kVersion));
   std::string zds_socket = zds::kDefaultSocket;
   app.add_option("--zds-socket", zds_socket, "the agent's ZDS socket")->capture_default_str();
   app.add_option("--mark", cfg.mark, "SO_MARK of every proxy socket")->capture_default_str();
