@@ -12,6 +12,8 @@
 #include <netlink/route/rule.h>
 #include <sys/socket.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 
@@ -23,7 +25,17 @@ namespace podsteer {
 namespace {
 
 constexpr int kLoopbackIfindex = 1;  // lo is ifindex 1 in every netns
-const char* kFwmarkAccept = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+// /proc/sys/net, or where PODSTEER_PROC_SYS_NET says it is mounted. A container that is not
+// privileged gets /proc/sys read-only (and AppArmor's default container profile denies writes
+// below /proc/sys), so the DaemonSet mounts the node's /proc/sys/net (a hostPath) at
+// /host/proc/sys/net, as Cilium's agent does. Which netns a file below it shows is decided at
+// open() by the opening thread's netns, whichever procfs mount the path goes through: inside
+// in_netns() it is the pod's.
+std::string sysctl_net(const char* rel) {
+  const char* root = std::getenv("PODSTEER_PROC_SYS_NET");
+  return std::string(root && *root ? root : "/proc/sys/net") + "/" + rel;
+}
 
 struct SockFree {
   void operator()(nl_sock* s) const { nl_socket_free(s); }
@@ -48,8 +60,8 @@ Result<NlSock> route_socket() {
 }
 
 bool ipv6_enabled() {
-  if (!path_exists("/proc/sys/net/ipv6")) return false;
-  std::ifstream in("/proc/sys/net/ipv6/conf/all/disable_ipv6");
+  if (!path_exists(sysctl_net("ipv6"))) return false;
+  std::ifstream in(sysctl_net("ipv6/conf/all/disable_ipv6"));
   int v = 0;
   return !(in >> v) || v == 0;
 }
@@ -153,17 +165,22 @@ Status ensure_loopback_up(nl_sock* s) {
 }
 
 int read_fwmark_accept() {
-  std::ifstream in(kFwmarkAccept);
+  std::ifstream in(sysctl_net("ipv4/tcp_fwmark_accept"));
   int v = -1;
   in >> v;
   return in ? v : -1;
 }
 
 Status write_fwmark_accept(int v) {
-  std::ofstream out(kFwmarkAccept);
+  const std::string path = sysctl_net("ipv4/tcp_fwmark_accept");
+  std::ofstream out(path);
+  if (!out && errno == EROFS)
+    return Error{"write (a container that is not privileged has /proc/sys read-only: mount the node's "
+                 "/proc/sys/net elsewhere and set PODSTEER_PROC_SYS_NET to it, as deploy/daemonset.yaml does)",
+                 EROFS, path};
   out << v << "\n";
   out.flush();
-  if (!out) return sys_error("write", kFwmarkAccept);
+  if (!out) return sys_error("write", path.c_str());
   return {};
 }
 
@@ -230,7 +247,7 @@ Result<ReturnPathMade> make_return_path(int netns_fd, const ReturnPath& rp) {
       }
     }
     int before = read_fwmark_accept();
-    if (before < 0) return sys_error("read", kFwmarkAccept);
+    if (before < 0) return sys_error("read", sysctl_net("ipv4/tcp_fwmark_accept").c_str());
     if (before != 1) {
       PODSTEER_TRY(write_fwmark_accept(1));
       made.setup |= PODSTEER_SETUP_FWMARK_ACCEPT;
