@@ -328,8 +328,9 @@ TEST_F(KubeTest, WatchFaultsConverge) {
 
 namespace {
 
-// The manifests in deploy/ pass kubectl's client-side apply (the offline check available
-// without a cluster; see scripts/kind-e2e.sh for the real one).
+// The manifests in deploy/ pass kubectl's client-side apply as the README installs them
+// (apply -k), namespace first; the proxy is not among them. scripts/cluster-e2e.sh applies
+// them to a real API server and kubelet.
 TEST(Deploy, ManifestsPassKubectlClientDryRun) {
   if (run({"sh", "-c", "command -v kubectl"}).rc != 0) GTEST_SKIP() << "no kubectl";
   std::string dir = "/tmp/podsteer-deploy-" + unique_id();
@@ -338,9 +339,11 @@ TEST(Deploy, ManifestsPassKubectlClientDryRun) {
   std::string port = start_kube_server(server, dir);
   ASSERT_FALSE(port.empty()) << server->output();
   write_kubeconfig(dir + "/kubeconfig", port, "{}");
-  auto r = run({"kubectl", "apply", "--dry-run=client", "--validate=false", "-f", DEPLOY_DIR},
+  auto r = run({"kubectl", "apply", "--dry-run=client", "--validate=false", "-k", DEPLOY_DIR},
                {"KUBECONFIG=" + dir + "/kubeconfig"});
   EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("namespace/podsteer-system created"), 0u) << "the namespace first:\n" << r.out;
+  EXPECT_EQ(r.out.find("podsteer-proxy"), std::string::npos) << "a second node proxy beside ztunnel:\n" << r.out;
   for (const char* obj : {"daemonset.apps/podsteer-agent created", "clusterrole.rbac.authorization.k8s.io/podsteer-agent created",
                           "serviceaccount/podsteer-agent created", "configmap/podsteer-config created",
                           "role.rbac.authorization.k8s.io/podsteer-agent created"})
