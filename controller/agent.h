@@ -82,6 +82,9 @@ class Agent {
   // node's CNI config; a restart or an upgrade leaves it in place, so new pods wait for
   // the next agent instead of starting uncaptured (istio-cni decides the same way).
   bool daemonset_removed();
+  // On removal (the DaemonSet is gone): releases every pod, removes their annotations and
+  // uninstalls the datapath. Before stop(): the proxies are told through ZDS.
+  Status remove_from_node();
   // --install-cni on a node whose primary CNI has not written its config yet: not ready
   // until podsteer-cni is chained in
   void set_cni_pending(bool pending) { cni_pending_ = pending; }
@@ -133,6 +136,7 @@ class Agent {
   struct Http;
   std::unique_ptr<Http> http_;
   std::atomic<bool> adopted_{false}, stopping_{false}, cni_pending_{false};
+  std::atomic<bool> removing_{false};  // remove_from_node() has begun: capture nothing
 
   std::mutex pod_locks_mu_;
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;

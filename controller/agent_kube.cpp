@@ -126,6 +126,7 @@ void Agent::kube_worker() {
 }
 
 void Agent::reconcile_kube(const kube::Snapshot& snap) {
+  if (removing_) return;
   auto current = dp()->pods(Datapath::Detail::Summary);
   if (!current) return;
   std::map<std::string, PodStatus> captured;  // by uid

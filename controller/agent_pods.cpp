@@ -81,6 +81,7 @@ std::optional<PodStatus> Agent::find_captured(const PodInfo& pod) {
 Status Agent::capture(const PodInfo& in) {
   auto lock = pod_lock(pod_key(in));
   std::lock_guard<std::mutex> g(*lock);
+  if (removing_) return invalid("podsteer is being removed from this node: not capturing", in.full_name());
   auto ns = open_netns(in.netns);
   if (!ns) return ns.error();
   PodInfo pod = in;
@@ -115,6 +116,25 @@ Status Agent::release(const PodInfo& pod, const std::string& why) {
   if (!st) return st;
   spdlog::info("released {} ({})", found->full_name(), why);
   return {};
+}
+
+// The DaemonSet is gone: every pod goes back to direct traffic, the proxies are told, the
+// annotation istiod reads is taken off (a pod still marked would get HBONE it can no longer
+// take), and the datapath leaves the node. Nothing captures again meanwhile (removing_
+// stops capture(), the repair pass and the Kubernetes pass).
+Status Agent::remove_from_node() {
+  removing_ = true;
+  auto current = dp()->pods(Datapath::Detail::Summary);
+  if (current)
+    for (const auto& s : *current)
+      if (auto st = release(pod_from_meta(s), "podsteer is being removed from the node"); !st)
+        spdlog::warn("release {}: {}", s.full_name(), st.error().message());
+  if (kube_source_)
+    for (const auto& [uid, pod] : kube_source_->snapshot().pods)
+      if (pod.annotations.count(kube::kRedirectionAnnotation)) annotate(pod, false);
+  auto st = Datapath::uninstall(cfg_.state_dir);
+  if (st) spdlog::info("the datapath is removed from this node ({})", cfg_.state_dir);
+  return st;
 }
 
 }  // namespace podsteer

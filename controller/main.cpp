@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
   }
   int sig = 0;
   sigwait(&sigs, &sig);
-  spdlog::info("signal {}: stopping (the datapath stays in place)", sig);
+  spdlog::info("signal {}: stopping", sig);
   stop = true;
   if (watcher.joinable()) watcher.join();
   if (install_cni) {
@@ -199,6 +199,8 @@ int main(int argc, char** argv) {
       auto ust = cni::uninstall(cni_opts);
       if (ust) spdlog::info("cni: the agent's DaemonSet is gone: podsteer-cni removed from {}", cni_opts.conf_dir);
       else spdlog::error("cni: remove podsteer-cni: {}", ust.error().message());
+      // then the pods and the datapath (new pods already start without us)
+      if (auto rst = agent.remove_from_node(); !rst) spdlog::error("remove the datapath: {}", rst.error().message());
     } else {
       spdlog::info("cni: restart or upgrade (the DaemonSet is still there): podsteer-cni stays in the chain");
     }
