@@ -174,6 +174,7 @@ bool Agent::ready(std::string* why) {
   std::string sick;
   if (!healthy(&sick)) return fail("unhealthy: " + sick);
   if (kube_source_ && !kube_reconciled_) return fail("waiting for the first list of pods and its capture");
+  if (zds_->waiting_for_path()) return fail("another server holds the ZDS socket " + cfg_.zds_socket);
   if (!zds_->connected()) return fail("no node proxy connected");
   if (cni_pending_) return fail("waiting for the primary CNI's config to chain podsteer-cni into");
   return true;

@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 
@@ -38,6 +39,23 @@ Status UnixListener::start(const std::string& path, int type, std::function<void
     }
   });
   return {};
+}
+
+std::optional<pid_t> UnixListener::live_server(const std::string& path, int type) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) return std::nullopt;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  Fd probe(socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!probe.valid()) return std::nullopt;
+  if (connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (getsockopt(probe.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) return cred.pid;
+    return 0;
+  }
+  if (errno == EPROTOTYPE || errno == EAGAIN) return 0;  // live, of another type, or its backlog full
+  return std::nullopt;
 }
 
 void UnixListener::stop() {

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -20,6 +21,10 @@ class UnixListener {
   // type: SOCK_STREAM or SOCK_SEQPACKET. on_conn runs on the accept thread.
   Status start(const std::string& path, int type, std::function<void(Fd)> on_conn);
   void stop();
+  // Does a live server answer at path (a connect succeeds, or the socket is of another
+  // type)? A file left by a server that exited refuses the connect. Its pid as SO_PEERCRED
+  // gives it (0 when unknown), nullopt when no server answers.
+  static std::optional<pid_t> live_server(const std::string& path, int type);
 
  private:
   std::string path_;

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <chrono>
+#include <fstream>
 #include <thread>
 
 #include "log.h"
@@ -46,13 +47,53 @@ ZdsServer::ZdsServer(std::string path, int ack_timeout_ms) : path_(std::move(pat
 
 ZdsServer::~ZdsServer() { stop(); }
 
+namespace {
+// The process's name (comm), "" when it cannot be read (another pid namespace, gone).
+std::string process_name(pid_t pid) {
+  if (pid <= 0) return "";
+  std::ifstream in("/proc/" + std::to_string(pid) + "/comm");
+  std::string name;
+  std::getline(in, name);
+  return name;
+}
+}  // namespace
+
 Status ZdsServer::start() {
-  PODSTEER_TRY(listener_.start(path_, SOCK_SEQPACKET, [this](Fd conn) { handshake(std::move(conn)); }));
-  spdlog::info("zds: listening on {}", path_);
+  auto listen = [this]() -> Status {
+    PODSTEER_TRY(listener_.start(path_, SOCK_SEQPACKET, [this](Fd conn) { handshake(std::move(conn)); }));
+    spdlog::info("zds: listening on {}", path_);
+    return {};
+  };
+  auto holder = UnixListener::live_server(path_, SOCK_SEQPACKET);
+  if (!holder) return listen();
+  // An earlier podsteer-agent (an upgrade with maxSurge) hands over: the proxies reconnect
+  // to the newest. Anything else (istio-cni's node agent serves ztunnel here) is waited for.
+  if (std::string comm = process_name(*holder); comm == "podsteer-agent") {
+    spdlog::info("zds: taking {} over from the podsteer-agent before this one (pid {})", path_, *holder);
+    return listen();
+  }
+  spdlog::warn("zds: another live server holds {} ({}; istio-cni's node agent? remove it first: README, "
+               "\"Switching from istio-cni\"): waiting for it to go, not ready meanwhile",
+               path_, *holder ? fmt::format("pid {}, {}", *holder, process_name(*holder)) : "pid unknown");
+  waiting_ = true;
+  waiter_ = std::thread([this, listen] {
+    while (!stopping_) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      if (stopping_ || UnixListener::live_server(path_, SOCK_SEQPACKET)) continue;
+      if (auto st = listen(); !st) {
+        spdlog::error("zds: {}", st.error().message());
+        continue;
+      }
+      waiting_ = false;
+      return;
+    }
+  });
   return {};
 }
 
 void ZdsServer::stop() {
+  stopping_ = true;
+  if (waiter_.joinable()) waiter_.join();
   listener_.stop();
   std::vector<std::thread> threads;
   {

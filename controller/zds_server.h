@@ -41,8 +41,13 @@ class ZdsServer {
  public:
   ZdsServer(std::string path, int ack_timeout_ms);
   ~ZdsServer();
+  // Listens at the path; when another live server holds it (istio-cni's node agent, which
+  // serves ztunnel the same protocol there, or a second agent), says so and waits for it to
+  // go on a thread of its own, instead of taking the path from under it.
   Status start();
   void stop();
+  // Waiting for another server to let go of the path (not ready meanwhile).
+  bool waiting_for_path() const { return waiting_; }
 
   // Sends AddWorkload (with the netns fd) to the newest proxy and waits for its ack; the
   // pod is part of every later snapshot whatever the answer.
@@ -75,6 +80,8 @@ class ZdsServer {
   std::string path_;
   int ack_timeout_ms_;
   UnixListener listener_;
+  std::atomic<bool> waiting_{false}, stopping_{false};
+  std::thread waiter_;  // while another server holds path_
   std::mutex mu_;  // conns_, workloads_, counters_, pending_
   std::vector<std::shared_ptr<Conn>> conns_;  // proxies past their hello, oldest first
   std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -767,6 +768,45 @@ TEST_F(AgentTest, OldAgentLeavingNeverTakesTheNewAgentsSockets) {
   Pod web;
   auto r = node->add_pod(web, "ambient", "web");
   EXPECT_EQ(r.rc, 0) << r.out << node->agent->output();
+}
+
+// The switch from istio-cni: its node agent serves ztunnel's ZDS socket until it is removed.
+// A podsteer-agent started meanwhile leaves the socket to it, says so, and is not ready; once
+// that server has gone it takes the path and the proxy connects.
+TEST_F(AgentTest, WaitsForAnotherZdsServer) {
+  // another server (this test process: not a podsteer-agent) listening at the ZDS path
+  podsteer::Fd other(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(other.valid());
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, node->zds_socket.c_str(), sizeof(addr.sun_path) - 1);
+  std::filesystem::create_directories(std::filesystem::path(node->zds_socket).parent_path());
+  ASSERT_EQ(bind(other.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+  ASSERT_EQ(listen(other.get(), 8), 0);
+  struct stat before {};
+  ASSERT_EQ(stat(node->zds_socket.c_str(), &before), 0);
+
+  node->start_agent();
+  std::this_thread::sleep_for(Ms(1500));
+  auto ready = node->http_get("/readyz");
+  EXPECT_NE(ready.find("503"), std::string::npos) << ready;
+  EXPECT_NE(ready.find("another server holds the ZDS socket"), std::string::npos) << ready;
+  EXPECT_NE(node->agent->output().find("another live server holds"), std::string::npos) << node->agent->output();
+  struct stat during {};
+  ASSERT_EQ(stat(node->zds_socket.c_str(), &during), 0);
+  EXPECT_EQ(during.st_ino, before.st_ino) << "the agent took the socket from a live server";
+
+  // the other server goes (istio-cni removed; it leaves its socket file behind)
+  other.reset();
+  for (int i = 0; i < 50 && node->agent->output().find("zds: listening on") == std::string::npos; ++i)
+    std::this_thread::sleep_for(Ms(100));
+  EXPECT_NE(node->agent->output().find("zds: listening on"), std::string::npos) << node->agent->output();
+  node->proxy = start_proxy();
+  EXPECT_TRUE(wait_ready()) << node->http_get("/readyz") << node->agent->output();
+  Pod web;
+  auto r = node->add_pod(web, "ambient", "web");
+  EXPECT_EQ(r.rc, 0) << r.out << node->agent->output();
+  EXPECT_EQ(node->proxy->wait_for(event("pod_added", "ambient/web")).value("uid", ""), "uid-web");
 }
 
 // podsteer-proxy, as a node proxy must behave on a real node.
