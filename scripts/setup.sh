@@ -22,6 +22,9 @@ PACKAGES=(
   libclang-rt-14-dev
   # tests/adversarial: crafted packets
   python3-scapy
+  # scripts/cluster-e2e.sh: a Debian base image made here (nothing can be pulled); the
+  # Kubernetes components are built with the machine's Go (tests/cluster/build-components.sh)
+  debootstrap
 )
 
 missing=()

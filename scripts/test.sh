@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is needed, builds, runs ctest (unit, BPF and the
 # real-kernel integration tests, one at a time: they share the kernel), runs podman and
-# containerd's CRI end to end, runs the ctest suite again from an AddressSanitizer + UBSan build, runs every fuzz
+# containerd's CRI end to end, runs podsteer's DaemonSet on a real Kubernetes node (kubelet,
+# API server, containerd), runs the ctest suite again from an AddressSanitizer + UBSan build, runs every fuzz
 # target briefly, boots the Debian 6.1 kernel under qemu for the datapath and agent tests
 # there, then sweeps for anything a test left behind. Prints what each part cost at the end (README, "Tests").
 #
 # PODSTEER_TEST_PARTS selects parts (default: all): any of
-#   main e2e asan fuzz kernels
+#   main e2e cluster asan fuzz kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=" ${PODSTEER_TEST_PARTS:-main e2e asan fuzz kernels} "
+PARTS=" ${PODSTEER_TEST_PARTS:-main e2e cluster asan fuzz kernels} "
 BUILD_DIR=${BUILD_DIR:-build}
 status=0
 timings=()
@@ -34,6 +35,11 @@ fi
 if want e2e; then
   part "podman creates the pods (tests/e2e/podman.sh)" env BUILD_DIR="$BUILD_DIR" tests/e2e/podman.sh
   part "containerd CRI creates the pods (tests/e2e/containerd.sh)" env BUILD_DIR="$BUILD_DIR" tests/e2e/containerd.sh
+fi
+if want cluster; then
+  # the Kubernetes components from their Go modules and the image from deploy/Dockerfile are
+  # built (and cached) first: most of this part's time on a clean machine
+  part "a real node: kubelet, API server, the DaemonSet (scripts/cluster-e2e.sh)" scripts/cluster-e2e.sh
 fi
 if want asan; then
   part "build with ASan + UBSan (clang-14)" scripts/build-asan.sh

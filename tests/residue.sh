@@ -20,6 +20,7 @@ left=(
   /tmp/podsteer-test-* /tmp/podsteer-bench-* /tmp/podsteer-demo* /tmp/podsteer-peer-*
   /tmp/podsteer-deploy-* /tmp/podsteer-kubectl-* /tmp/podsteer-fuzz.* /tmp/podsteer-cniconf-*
   /etc/netns/pst-* /etc/netns/demo*-*
+  /tmp/podsteer-cluster-* /sys/fs/cgroup/*/podsteer-cluster-* "$cg2"/podsteer-cluster-*
 )
 # the return path's rules belong in pod netns only: one in the host's netns would steer
 # this machine's own traffic
@@ -31,7 +32,7 @@ if [ ${#left[@]} -eq 0 ] && [ -z "$(ls -d /sys/fs/bpf/podsteer* 2>/dev/null)" ];
 fi
 # processes of ours still running: an agent, proxy, API server or peer of a test, the demo
 # or the benchmark (an agent left running keeps putting its pins back)
-ours='(/podsteer-(test|bench|demo)|/build[^ ]*/(controller/podsteer-agent|proxy/podsteer-proxy|tests/(kube-testserver|testpeer))( |$))'
+ours='(/podsteer-(test|bench|demo|cluster)|/build[^ ]*/(controller/podsteer-agent|proxy/podsteer-proxy|tests/(kube-testserver|testpeer))( |$))'
 procs=$(pgrep -a -f -- "$ours" 2>/dev/null | grep -v -E "^$$ |pgrep|residue.sh|ctest|test.sh" || true)
 [ -n "$procs" ] && left+=("processes: $procs")
 if [ $clean -eq 1 ]; then
@@ -49,7 +50,7 @@ if [ $clean -eq 1 ]; then
         n=${x##*/}
         pids=$(ip netns pids "$n" 2>/dev/null); [ -n "$pids" ] && kill -9 $pids 2>/dev/null
         ip netns delete "$n" 2>/dev/null || rm -f "$x" ;;
-      "$cg2"/*) remove_cgroup "$x" ;;
+      "$cg2"/* | /sys/fs/cgroup/*) remove_cgroup "$x" ;;
       processes:*) ;;  # killed above
       /*) rm -rf "$x" ;;  # bpffs pins (unpinning a link detaches it), scratch dirs
       *) echo "  (not removed automatically: $x)" ;;
