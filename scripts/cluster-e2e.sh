@@ -80,6 +80,8 @@ fi
 source scripts/lib/cleanup.sh
 # shellcheck source=scripts/lib/podman.sh
 source scripts/lib/podman.sh  # make_rootfs
+# shellcheck source=scripts/lib/containerd.sh
+source scripts/lib/containerd.sh
 NODE_NAME=e2e-node
 # shellcheck source=tests/cluster/node.sh
 source tests/cluster/node.sh

@@ -126,33 +126,7 @@ start_containerd() {
             "dataDir": "$DIR/ipam"}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 CONF
-  cat >"$DIR/containerd.toml" <<CONF
-version = 2
-root = "$DIR/containerd/root"
-state = "$DIR/containerd/state"
-[grpc]
-  address = "$DIR/containerd.sock"
-[ttrpc]
-  address = "$DIR/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$DIR/containerd/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "podsteer.local/busybox:e2e"
-  # the kubelet asks for oom_score_adj -998 for sandboxes; the processes of this machine may
-  # not go below their parent's (tests/e2e/containerd.sh found the same)
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$CNI_BIN"
-    conf_dir = "$CNI_CONF"
-    max_conf_num = 1
-CONF
+  containerd_config "$DIR" "$CNI_BIN" "$CNI_CONF" >"$DIR/containerd.toml"
   start containerd containerd --config "$DIR/containerd.toml"
   wait_for 30 "containerd answering" ctr --address "$DIR/containerd.sock" version
 }

@@ -22,6 +22,8 @@ cd "$(dirname "$0")/../.."
 E2E_NAME="CONTAINERD CRI E2E"
 # shellcheck source=tests/e2e/lib.sh
 source tests/e2e/lib.sh
+# shellcheck source=scripts/lib/containerd.sh
+source scripts/lib/containerd.sh
 command -v containerd >/dev/null || skip "containerd is not installed (scripts/setup.sh installs it)"
 command -v runc >/dev/null || skip "runc is not installed"
 CRI=$BUILD_DIR/tests/cri/cri_client
@@ -76,31 +78,7 @@ api POST /api/v1/namespaces/shop/pods "$(pod_json late "$UID_LATE" late-sa)" >/d
 for p in bridge host-local loopback; do ln -s "/usr/lib/cni/$p" "$DIR/cni-bin/$p"; done
 ln -s "$BUILD_DIR/cni-hook/podsteer-cni" "$DIR/cni-bin/podsteer-cni"
 podnet_conflist crbr0 10.215.0.0/24 "$DIR/ipam" "$DIR/cni.sock" >"$DIR/net.d/10-podnet.conflist"
-cat >"$DIR/containerd.toml" <<CONF
-version = 2
-root = "$DIR/root"
-state = "$DIR/state"
-[grpc]
-  address = "$DIR/containerd.sock"
-[ttrpc]
-  address = "$DIR/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$DIR/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "podsteer.local/busybox:e2e"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$DIR/cni-bin"
-    conf_dir = "$DIR/net.d"
-    max_conf_num = 1
-CONF
+containerd_config "$DIR" "$DIR/cni-bin" "$DIR/net.d" >"$DIR/containerd.toml"
 nsenter --net=/var/run/netns/$NODE containerd --config "$DIR/containerd.toml" >"$DIR/containerd.log" 2>&1 &
 CONTAINERD_PID=$!
 for _ in $(seq 100); do "$CRI" --socket "$DIR/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
