@@ -72,6 +72,12 @@ Status Agent::start() {
   }
   spdlog::info("adopted {} captured pod(s) from {}", kept, cfg_.state_dir);
   adopted_ = true;
+  if (!cfg_.kubeconfig.empty() || cfg_.in_cluster)
+    zds_->set_snapshot_gate([this] {
+      std::unique_lock<std::mutex> g(first_pass_mu_);
+      if (!first_pass_cv_.wait_for(g, std::chrono::seconds(3), [this] { return kube_first_pass_ || stopping_.load(); }))
+        spdlog::warn("zds: no Kubernetes pass within 3 s: the snapshot goes out without it");
+    });
   PODSTEER_TRY(zds_->start());
   cni_ = std::make_unique<CniServer>(cfg_.cni_socket, [this](const std::string& line) { return handle_cni(line); });
   PODSTEER_TRY(cni_->start());
@@ -119,6 +125,10 @@ Status Agent::start() {
 
 void Agent::stop() {
   if (stopping_.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> g(first_pass_mu_);
+    first_pass_cv_.notify_all();  // a proxy's handshake waiting for the first pass
+  }
   if (kube_source_) kube_source_->stop();
   {
     std::lock_guard<std::mutex> g(kube_mu_);
@@ -215,6 +225,8 @@ std::string Agent::metrics() {
   counter("podsteer_zds_failed_requests_total", "proxy requests without an ack", zc.failed_requests);
   counter("podsteer_zds_malformed_total", "ZDS frames from proxies that were not what the protocol expects",
           zc.malformed);
+  counter("podsteer_istio_takeovers_total", "running pods taken over from istio-cni's in-pod rules",
+          double(istio_takeovers_.load()));
   counter("podsteer_repair_passes_total", "drift repair passes completed (one every --repair-interval-ms)",
           double(repair_passes_.load()));
   gauge("podsteer_repair_pass_seconds", "how long the last drift repair pass took (it looks at every captured pod)",

@@ -94,7 +94,9 @@ class Agent {
   std::shared_ptr<std::mutex> pod_lock(const std::string& key);
   static std::string pod_key(const PodInfo& pod);
   // Enrolls the pod and tells the newest proxy; undone when the proxy does not ack.
-  Status capture(const PodInfo& pod);
+  // proxy_may_be_away: a pod under istio-cni's in-pod rules, whose proxy serves it already
+  // (the switch from istio-cni): recorded for the next snapshot when no proxy is connected.
+  Status capture(const PodInfo& pod, bool proxy_may_be_away = false);
   // Tells every proxy, then unenrolls. by: the pod's uid, else its container id.
   Status release(const PodInfo& pod, const std::string& why);
   std::optional<PodStatus> find_captured(const PodInfo& pod);
@@ -119,6 +121,10 @@ class Agent {
   void reconcile_kube(const kube::Snapshot& snap);
   void annotate(const kube::Pod& pod, bool captured);
   void kick_kube();  // a capture or release happened: bring the annotations up to date now
+  // A running pod just captured: istio-cni's in-pod rules, if it left them, go now that
+  // podsteer's capture is live (istio_takeover.h)
+  void take_over_from_istio(const PodInfo& pod);
+  void finish_istio_takeovers();  // from the repair pass: the connmark chains left to remove
 
   // ---- agent_repair.cpp
   void repair_worker();
@@ -141,6 +147,9 @@ class Agent {
   std::mutex pod_locks_mu_;
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;
 
+  std::mutex istio_mu_;  // istio_pending_
+  std::map<uint64_t, std::string> istio_pending_;  // netns cookie -> netns path: mangle OUTPUT kept
+  std::atomic<uint64_t> istio_takeovers_{0};
   std::mutex count_mu_;  // the counters below
   std::map<std::pair<std::string, std::string>, uint64_t> cni_requests_;
   std::map<std::string, uint64_t> repairs_;
@@ -154,6 +163,11 @@ class Agent {
   std::condition_variable kube_cv_;
   bool kube_dirty_ = false;
   std::atomic<bool> kube_reconciled_{false};
+  // The first Kubernetes pass is done: a proxy's first snapshot waits for it (up to 3 s), so
+  // that pods taken over from istio-cni are in it (a proxy drops pods a snapshot leaves out)
+  std::mutex first_pass_mu_;
+  std::condition_variable first_pass_cv_;
+  bool kube_first_pass_ = false;
   std::set<std::string> kube_seen_;  // pod uids the cache has shown (kube worker only)  // the first reconcile after the first list
 
   std::thread repair_thread_;

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "agent.h"
+#include "istio_takeover.h"
 #include "log.h"
 #include "netns.h"
 
@@ -122,6 +123,11 @@ void Agent::kube_worker() {
     bool proxy = zds_->connected();
     reconcile_kube(snap);
     if (proxy) kube_reconciled_ = true;
+    {
+      std::lock_guard<std::mutex> g(first_pass_mu_);
+      kube_first_pass_ = true;
+    }
+    first_pass_cv_.notify_all();
   }
 }
 
@@ -156,20 +162,29 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
     bool now = have;
     if (want && !have) {
       if (pod.phase != "Running" && pod.phase != "Pending") continue;  // Succeeded, Failed: nothing runs
-      if (!zds_->connected()) continue;  // captured only with a proxy to take it: retried on the timer
       auto path = find_pod_netns(pod, cfg_.proc_root);
       if (!path) {
         spdlog::debug("kube: no netns found yet for {}/{}", pod.namespace_, pod.name);
         continue;
       }
+      // Captured only with a proxy to take it (retried on the timer), except a pod that
+      // istio-cni's rules capture: its proxy serves it already, and the first snapshot must
+      // name it
+      bool istio_captured = false;
+      if (!zds_->connected()) {
+        auto ns = open_netns(*path);
+        istio_captured = ns && istio::has_inpod_rules(ns->fd.get());
+        if (!istio_captured) continue;
+      }
       info.netns = *path;
       take_overrides(info, pod);
-      auto st = capture(info);
+      auto st = capture(info, istio_captured);
       if (!st) {
         spdlog::warn("kube: capture {}: {}", info.full_name(), st.error().message());
         continue;
       }
       spdlog::info("kube: captured running pod {} (netns {})", info.full_name(), *path);
+      take_over_from_istio(info);
       now = true;
     } else if (!want && have) {
       auto st = release(info, "its labels no longer enroll it");
@@ -177,6 +192,48 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
       else now = false;
     }
     annotate(pod, now);
+  }
+}
+
+void Agent::take_over_from_istio(const PodInfo& pod) {
+  auto ns = open_netns(pod.netns);
+  if (!ns) return;
+  auto t = istio::remove_redirects(ns->fd.get());
+  if (!t) {
+    spdlog::warn("istio: {}: removing istio-cni's in-pod rules: {}", pod.full_name(), t.error().message());
+    return;
+  }
+  if (!t->found) return;
+  ++istio_takeovers_;
+  spdlog::info("istio: took {} over from istio-cni's in-pod rules: their nat, raw and mangle PREROUTING chains are "
+               "removed{}",
+               pod.full_name(),
+               t->restore_pending ? "; mangle OUTPUT's connmark restore stays until the connections it serves close" : "");
+  if (t->restore_pending) {
+    std::lock_guard<std::mutex> g(istio_mu_);
+    istio_pending_[ns->cookie] = pod.netns;
+  }
+}
+
+void Agent::finish_istio_takeovers() {
+  std::map<uint64_t, std::string> pending;
+  {
+    std::lock_guard<std::mutex> g(istio_mu_);
+    pending = istio_pending_;
+  }
+  for (const auto& [cookie, path] : pending) {
+    auto ns = open_netns(path);
+    bool done = !ns || ns->cookie != cookie;  // the pod is gone
+    if (!done) {
+      auto r = istio::remove_restore_if_unused(ns->fd.get());
+      if (!r) spdlog::warn("istio: netns {}: {}", path, r.error().message());
+      done = r && *r;
+      if (done) spdlog::info("istio: netns {}: the last of istio-cni's chains removed (no connection needs it)", path);
+    }
+    if (done) {
+      std::lock_guard<std::mutex> g(istio_mu_);
+      istio_pending_.erase(cookie);
+    }
   }
 }
 

@@ -78,7 +78,7 @@ std::optional<PodStatus> Agent::find_captured(const PodInfo& pod) {
   return std::nullopt;
 }
 
-Status Agent::capture(const PodInfo& in) {
+Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
   auto lock = pod_lock(pod_key(in));
   std::lock_guard<std::mutex> g(*lock);
   if (removing_) return invalid("podsteer is being removed from this node: not capturing", in.full_name());
@@ -92,6 +92,14 @@ Status Agent::capture(const PodInfo& in) {
   auto r = d->enroll(*ns, options_for(pod));
   if (!r) return r.error();
   auto t1 = std::chrono::steady_clock::now();
+  if (proxy_may_be_away && !zds_->connected()) {
+    // A pod istio-cni captured: the proxy that served it then still does, and the
+    // first snapshot a proxy gets from us names it (held until the first Kubernetes pass, 3 s at most)
+    zds_->upsert(pod);
+    spdlog::info("captured {} (netns {}, uid {}; no proxy connected yet: named in the next snapshot)", pod.full_name(),
+                 pod.netns, pod.uid);
+    return {};
+  }
   auto st = zds_->add(pod, ns->fd.get());
   auto us = [](auto a, auto b) { return std::chrono::duration_cast<std::chrono::microseconds>(b - a).count(); };
   if (!st) {

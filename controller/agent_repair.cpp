@@ -71,6 +71,7 @@ void Agent::repair_worker() {
 
 void Agent::repair_once() {
   if (removing_) return;  // the datapath is being taken away on purpose
+  finish_istio_takeovers();
   auto d = dp();
   // The install itself: gone (uninstalled under us, bpffs lost) means everything goes
   // back, from what the proxies were told.

@@ -128,6 +128,7 @@ void ZdsServer::handshake(Fd fd) {
                    hello ? "unsupported ZDS version " + std::to_string(hello->version()) : hello.error().message());
       return;
     }
+    if (snapshot_gate_) snapshot_gate_();
     std::vector<PodInfo> snapshot;
     {
       std::lock_guard<std::mutex> g(mu_);

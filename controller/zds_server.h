@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -46,6 +47,9 @@ class ZdsServer {
   // go on a thread of its own, instead of taking the path from under it.
   Status start();
   void stop();
+  // Called on a proxy's connection thread before its first snapshot is made (the agent holds
+  // snapshots until its first Kubernetes pass). Set before start().
+  void set_snapshot_gate(std::function<void()> gate) { snapshot_gate_ = std::move(gate); }
   // Waiting for another server to let go of the path (not ready meanwhile).
   bool waiting_for_path() const { return waiting_; }
 
@@ -82,6 +86,7 @@ class ZdsServer {
   UnixListener listener_;
   std::atomic<bool> waiting_{false}, stopping_{false};
   std::thread waiter_;  // while another server holds path_
+  std::function<void()> snapshot_gate_;
   std::mutex mu_;  // conns_, workloads_, counters_, pending_
   std::vector<std::shared_ptr<Conn>> conns_;  // proxies past their hello, oldest first
   std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)
