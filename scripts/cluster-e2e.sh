@@ -229,6 +229,28 @@ k -n plain label pod web istio.io/dataplane-mode=ambient >/dev/null
 check "labelling a running pod captures it (annotated)" wait_for 30 "annotation" annotated plain web
 fetch shop client "http://$WEB:8080/" >/dev/null 2>&1
 check "and its inbound now passes the proxy" wait_for 10 "inbound log" proxied inbound plain/web "$WEB"
+# a running pod under Istio's in-pod rules (istio-cni's, as tests/lib/istio-inpod.sh applies
+# them), then labelled: podsteer captures it and Istio's chains leave its netns
+pod plain istioed "$HTTPD"
+ready plain istioed >/dev/null
+ISTIOED=$(ip_of plain istioed)
+pid_of() {  # the pid of a pod's app container, by the pod's name
+  local id
+  id=$(k -n "$1" get pod "$2" -o jsonpath='{.status.containerStatuses[0].containerID}')
+  ctr_k8s tasks ls | awk -v id="${id#containerd://}" '$1 == id {print $2}'
+}
+ISTIOED_NS=/proc/$(pid_of plain istioed)/ns/net
+tests/lib/istio-inpod.sh apply "$ISTIOED_NS"
+istio_chains() { nsenter --net="$ISTIOED_NS" iptables-save -t nat | grep -q ':ISTIO_'; }
+check "Istio's in-pod rules are in the pod's netns" istio_chains
+k -n plain label pod istioed istio.io/dataplane-mode=ambient >/dev/null
+check "labelled, the pod is captured (annotated)" wait_for 30 "annotation" annotated plain istioed
+check "and Istio's nat chains are gone from its netns" wait_for 10 "chains removed" not istio_chains
+inbound_to() { proxy_events ".event == \"connection\" and .direction == \"inbound\" and (.original_dst | startswith(\"$1:\"))" | grep -c .; }
+fetch shop client "http://$ISTIOED:8080/" >/dev/null 2>&1
+sleep 1
+check "a new connection to it passes the proxy once ($(inbound_to "$ISTIOED") inbound)" test "$(inbound_to "$ISTIOED")" = 1
+
 pod shop gone "$HTTPD"
 ready shop gone >/dev/null
 GONE_UID=$(k -n shop get pod gone -o jsonpath='{.metadata.uid}')

@@ -13,6 +13,10 @@
 
 using namespace podsteer::test;
 
+#ifndef ISTIO_INPOD_SCRIPT
+#error "ISTIO_INPOD_SCRIPT must be defined by the build"
+#endif
+
 namespace {
 
 class KubeTest : public ::testing::Test {
@@ -171,6 +175,87 @@ TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
     gone = kubectl({"get", "pod", "web", "-o", "jsonpath={.metadata.annotations}"}).out;
   }
   EXPECT_EQ(gone.find("ambient.istio.io/redirection"), std::string::npos) << "removed on release: " << gone;
+}
+
+// The switch from istio-cni (README, "Switching from istio-cni"). Before it, Istio's in-pod
+// rules (tests/lib/istio-inpod.sh) send the running pod's traffic to the node proxy, which
+// serves the pod; istio-cni then goes, and a podsteer-agent starts. It takes the pod over:
+// connections open across the switch keep working, new ones pass the proxy once, and Istio's
+// chains leave the netns once podsteer's capture is live (mangle's connmark restore once the
+// connections that need it have closed).
+TEST_F(KubeTest, TakesOverAPodThatIstioCniCaptured) {
+  auto far = std::make_unique<Peer>(std::vector<std::string>{testpeer_bin(), "--netns", env->remote_ns, "serve", "--port", "9091"});
+  ASSERT_FALSE(far->wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null());
+  // istio-cni's time, made with podsteer and then its capture taken away: the proxy keeps
+  // the pod (as it keeps every pod while no ZDS server is there), Istio's rules take over
+  start_agent();
+  ASSERT_EQ(kubectl({"label", "pod", "web", "istio.io/dataplane-mode=ambient"}).rc, 0);
+  ASSERT_TRUE(captured(1)) << agent->output();
+  agent.reset();  // SIGKILL: no DelWorkload
+  auto un = env->podsteer({"unenroll", "--netns", env->pod_ns});
+  ASSERT_EQ(un.rc, 0) << un.out;
+  auto ist = run({ISTIO_INPOD_SCRIPT, "apply", env->pod_ns});
+  ASSERT_EQ(ist.rc, 0) << ist.out;
+  auto istio_chains = [&](const char* table) {
+    return run({"nsenter", "--net=" + env->pod_ns, "iptables-save", "-t", table}).out.find(":ISTIO_") != std::string::npos;
+  };
+  ASSERT_TRUE(istio_chains("nat"));
+  auto count_conns = [&](const char* dir) {
+    int n = 0;
+    for (const auto& j : proxy->lines()) n += j.value("event", "") == "connection" && j.value("direction", "") == dir;
+    return n;
+  };
+  // open connections through Istio's rules and the proxy: into the pod, and out of it
+  auto in = std::make_unique<Peer>(
+      std::vector<std::string>{testpeer_bin(), "--netns", env->remote_ns, "session", "--to", env->pod_ip4, "--port", "9090"}, true);
+  ASSERT_TRUE(in->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+  auto out = std::make_unique<Peer>(
+      std::vector<std::string>{testpeer_bin(), "--netns", env->pod_ns, "session", "--to", env->remote_ip4, "--port", "9091"}, true,
+      pod_cgroup);
+  ASSERT_TRUE(out->wait_for([](const json& j) { return j.contains("connected"); }).value("connected", false));
+  in->send_line("before");
+  out->send_line("before");
+  ASSERT_NE(in->wait_for([](const json& j) { return j.value("request", "") == "before"; }).value("reply", "").find("got=before"),
+            std::string::npos);
+  ASSERT_NE(out->wait_for([](const json& j) { return j.value("request", "") == "before"; }).value("reply", "").find("got=before"),
+            std::string::npos);
+  int in0 = count_conns("inbound"), out0 = count_conns("outbound");
+  EXPECT_GE(in0, 1) << "Istio's rules sent the inbound session to the proxy";
+  EXPECT_GE(out0, 1) << "and the outbound one";
+
+  // the switch: the agent starts; the proxy reconnects and keeps the pod
+  launch_agent();
+  ASSERT_TRUE(captured(1)) << agent->output();
+  for (int i = 0; i < 50 && istio_chains("nat"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(istio_chains("nat")) << agent->output();
+  EXPECT_FALSE(istio_chains("raw"));
+  EXPECT_NE(agent->output().find("took shop/web over from istio-cni"), std::string::npos) << agent->output();
+  int removed = 0;
+  for (const auto& j : proxy->lines()) removed += j.value("event", "") == "pod_removed";
+  EXPECT_EQ(removed, 0) << "the proxy never dropped the pod";
+  // the open connections go on
+  in->send_line("after");
+  out->send_line("after");
+  EXPECT_NE(in->wait_for([](const json& j) { return j.value("request", "") == "after"; }).value("reply", "").find("got=after"),
+            std::string::npos)
+      << "the inbound session across the switch";
+  EXPECT_NE(out->wait_for([](const json& j) { return j.value("request", "") == "after"; }).value("reply", "").find("got=after"),
+            std::string::npos)
+      << "the outbound session across the switch";
+  // new connections pass the proxy once
+  auto c = remote_call();
+  EXPECT_NE(c.value("reply", "").find("peer=" + env->remote_ip4), std::string::npos) << "the client's address kept: " << c;
+  auto o = env->pod_connect(env->remote_ip4, 9091);
+  EXPECT_NE(o.value("reply", "").find("got="), std::string::npos) << o;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(count_conns("inbound"), in0 + 1);
+  EXPECT_EQ(count_conns("outbound"), out0 + 1);
+  // mangle's restore goes once the sessions that need it have closed
+  EXPECT_TRUE(istio_chains("mangle")) << "kept while the Istio-era connections are open";
+  in.reset();
+  out.reset();
+  for (int i = 0; i < 100 && istio_chains("mangle"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(istio_chains("mangle")) << agent->output();
 }
 
 TEST_F(KubeTest, RestartedAgentFindsRunningPodsThroughProc) {
