@@ -170,12 +170,9 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
       // Captured only with a proxy to take it (retried on the timer), except a pod that
       // istio-cni's rules capture: its proxy serves it already, and the first snapshot must
       // name it
-      bool istio_captured = false;
-      if (!zds_->connected()) {
-        auto ns = open_netns(*path);
-        istio_captured = ns && istio::has_inpod_rules(ns->fd.get());
-        if (!istio_captured) continue;
-      }
+      auto pod_ns = open_netns(*path);
+      bool istio_captured = pod_ns && istio::has_inpod_rules(pod_ns->fd.get());
+      if (!istio_captured && !zds_->connected()) continue;
       info.netns = *path;
       take_overrides(info, pod);
       auto st = capture(info, istio_captured);

@@ -92,6 +92,9 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
   auto r = d->enroll(*ns, options_for(pod));
   if (!r) return r.error();
   auto t1 = std::chrono::steady_clock::now();
+  // the proxy serving an Istio-captured pod listens there already: sock_ops saw no listen()
+  if (proxy_may_be_away)
+    if (auto fl = d->find_listeners(*ns); !fl) spdlog::warn("{}: the proxy's listeners: {}", pod.full_name(), fl.error().message());
   if (proxy_may_be_away && !zds_->connected()) {
     // A pod istio-cni captured: the proxy that served it then still does, and the
     // first snapshot a proxy gets from us names it (held until the first Kubernetes pass, 3 s at most)

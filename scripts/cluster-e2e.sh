@@ -330,7 +330,7 @@ agent_logs >"$LOGS/agent.log"
 # the agent's last words (it cleans up after its DaemonSet is gone)
 k -n podsteer-system logs -f "$(agent_pod)" >"$LOGS/agent-removal.log" 2>&1 &
 follow=$!
-k -n podsteer-system delete ds podsteer-agent --wait=true --timeout=120s >/dev/null
+k -n podsteer-system delete ds podsteer-agent --cascade=foreground --wait=true --timeout=120s >/dev/null
 k delete -f "$DIR/deploy/optional/proxy-daemonset.yaml" --ignore-not-found --wait=true >/dev/null
 k delete -k "$DIR/deploy" --wait=true --timeout=120s >/dev/null 2>&1
 wait "$follow" 2>/dev/null

@@ -10,7 +10,8 @@
 set -euo pipefail
 VERSION=$1 OUT=$2
 CACHE=${PODSTEER_CLUSTER_CACHE:-/var/cache/podsteer-cluster}
-P=$CACHE/podman
+P=$CACHE/podman-v2  # -v2: podman refuses a store whose recorded tmp_dir differs (the first layout's)
+rm -rf "$CACHE/podman"
 mkdir -p "$P"/{storage,run,tmp} "$CACHE"
 RUNROOT=$P/run
 cat >"$P/storage.conf" <<CONF
@@ -19,7 +20,12 @@ driver = "overlay"
 graphroot = "$P/storage"
 runroot = "$RUNROOT"
 CONF
-printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\n' >"$P/containers.conf"
+# podman's own state stays below the cache dir too (its defaults are /run/libpod and
+# /var/lib/containers/cache, whatever storage.conf says; the latter is removed below if this
+# made it)
+printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\nruntime = "runc"\ntmp_dir = "%s"\n' \
+  "$P/run/libpod" >"$P/containers.conf"
+[ -e /var/lib/containers ] || trap 'rm -rf /var/lib/containers' EXIT
 printf 'unqualified-search-registries = []\n' >"$P/registries.conf"
 pm() {
   CONTAINERS_STORAGE_CONF=$P/storage.conf CONTAINERS_CONF=$P/containers.conf \
