@@ -270,7 +270,8 @@ pod shop looper "while :; do if timeout 3 wget -qO- http://$SERVER:8080/ >/dev/n
 pod shop slow "wget -qO- http://$SERVER:8080/cgi-bin/slow; echo done; sleep 3600" noprobes
 both_ready shop looper slow
 loops() { k -n shop logs looper | grep -c "$1"; }
-wait_for 30 "the looper's first connections" test "$(loops ok)" -gt 5
+looping() { [ "$(loops ok)" -gt 5 ]; }
+wait_for 30 "the looper's first connections" looping
 ctr_k8s images tag "podsteer.local/podsteer:$VERSION" "podsteer.local/podsteer:$VERSION-e2e.2" >/dev/null
 k -n podsteer-system set image ds/podsteer-agent "agent=podsteer.local/podsteer:$VERSION-e2e.2" >/dev/null
 check "the agent DaemonSet rolls to the new tag" ds_ready podsteer-agent 180
