@@ -94,11 +94,15 @@ not() { ! "$@"; }
 
 # The node's private world: a mount namespace whose mounts propagate among themselves only
 # (the kubelet's HostToContainer volumes need shared mounts), with /run (ztunnel's and
-# podsteer's sockets, the pods' netns), /var/log and /sys/fs/bpf of its own.
+# podsteer's sockets, the pods' netns), /var/log, /var/lib and /sys/fs/bpf of its own.
 mount --make-rshared /
 mount -t tmpfs tmpfs /run
 mkdir -p /run/netns /run/lock "$DIR/varlog"
 mount --bind "$DIR/varlog" /var/log
+# /var/lib too: the kubelet keeps its device-plugin socket at /var/lib/kubelet/device-plugins
+# whatever its --root-dir, and libcni caches results in /var/lib/cni (the node's containerd
+# keeps its own root below $DIR)
+mount -t tmpfs tmpfs /var/lib
 mount -t bpf bpf /sys/fs/bpf
 node_network
 
