@@ -181,7 +181,7 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
         continue;
       }
       spdlog::info("kube: captured running pod {} (netns {})", info.full_name(), *path);
-      take_over_from_istio(info);
+      if (istio_captured) take_over_from_istio(info);  // checked above: no second iptables-save
       now = true;
     } else if (!want && have) {
       auto st = release(info, "its labels no longer enroll it");

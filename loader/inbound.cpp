@@ -48,13 +48,19 @@ bpf_tc_hook ingress_hook(unsigned ifindex) {
   return hook;
 }
 
+// Names our cls_bpf filter at prio (handle kClsactHandle).
+bpf_tc_opts our_filter(uint32_t prio) {
+  bpf_tc_opts opts{};
+  opts.sz = sizeof(opts);
+  opts.handle = kClsactHandle;
+  opts.priority = prio;
+  return opts;
+}
+
 // Deletes our cls_bpf filter at (ifindex, prio); calling thread in the pod's netns.
 int delete_clsact(unsigned ifindex, uint32_t prio) {
   bpf_tc_hook hook = ingress_hook(ifindex);
-  bpf_tc_opts del{};
-  del.sz = sizeof(del);
-  del.handle = kClsactHandle;
-  del.priority = prio;
+  bpf_tc_opts del = our_filter(prio);
   return bpf_tc_detach(&hook, &del);
 }
 
@@ -62,10 +68,7 @@ int delete_clsact(unsigned ifindex, uint32_t prio) {
 // thread in the pod's netns.
 uint32_t clsact_prog_id(unsigned ifindex, uint32_t prio) {
   bpf_tc_hook hook = ingress_hook(ifindex);
-  bpf_tc_opts opts{};
-  opts.sz = sizeof(opts);
-  opts.handle = kClsactHandle;
-  opts.priority = prio;
+  bpf_tc_opts opts = our_filter(prio);
   return bpf_tc_query(&hook, &opts) == 0 ? opts.prog_id : 0;
 }
 
@@ -143,11 +146,8 @@ Status attach_node_in_one(const std::string& dir, int prog, unsigned ifindex, Tc
   int err = bpf_tc_hook_create(&hook);
   if (err && err != -EEXIST) return Error{"create clsact qdisc", -err, std::to_string(ifindex)};
   for (uint32_t prio = kClsactFirstPrio; prio <= kClsactFirstPrio + 64; ++prio) {
-    bpf_tc_opts opts{};
-    opts.sz = sizeof(opts);
+    bpf_tc_opts opts = our_filter(prio);
     opts.prog_fd = prog;
-    opts.handle = kClsactHandle;
-    opts.priority = prio;
     err = bpf_tc_attach(&hook, &opts);
     if (err == -EEXIST || err == -EINVAL) continue;  // this priority holds someone else's filter
     if (err) break;
@@ -251,11 +251,8 @@ Status Datapath::upgrade_inbound(uint64_t cookie) {
     }
     PODSTEER_TRY(in_netns(ns->fd.get(), [&]() -> Status {
       bpf_tc_hook hook = ingress_hook(h.ifindex);
-      bpf_tc_opts opts{};
-      opts.sz = sizeof(opts);
+      bpf_tc_opts opts = our_filter(h.prio);
       opts.prog_fd = prog;
-      opts.handle = kClsactHandle;
-      opts.priority = h.prio;
       opts.flags = BPF_TC_F_REPLACE;
       if (int err = bpf_tc_attach(&hook, &opts); err) return Error{"replace cls_bpf filter", -err, hpin};
       return {};
