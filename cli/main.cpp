@@ -15,6 +15,7 @@
 #include "map.h"
 #include "netns.h"
 #include "system.h"
+#include "node_flags.h"
 #include "version.h"
 
 using namespace podsteer;
@@ -335,17 +336,8 @@ int main(int argc, char** argv) {
   app.add_option("--hook-cgroup", node.hook_cgroup,
                  "cgroup v2 directory for the socket hooks (default: kubepods cgroup if present, else the cgroup2 "
                  "root); taken when the state dir is created, remembered after");
-  app.add_option("--outbound-port", node.outbound_port, "outbound listener port (when the state dir is created)")->capture_default_str();
-  app.add_option("--inbound-port", node.inbound_port, "inbound listener port (when the state dir is created)")->capture_default_str();
-  app.add_option("--hbone-port", node.hbone_port, "HBONE port, never redirected")->capture_default_str();
-  app.add_option("--dns-port", node.dns_port, "DNS listener port on 127.0.0.1")->capture_default_str();
-  app.add_option("--proxy-mark", node.proxy_mark, "socket mark of the proxy: never redirected")->capture_default_str();
-  app.add_option("--proxy-mark-mask", node.proxy_mark_mask, "mask for --proxy-mark and --app-mark")->capture_default_str();
-  app.add_option("--app-mark", node.app_mark,
-                 "mark of the app's side of connections the proxy makes from a client's address")
-      ->capture_default_str();
-  app.add_option("--route-table", node.route_table, "routing table of the return path's local route")->capture_default_str();
-  app.add_option("--rule-pref", node.rule_pref, "preference of the return path's policy rule")->capture_default_str();
+  // ports and marks: chosen when the state dir is created; given later, they must match it
+  NodeFlags node_flags(app, node, false);
   app.add_flag("-v,--verbose", verbose, "debug output, including libbpf's and the verifier's");
 
   auto* enroll = app.add_subcommand("enroll", "capture a pod's traffic");
@@ -385,6 +377,7 @@ int main(int argc, char** argv) {
   uninstall->add_option("--cni-bin-dir", cni_bin_dir, "also remove the podsteer-cni binary from here");
 
   CLI11_PARSE(app, argc, argv);
+  node_flags.record(node);
   init_logging(verbose);
 
   if (*doctor) return cmd_doctor(state_dir);
@@ -417,9 +410,9 @@ int main(int argc, char** argv) {
       opts.name = pod.substr(slash + 1);
     }
     auto ip = parse_ports(in_ports);
-    if (!ip) return fail(Error{ip.error().op, 0, "--exclude-inbound-ports"});
+    if (!ip) return fail(ip.error().in("--exclude-inbound-ports"));
     auto op = parse_ports(out_ports);
-    if (!op) return fail(Error{op.error().op, 0, "--exclude-outbound-ports"});
+    if (!op) return fail(op.error().in("--exclude-outbound-ports"));
     if (!cidrs_file.empty()) {
       std::ifstream in(cidrs_file);
       std::string line;
@@ -430,7 +423,7 @@ int main(int argc, char** argv) {
       }
     }
     auto oc = parse_cidrs(out_cidrs);
-    if (!oc) return fail(Error{oc.error().op, 0, "--exclude-outbound-cidrs"});
+    if (!oc) return fail(oc.error().in("--exclude-outbound-cidrs"));
     opts.exclude_inbound_ports = *ip;
     opts.exclude_outbound_ports = *op;
     opts.exclude_outbound_cidrs = *oc;
@@ -439,7 +432,7 @@ int main(int argc, char** argv) {
     auto dp = Datapath::open(state_dir, node, true);
     if (!dp) return fail(dp.error());
     auto r = dp->enroll(*ns, opts);
-    if (!r && r.error().op.find("uninstalled or replaced") != std::string::npos) {
+    if (!r && r.error().is(ErrorCode::kReplaced)) {
       // another process uninstalled between our open and our enroll: once more, afresh
       dp = Datapath::open(state_dir, node, true);
       if (!dp) return fail(dp.error());

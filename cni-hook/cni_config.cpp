@@ -215,7 +215,7 @@ Result<bool> ensure_chained(const InstallOptions& o) {
     // name: if the primary CNI writes its .conf again, the next pass converts that one)
     std::string updated;
     auto changed = chain_into(snap->content, o.agent_socket, updated, o.plugin_settings);
-    if (!changed) return Error{changed.error().op, 0, *path};
+    if (!changed) return changed.error().in(*path);
     std::string target = fs::path(*path).replace_extension(".conflist").string();
     PODSTEER_TRY(write_atomic(target, updated, mode));
     if (unchanged(*path, snap->st)) unlink(path->c_str());
@@ -224,7 +224,7 @@ Result<bool> ensure_chained(const InstallOptions& o) {
   return rewrite(*path, *snap, [&](const std::string& base) -> Result<std::optional<std::string>> {
     std::string updated;
     auto changed = chain_into(base, o.agent_socket, updated, o.plugin_settings);
-    if (!changed) return Error{changed.error().op, 0, *path};
+    if (!changed) return changed.error().in(*path);
     if (!*changed) return std::optional<std::string>();
     return std::optional<std::string>(updated);
   }, o.before_replace);

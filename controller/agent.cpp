@@ -196,7 +196,7 @@ bool Agent::daemonset_removed() {
   if (slash == std::string::npos) return false;
   auto r = kube_client_->get("/apis/apps/v1/namespaces/" + cfg_.daemonset.substr(0, slash) + "/daemonsets/" +
                              cfg_.daemonset.substr(slash + 1));
-  if (!r) return r.error().err == 404;  // gone; any other failure: cannot tell, keep it
+  if (!r) return r.error().is(ErrorCode::kNotFound);  // gone; any other failure: cannot tell, keep it
   auto meta = r->find("metadata");
   return meta != r->end() && meta->is_object() && meta->contains("deletionTimestamp");
 }

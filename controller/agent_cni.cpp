@@ -80,14 +80,14 @@ Result<bool> Agent::kube_decides(PodInfo& pod) {
 Result<bool> Agent::enrollment(PodInfo& pod) {
   if (!kube_source_) return policy_.enrolled(pod);
   auto r = kube_decides(pod);
-  if (!r) return Error{"cannot tell whether the pod is enrolled: " + r.error().message(), 0, ""};
+  if (!r) return Error{"cannot tell whether the pod is enrolled: " + r.error().message(), 0, "", r.error().code};
   return *r;
 }
 
 json Agent::cni_add(PodInfo pod) {
   if (pod.netns.empty() || pod.container_id.empty()) return error("request lacks netns or container_id");
   auto enrolled = enrollment(pod);
-  if (!enrolled) return error(enrolled.error().op);
+  if (!enrolled) return error(enrolled.error().message());
   if (!*enrolled) return {{"status", "not_enrolled"}};
   if (pod.uid.empty() || pod.name.empty() || pod.namespace_.empty())
     return error("an enrolled pod needs K8S_POD_UID, K8S_POD_NAME and K8S_POD_NAMESPACE");
@@ -106,7 +106,7 @@ json Agent::cni_del(const PodInfo& pod) {
 
 json Agent::cni_check(PodInfo pod) {
   auto enrolled = enrollment(pod);
-  if (!enrolled) return error(enrolled.error().op);
+  if (!enrolled) return error(enrolled.error().message());
   if (!*enrolled) return {{"status", "ok"}, {"message", "not enrolled"}};
   auto found = find_captured(pod);
   if (!found) return error("pod should be captured but is not");

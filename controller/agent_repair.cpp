@@ -134,8 +134,8 @@ void Agent::repair_once() {
       continue;
     }
     if (path != std::string(now->meta.netns_path)) count_repair("netns path", now->full_name());
-    for (const auto& piece : now->missing())
-      if (piece.find("network namespace") == std::string::npos) count_repair(piece, now->full_name());
+    if (now->netns_alive)  // otherwise missing() says only that the netns moved, counted above
+      for (const auto& piece : now->missing()) count_repair(piece, now->full_name());
   }
   auto fresh = changed ? d->pods(Datapath::Detail::Full) : std::move(pods);
   if (fresh) {

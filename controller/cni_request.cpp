@@ -43,14 +43,14 @@ Result<CniRequest> parse_cni_request(const std::string& line) {
                 {"netns", &r.pod.netns},        {"ifname", &r.pod.ifname}};
   for (const auto& f : fields) {
     auto v = str(j, f.key);
-    if (!v) return Error{"malformed request: " + v.error().op, 0, ""};
+    if (!v) return invalid("malformed request: " + v.error().op);
     *f.into = *v;
   }
   auto ips = strings(j, "ips");
-  if (!ips) return Error{"malformed request: " + ips.error().op, 0, ""};
+  if (!ips) return invalid("malformed request: " + ips.error().op);
   r.pod.ips = *ips;
   auto nss = strings(j, "enroll_namespaces");
-  if (!nss) return Error{"malformed request: " + nss.error().op, 0, ""};
+  if (!nss) return invalid("malformed request: " + nss.error().op);
   r.pod.enroll_namespaces = *nss;
   if (auto it = j.find("enroll"); it != j.end() && !it->is_null()) {
     if (!it->is_boolean()) return invalid("malformed request: field 'enroll' is not a boolean");

@@ -178,7 +178,9 @@ Result<json> Client::request(const std::string& method, const std::string& path,
   auto [rc, status] = t.perform();
   if (rc != CURLE_OK) return Error{method + " " + path + ": " + curl_easy_strerror(rc), 0, cfg_.server};
   if (status < 200 || status > 299)
-    return Error{fmt::format("{} {}: HTTP {}: {}", method, path, status, out.substr(0, 200)), static_cast<int>(status), ""};
+    // the HTTP status is not an errno: err stays 0, a missing object is kNotFound
+    return Error{fmt::format("{} {}: HTTP {}: {}", method, path, status, out.substr(0, 200)), 0, "",
+                 status == 404 ? ErrorCode::kNotFound : ErrorCode::kUnknown};
   auto j = json::parse(out, nullptr, false);
   if (j.is_discarded()) return invalid(method + " " + path + ": the answer is not JSON");
   return j;

@@ -15,6 +15,7 @@
 #include "agent.h"
 #include "cni_config.h"
 #include "log.h"
+#include "node_flags.h"
 #include "version.h"
 
 using namespace podsteer;
@@ -82,6 +83,8 @@ int main(int argc, char** argv) {
                  "waits for an RCU grace period, milliseconds per pod start)")
       ->transform(CLI::CheckedTransformer(std::map<std::string, TcMode>{{"clsact", TcMode::Clsact}, {"tcx", TcMode::Tcx}}))
       ->capture_default_str();
+  // ports and marks (also PODSTEER_OUTBOUND_PORT etc.: the ConfigMap's keys)
+  NodeFlags node_flags(app, cfg.node, true);
   app.add_option("--node-netns", cfg.node.node_netns,
                  "the node's netns: connections whose socket exists there (kubelet probes) reach the app "
                  "(default: the agent's own, hostNetwork)");
@@ -121,6 +124,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("-v,--verbose", verbose);
   CLI11_PARSE(app, argc, argv);
+  node_flags.record(cfg.node);
   init_logging(verbose);
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
   if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");

@@ -178,7 +178,7 @@ Status ZdsServer::request(Conn& c, const std::string& what, const google::protob
   auto done = [&](Status st) {
     std::lock_guard<std::mutex> g(mu_);
     pending_.erase(serial);
-    if (!st && st.error().op.find("proxy refused") != std::string::npos) counters_.nacks++;
+    if (!st && st.error().is(ErrorCode::kRefused)) counters_.nacks++;
     else if (!st) counters_.failed_requests++;
     return st;
   };
@@ -190,7 +190,7 @@ Status ZdsServer::request(Conn& c, const std::string& what, const google::protob
   auto pkt = zds::receive(c.fd.get(), ack_timeout_ms_);
   if (!pkt) {
     c.dead = true;  // lockstep is broken: the proxy reconnects and gets a snapshot
-    return done(Error{pkt.error().op, pkt.error().err, what});
+    return done(pkt.error().in(what));
   }
   auto resp = zds::parse<pb::WorkloadResponse>(*pkt);
   if (!resp || !resp->has_ack()) {
@@ -201,7 +201,7 @@ Status ZdsServer::request(Conn& c, const std::string& what, const google::protob
     }
     return done(invalid("proxy answered with something other than an ack", what));
   }
-  if (!resp->ack().error().empty()) return done(invalid("proxy refused: " + resp->ack().error(), what));
+  if (!resp->ack().error().empty()) return done(invalid("proxy refused: " + resp->ack().error(), what, ErrorCode::kRefused));
   return done({});
 }
 

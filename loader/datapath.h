@@ -2,10 +2,7 @@
 // dir and attached once at the hook cgroup, and per pod an sk_lookup program linked to the
 // pod's netns plus the pod's return-path rules. Knows nothing of Kubernetes.
 //
-// State dir layout (bpffs):
-//   maps/podsteer_*           every map, with BTF
-//   links/<program>           the cgroup socket-hook links
-//   pods/<cookie>/inbound     a pod's sk_lookup link (it holds the pod's program)
+// The state dir's layout, lock and config: state_dir.h.
 //
 // Jobs by file: install.cpp (install, adopt, uninstall), enroll.cpp (enroll, unenroll),
 // inbound.cpp (per-pod sk_lookup), pod_netns.cpp (rules, routes, sysctl in the pod
@@ -23,6 +20,7 @@
 #include "pod_netns.h"
 #include "podsteer_abi.h"
 #include "result.h"
+#include "state_dir.h"
 
 namespace podsteer {
 
@@ -46,6 +44,15 @@ struct NodeConfig {
   // Not kept in the state: every process that enrolls or repairs names the same one.
   std::string node_netns;
   TcMode tc_mode = TcMode::Clsact;  // for new attachments; existing ones keep theirs
+
+  // Which settings the caller gave explicitly (a flag, the ConfigMap): those must match a
+  // state that exists (check_pinned); the others are taken from it.
+  enum Setting : unsigned {
+    kOutboundPort = 1u << 0, kInboundPort = 1u << 1, kHbonePort = 1u << 2, kDnsPort = 1u << 3,
+    kProxyMark = 1u << 4, kProxyMarkMask = 1u << 5, kAppMark = 1u << 6, kRouteTable = 1u << 7,
+    kRulePref = 1u << 8,
+  };
+  unsigned given = 0;
 };
 
 struct Cidr {
@@ -220,10 +227,5 @@ bool is_abi1_state(const std::string& state_dir);
 // Identifies this build's BPF programs (a hash of the objects it embeds).
 uint64_t programs_id();
 
-// A map's pin in a state dir
-std::string map_pin(const std::string& state_dir, const std::string& name);
-
-podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c);
-podsteer_listener_key listener_key(uint64_t cookie, uint16_t port, uint16_t family);
 
 }  // namespace podsteer

@@ -12,20 +12,11 @@
 #include "fd.h"
 #include "podsteer_abi.h"
 #include "result.h"
+#include "state_dir.h"
 
 struct bpf_object;
 
 namespace podsteer::detail {
-
-inline std::string join(const std::string& a, const std::string& b) { return a + "/" + b; }
-
-inline std::string pod_dir(const std::string& state, uint64_t cookie) {
-  return join(join(state, "pods"), std::to_string(cookie));
-}
-
-inline std::string inbound_pin(const std::string& state, uint64_t cookie) { return join(pod_dir(state, cookie), "inbound"); }
-
-Status make_dir(const std::string& p);
 
 // Removes a pod's TC hooks (inbound.cpp): tcx links by their pins; cls_bpf filters in the
 // pod's netns (netns_fd), only while they still run our program (-1: the netns is gone,
@@ -38,17 +29,6 @@ inline void copy_str(char* dst, size_t cap, const std::string& s) {
 }
 
 inline std::string str_of(const char* field, size_t cap) { return std::string(field, strnlen(field, cap)); }
-
-// Every mutating step holds an exclusive lock on the state dir's parent (bpffs keeps no
-// plain files), so two podsteer processes - CLIs, agents - never interleave their steps.
-class StateLock {
- public:
-  static Result<StateLock> take(const std::string& state_dir);
-
- private:
-  explicit StateLock(Fd fd) : fd_(std::move(fd)) {}
-  Fd fd_;
-};
 
 // Steps already taken, undone in reverse unless commit() is called.
 class Rollback {

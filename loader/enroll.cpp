@@ -72,7 +72,7 @@ void Datapath::erase_connections(uint64_t cookie) {
 // family on its non-loopback interfaces.
 static Status pod_addresses(const Netns& ns, podsteer_pod& entry) {
   auto ifaces = list_interfaces(ns.fd.get());
-  if (!ifaces) return Error{ifaces.error().op, ifaces.error().err, ns.path};
+  if (!ifaces) return ifaces.error().in(ns.path);
   for (const auto& i : *ifaces) {
     if (i.loopback) continue;
     if (!(entry.flags & PODSTEER_POD_HAS_IP4) && !i.ip4.empty()) {

@@ -23,19 +23,6 @@ using namespace detail;
 
 namespace detail {
 
-Status make_dir(const std::string& p) {
-  if (mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) return sys_error("mkdir", p);
-  return {};
-}
-
-Result<StateLock> StateLock::take(const std::string& state_dir) {
-  std::string parent = std::filesystem::path(state_dir).parent_path().string();
-  Fd fd(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) return sys_error("open", parent);
-  if (flock(fd.get(), LOCK_EX) != 0) return sys_error("flock", parent);
-  return StateLock(std::move(fd));
-}
-
 uint32_t prog_id_of(int prog_fd) {
   bpf_prog_info info{};
   __u32 len = sizeof(info);
@@ -56,8 +43,6 @@ namespace {
 using SockSkel = Skeleton<podsteer_sock, podsteer_sock__open, podsteer_sock__load, podsteer_sock__destroy>;
 
 }  // namespace
-
-std::string map_pin(const std::string& state_dir, const std::string& name) { return join(join(state_dir, "maps"), name); }
 
 void detail::pin_maps_under(bpf_object* obj, const std::string& maps_dir) {
   bpf_map* m;
@@ -98,19 +83,7 @@ Status Datapath::install(const std::string& state_dir, const NodeConfig& want) {
   PODSTEER_TRY(check_cgroup2_dir(hook));
   if (hook.size() >= PODSTEER_PATH_LEN) return invalid("hook cgroup path too long", hook);
 
-  podsteer_config cfg{};
-  cfg.abi_version = PODSTEER_ABI_VERSION;
-  cfg.outbound_port = want.outbound_port;
-  cfg.inbound_port = want.inbound_port;
-  cfg.hbone_port = want.hbone_port;
-  cfg.dns_port = want.dns_port;
-  cfg.proxy_mark = want.proxy_mark;
-  cfg.proxy_mark_mask = want.proxy_mark_mask;
-  cfg.app_mark = want.app_mark;
-  cfg.route_table = want.route_table;
-  cfg.rule_pref = want.rule_pref;
-  cfg.programs_id = programs_id();
-  copy_str(cfg.hook_cgroup, sizeof(cfg.hook_cgroup), hook);
+  podsteer_config cfg = abi_config_of(want, hook);
 
   bool ok = false;
   PODSTEER_TRY(make_dir(state_dir));
@@ -155,7 +128,8 @@ Status Datapath::adopt() {
   if (!cfg_map) return cfg_map.error();
   auto cfg = cfg_map->lookup(0);
   if (!cfg) return cfg.error();
-  if (!cfg->has_value() || (*cfg)->abi_version == 0) return invalid("state dir holds an incomplete install", state_dir_);
+  if (!cfg->has_value() || (*cfg)->abi_version == 0)
+    return invalid("state dir holds an incomplete install", state_dir_, ErrorCode::kIncompleteInstall);
   config_ = **cfg;
   auto info = map_info(cfg_map->fd());
   if (!info) return info.error();
@@ -190,7 +164,7 @@ Status Datapath::still_installed() const {
   auto info = fd.valid() ? map_info(fd.get()) : Result<MapInfo>(sys_error("bpf_obj_get"));
   if (!info || info->id != config_map_id_)
     return invalid("the datapath was uninstalled or replaced by another podsteer process meanwhile; try again",
-                   state_dir_);
+                   state_dir_, ErrorCode::kReplaced);
   return {};
 }
 
@@ -206,7 +180,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
   if (installed && is_abi1_state(state_dir)) PODSTEER_TRY(migrate_from_abi1(state_dir));
   if (installed) {
     auto st = dp.adopt();
-    if (!st && st.error().op.find("incomplete install") != std::string::npos && install_if_missing) {
+    if (!st && st.error().is(ErrorCode::kIncompleteInstall) && install_if_missing) {
       spdlog::warn("{}: removing an incomplete install left by an interrupted podsteer", state_dir);
       PODSTEER_TRY(remove_all(state_dir));
       installed = false;
@@ -215,17 +189,20 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
     }
   }
   if (!installed) {
-    if (!install_if_missing) return invalid("no podsteer datapath installed here (enroll a pod first)", state_dir);
+    if (!install_if_missing)
+      return invalid("no podsteer datapath installed here (enroll a pod first)", state_dir, ErrorCode::kNotFound);
     PODSTEER_TRY(install(state_dir, want));
     PODSTEER_TRY(dp.adopt());
-  } else if (dp.config_.programs_id != programs_id()) {
-    PODSTEER_TRY(dp.upgrade_programs());
+    return dp;
   }
+  // Settings that disagree with the state refuse before anything changes (no upgrade either).
   if (!want.hook_cgroup.empty() && want.hook_cgroup != dp.config_.hook_cgroup)
     return invalid(fmt::format("the state dir's socket hooks are at {}, not {}: the hook cgroup is chosen when "
                                "the state dir is made (run `podsteer uninstall` to change it)",
                                dp.config_.hook_cgroup, want.hook_cgroup),
-                   state_dir);
+                   state_dir, ErrorCode::kConflict);
+  PODSTEER_TRY(check_pinned(dp.config_, want, state_dir));
+  if (dp.config_.programs_id != programs_id()) PODSTEER_TRY(dp.upgrade_programs());
   return dp;
 }
 

@@ -103,7 +103,7 @@ Result<Netns> open_netns(const std::string& path) {
     cookie = *c;
     return {};
   });
-  if (!st) return Error{st.error().op, st.error().err, path};
+  if (!st) return st.error().in(path);
   out.cookie = cookie;
   return out;
 }

@@ -82,21 +82,4 @@ Result<std::vector<Cidr>> parse_cidrs(const std::string& list) {
   return out;
 }
 
-podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c) {
-  podsteer_cidr_key k{};
-  k.prefixlen = PODSTEER_CIDR_COOKIE_BITS + c.prefix;
-  k.netns_cookie_hi = htonl(uint32_t(cookie >> 32));
-  k.netns_cookie_lo = htonl(uint32_t(cookie));
-  std::memcpy(k.addr, c.addr, 16);
-  return k;
-}
-
-podsteer_listener_key listener_key(uint64_t cookie, uint16_t port, uint16_t family) {
-  podsteer_listener_key k{};
-  k.netns_cookie = cookie;
-  k.port = port;
-  k.family = family;
-  return k;
-}
-
 }  // namespace podsteer

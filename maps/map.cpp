@@ -13,7 +13,7 @@ Result<Fd> open_checked_map(const std::string& pin, size_t key_size, size_t valu
   Fd fd(bpf_obj_get(pin.c_str()));
   if (!fd.valid()) return sys_error("bpf_obj_get", pin);
   auto info = map_info(fd.get());
-  if (!info) return Error{info.error().op, info.error().err, pin};
+  if (!info) return info.error().in(pin);
   if (info->key_size != key_size || info->value_size != value_size)
     return invalid(fmt::format("map layout mismatch: key {} value {} bytes, this build expects {} and {}"
                                " (state made by another podsteer version? run `podsteer uninstall`)",

@@ -13,10 +13,28 @@
 
 namespace podsteer {
 
+// What a caller may branch on. The message (op, context) is for people only: rewording it
+// must never change what a program does.
+enum class ErrorCode {
+  kUnknown = 0,        // nothing to branch on: report it
+  kInvalid,            // the caller's input is wrong (a flag, a request, a config file)
+  kSystem,             // a system call failed: err holds its errno
+  kNotFound,           // what was asked for is not there (an API object, a pin, a pod)
+  kConflict,           // the state was made with other settings than asked for
+  kIncompleteInstall,  // a state dir an interrupted install left behind
+  kReplaced,           // the datapath was uninstalled or replaced by another process meanwhile
+  kRefused,            // the peer answered no (the proxy's nack)
+};
+
 struct Error {
   std::string op;       // the call or step that failed, e.g. "bpf_link_create"
   int err = 0;          // errno, 0 for a validation error
   std::string context;  // what it was applied to, in the user's words
+  ErrorCode code = ErrorCode::kUnknown;
+
+  bool is(ErrorCode c) const { return code == c; }
+  // The same error, said of something more specific (the code and errno are kept).
+  Error in(std::string where) const { return Error{op, err, std::move(where), code}; }
 
   std::string message() const {
     std::string m = context.empty() ? op : fmt::format("{}: {}", context, op);
@@ -26,14 +44,14 @@ struct Error {
 };
 
 // A validation failure: no errno, a message meant for the user.
-inline Error invalid(std::string what, std::string context = {}) {
-  return Error{std::move(what), 0, std::move(context)};
+inline Error invalid(std::string what, std::string context = {}, ErrorCode code = ErrorCode::kInvalid) {
+  return Error{std::move(what), 0, std::move(context), code};
 }
 
 // Call right after the failing call, so errno is still the call's.
 inline Error sys_error(std::string op, std::string context = {}) {
   int e = errno;
-  return Error{std::move(op), e, std::move(context)};
+  return Error{std::move(op), e, std::move(context), ErrorCode::kSystem};
 }
 
 template <typename T>

@@ -341,7 +341,7 @@ Status Proxy::do_add(Workload& w) {
   for (const auto& want : wants) {
     auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark, want.transparent);
     if (!fd) {
-      result = Error{fd.error().op, fd.error().err, pod->namespace_ + "/" + pod->name};
+      result = fd.error().in(pod->namespace_ + "/" + pod->name);
       break;
     }
     made.emplace_back(std::move(*fd), want.kind);

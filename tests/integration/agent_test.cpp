@@ -910,3 +910,81 @@ TEST_F(AgentTest, ProxyOutOfFdsPausesAcceptInsteadOfSpinning) {
 }
 
 }  // namespace
+
+// Every port and mark DESIGN.md makes configurable, set on the agent (ports by flag, marks,
+// table and rule preference by the PODSTEER_* variables the DaemonSet takes from the
+// ConfigMap) and on the proxy: outbound, inbound and DNS all pass the proxy on the other
+// ports (nothing listens on the defaults, and a captured pod fails closed), the app sees
+// the client's address (the return path with the other app mark, table and preference),
+// and an agent started later with other values refuses the state, saying which, and
+// changes nothing.
+TEST_F(AgentTest, NonDefaultPortsAndMarksWorkEndToEnd) {
+  struct EnvVar {
+    const char* name;
+    EnvVar(const char* n, const char* v) : name(n) { setenv(n, v, 1); }
+    ~EnvVar() { unsetenv(name); }
+  };
+  std::vector<std::string> flags = {"--dns", "--outbound-port", "16001", "--inbound-port", "16006",
+                                    "--hbone-port", "16008", "--dns-port", "16053"};
+  {
+    // read by the agent at its start only (the child inherits them)
+    EnvVar m("PODSTEER_PROXY_MARK", "0x2a0"), mm("PODSTEER_PROXY_MARK_MASK", "0xff0"), am("PODSTEER_APP_MARK", "0x2b0"),
+        rt("PODSTEER_ROUTE_TABLE", "234"), rp("PODSTEER_RULE_PREF", "31000");
+    node->start_agent(flags);
+  }
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  Peer resolver({testpeer_bin(), "--netns", other.netns, "serve-udp", "--port", "53"});
+  ASSERT_FALSE(resolver.wait_for(event("ready")).is_null());
+  node->proxy = start_proxy({"--mark", "0x2a0", "--outbound-port", "16001", "--inbound-port", "16006", "--hbone-port",
+                             "16008", "--dns-port", "16053", "--dns-upstream", other.ip + ":53"});
+  ASSERT_TRUE(wait_ready()) << node->http_get("/readyz") << node->agent->output();
+  auto r = node->add_pod(web, "ambient", "web");
+  ASSERT_EQ(r.rc, 0) << r.out << node->agent->output();
+
+  auto st = node->status();
+  ASSERT_TRUE(st.is_object());
+  EXPECT_EQ(st["config"].value("outbound_port", 0), 16001) << st["config"];
+  EXPECT_EQ(st["config"].value("proxy_mark", 0), 0x2a0);
+  EXPECT_EQ(st["config"].value("app_mark", 0), 0x2b0);
+
+  Peer out_server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  Peer in_server({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "serve", "--port", "9090"});
+  ASSERT_FALSE(out_server.wait_for(event("ready")).is_null());
+  ASSERT_FALSE(in_server.wait_for(event("ready")).is_null());
+  auto out = connect_from(web, other.ip, 8080, "out");
+  EXPECT_TRUE(got(out, "out")) << out << node->proxy->output();
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) {
+    return j.value("event", "") == "connection" && j.value("direction", "") == "outbound";
+  }).is_null()) << node->proxy->output();
+
+  auto in = connect_from(other, web.ip, 9090, "in");
+  EXPECT_TRUE(got(in, "in")) << in << node->proxy->output();
+  EXPECT_NE(in.value("reply", "").find("peer=" + other.ip + ":"), std::string::npos)
+      << "the app sees the client's address (return path on mark 0x2b0, table 234): " << in;
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) {
+    return j.value("event", "") == "connection" && j.value("direction", "") == "inbound";
+  }).is_null()) << node->proxy->output();
+
+  auto q = peer_once({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "udp", "--to", other.ip,
+                      "--port", "53", "--send", "example.org?"});
+  EXPECT_EQ(q.value("reply", ""), "resolver:example.org?") << q << node->proxy->output();
+  EXPECT_FALSE(node->proxy->wait_for(event("dns", "ambient/web")).is_null()) << node->proxy->output();
+
+  auto rules = sh("ip -n " + web.netns_name + " rule show");
+  EXPECT_NE(rules.out.find("31000:"), std::string::npos) << rules.out;
+  EXPECT_NE(rules.out.find("fwmark 0x2b0/0xff0 lookup 234"), std::string::npos) << rules.out;
+
+  // The agent restarts with the defaults given explicitly: it refuses, and the pod stays
+  // captured through the running proxy.
+  node->agent.reset();
+  auto refused = run({"timeout", "20", AGENT_BIN, "--state-dir", node->state_dir, "--hook-cgroup", node->cgroup,
+                      "--cni-socket", node->cni_socket, "--zds-socket", node->zds_socket, "--http-port",
+                      std::to_string(node->http_port), "--outbound-port", "15001"});
+  EXPECT_EQ(refused.rc, 1) << refused.out;
+  EXPECT_NE(refused.out.find("the state was made with --outbound-port 16001, not 15001"), std::string::npos)
+      << refused.out;
+  auto again = connect_from(web, other.ip, 8080, "again");
+  EXPECT_TRUE(got(again, "again")) << again;
+  EXPECT_EQ(node->status()["config"].value("outbound_port", 0), 16001);
+}
