@@ -18,70 +18,13 @@
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
  *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver */
 #include <linux/tcp.h>
-#include "common.bpf.h"
+#include "steer.bpf.h"
 
 #define SOL_IP_LEVEL 0
 #define SOL_IPV6_LEVEL 41
 #define SO_ORIGINAL_DST_OPT 80 /* also IP6T_SO_ORIGINAL_DST */
 #define SOL_SOCKET_LEVEL 1
 #define SO_MARK_OPT 36
-#define DNS_PORT 53
-
-enum verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
-
-static __always_inline int marked_by_proxy(__u32 mark)
-{
-	return (mark & cfg_proxy_mark_mask) == (cfg_proxy_mark & cfg_proxy_mark_mask);
-}
-
-static __always_inline int own_address(const struct podsteer_pod *pod, const __u8 *a)
-{
-	if (is_mapped_v4(a))
-		return (pod->flags & PODSTEER_POD_HAS_IP4) && ((const __u32 *)a)[3] == pod->ip4;
-	return (pod->flags & PODSTEER_POD_HAS_IP6) && same_addr(a, pod->ip6);
-}
-
-static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie, const __u8 *a, __u16 port)
-{
-	struct podsteer_port_key pk = {.netns_cookie = cookie, .port = port,
-				       .direction = PODSTEER_DIR_OUTBOUND};
-	if (!(pod->flags & PODSTEER_POD_NO_OUT_PORTS) && bpf_map_lookup_elem(&podsteer_ports, &pk))
-		return 1;
-	if (pod->flags & PODSTEER_POD_NO_OUT_CIDRS)
-		return 0;
-	struct podsteer_cidr_key ck = {
-		.prefixlen = PODSTEER_CIDR_COOKIE_BITS + 128,
-		.netns_cookie_hi = bpf_htonl((__u32)(cookie >> 32)),
-		.netns_cookie_lo = bpf_htonl((__u32)cookie),
-	};
-	__builtin_memcpy(ck.addr, a, 16);
-	return bpf_map_lookup_elem(&podsteer_cidrs, &ck) != NULL;
-}
-
-/* What to do with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port, as under
- * Istio's nat OUTPUT chain: the proxy's own sockets are left alone; UDP 53 goes to the
- * DNS listener unless it stays in the pod (loopback, its own address: "! -o lo"); TCP 53
- * unless it goes to loopback ("! -d 127.0.0.1"); other TCP to the outbound listener
- * unless it stays in the pod. Excluded destinations go direct, DNS included. */
-static __always_inline enum verdict classify(struct bpf_sock_addr *ctx, __u64 cookie,
-					     struct podsteer_pod *pod, const __u8 *addr16, __u16 port)
-{
-	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
-	if (ctx->type == SOCK_DGRAM) {
-		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
-			return LEAVE;
-	} else if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
-		return LEAVE;
-	} else if (is_loopback(addr16) || (!dns && own_address(pod, addr16))) {
-		return LEAVE;
-	}
-	if (excluded(pod, cookie, addr16, port)) {
-		struct podsteer_counters *c = pod_counters(cookie);
-		COUNT(c, bypassed);
-		return LEAVE;
-	}
-	return dns ? TO_DNS : TO_OUTBOUND;
-}
 
 static __always_inline int remember(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 port,
 				    __u16 family)
@@ -138,65 +81,24 @@ static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *targ
 	return 1;
 }
 
-/* ::1 */
-static __always_inline void set_loopback6(__u8 *a)
-{
-	__u32 *w = (__u32 *)a;
-	w[0] = 0;
-	w[1] = 0;
-	w[2] = 0;
-	w[3] = bpf_htonl(1);
-}
-
-/* The outbound listener address in this pod: its own address, else loopback. */
-static __always_inline void outbound_target(const struct podsteer_pod *pod, int want_v4,
-					    __u8 *target)
-{
-	if (want_v4) {
-		map_v4(target, (pod->flags & PODSTEER_POD_HAS_IP4) ? pod->ip4
-								   : bpf_htonl(0x7f000001));
-	} else if (pod->flags & PODSTEER_POD_HAS_IP6) {
-		__builtin_memcpy(target, pod->ip6, 16);
-	} else {
-		set_loopback6(target);
-	}
-}
-
-/* The DNS listener: 127.0.0.1, or [::1] for an IPv6 resolver (ztunnel listens on both) */
-static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
-{
-	if (is_mapped_v4(resolver))
-		map_v4(target, bpf_htonl(0x7f000001));
-	else
-		set_loopback6(target);
-}
-
 /* Shared by connect4/connect6/sendmsg4/sendmsg6. addr16 is the destination, v4-mapped
  * for IPv4. On redirect, target receives the new destination and the new port is
  * returned; 0 means leave the call alone, -1 means refuse it. */
 static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 nport,
 				 __u16 family, __u8 *target)
 {
-	/* the proxy's own sockets first: they connect as often as the apps, and need no lookup */
+	/* the proxy's own sockets leave before the netns cookie is asked for (decide() checks
+	 * the mark too, for its callers in tests) */
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || marked_by_proxy(sk->mark))
 		return 0;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
-	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
-	if (!pod)
-		return 0;
-	enum verdict v = classify(ctx, cookie, pod, addr16, bpf_ntohs(nport));
-	if (v == LEAVE)
+	struct podsteer_pod *pod;
+	__u16 port = 0;
+	enum verdict v = decide(sk->mark, ctx->type, ctx->protocol, cookie, addr16, bpf_ntohs(nport), &pod, target, &port);
+	if (v == LEAVE || !pod)
 		return 0;
 	struct podsteer_counters *c = pod_counters(cookie);
-	__u16 port;
-	if (v == TO_DNS) {
-		dns_target(addr16, target);
-		port = cfg_dns_port;
-	} else {
-		outbound_target(pod, is_mapped_v4(addr16), target);
-		port = cfg_outbound_port;
-	}
 	/* Only a fail-open pod needs to know now whether the proxy listens (a socket lookup
 	 * costs about a quarter of this program). Fail closed, the connection is sent to the
 	 * listener regardless: without one the kernel refuses it, and sock_ops counts that. */

@@ -13,7 +13,7 @@ function(podsteer_bpf_skeleton NAME SOURCE)
   set(skel_dir ${CMAKE_CURRENT_BINARY_DIR}/skel)
   set(skel ${skel_dir}/${NAME}.skel.h)
   set(inc_flags)
-  foreach(dir ${PODSTEER_BPF_INCLUDES})
+  foreach(dir ${PODSTEER_BPF_INCLUDES} ${CMAKE_CURRENT_SOURCE_DIR}/bpf)
     list(APPEND inc_flags -I${dir})
   endforeach()
   add_custom_command(

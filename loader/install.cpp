@@ -13,8 +13,7 @@
 #include "datapath_internal.h"
 #include "kernel_features.h"
 #include "log.h"
-#include "podsteer_sock.skel.h"
-#include "skeleton.h"
+#include "socket_hooks.h"
 #include "system.h"
 
 namespace podsteer {
@@ -37,12 +36,6 @@ uint64_t now_ns() {
 }
 
 }  // namespace detail
-
-namespace {
-
-using SockSkel = Skeleton<podsteer_sock, podsteer_sock__open, podsteer_sock__load, podsteer_sock__destroy>;
-
-}  // namespace
 
 void detail::pin_maps_under(bpf_object* obj, const std::string& maps_dir) {
   bpf_map* m;
@@ -97,27 +90,15 @@ Status Datapath::install(const std::string& state_dir, const NodeConfig& want) {
   } cleanup{state_dir, ok};
   for (const char* sub : {"maps", "links", "pods"}) PODSTEER_TRY(make_dir(join(state_dir, sub)));
 
-  SockSkel sock;
-  if (!sock.opened()) return sys_error("open BPF skeleton");
-  set_rodata(sock->rodata, cfg);
-  pin_maps_under(sock->obj, join(state_dir, "maps"));
-  if (int err = sock.load(); err) return Error{"load socket programs (run with -v for the verifier log)", -err, state_dir};
-
-  Fd cg(::open(hook.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!cg.valid()) return sys_error("open hook cgroup", hook);
-  bpf_program* p;
-  bpf_object__for_each_program(p, sock->obj) {
-    bpf_link* link = bpf_program__attach_cgroup(p, cg.get());
-    if (!link) return sys_error(fmt::format("attach {} to cgroup", bpf_program__name(p)), hook);
-    int err = bpf_link__pin(link, join(join(state_dir, "links"), bpf_program__name(p)).c_str());
-    bpf_link__destroy(link);  // the pin holds the link from here on
-    if (err) return Error{"pin cgroup link", -err, bpf_program__name(p)};
-  }
+  auto hooks = SocketHooks::load(state_dir, cfg);
+  if (!hooks) return hooks.error();
+  auto attached = hooks->attach(hook);
+  if (!attached) return attached.error();
 
   // The config entry is written last: it marks the install complete.
-  __u32 zero = 0;
-  if (bpf_map_update_elem(bpf_map__fd(sock->maps.podsteer_config), &zero, &cfg, BPF_ANY) != 0)
-    return sys_error("write podsteer_config", state_dir);
+  auto cfg_map = Map<__u32, podsteer_config>::open(map_pin(state_dir, "podsteer_config"));
+  if (!cfg_map) return cfg_map.error();
+  PODSTEER_TRY(cfg_map->update(0, cfg));
   spdlog::info("installed datapath in {} (socket hooks at {})", state_dir, hook);
   ok = true;
   return {};
@@ -267,15 +248,7 @@ Status Datapath::remove_all(const std::string& state_dir) {
     }
   }
   std::error_code ec;
-  for (const char* sub : {"pods", "links"}) {
-    for (auto it = std::filesystem::recursive_directory_iterator(join(state_dir, sub), ec);
-         !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
-      if (it->is_directory()) continue;
-      Fd link(bpf_obj_get(it->path().c_str()));
-      if (link.valid() && bpf_link_detach(link.get()) != 0 && errno != ENOLINK)
-        spdlog::debug("detach {}: {}", it->path().string(), std::strerror(errno));
-    }
-  }
+  for (const char* sub : {"pods", "links"}) SocketHooks::detach_pinned_links(join(state_dir, sub));
   PODSTEER_TRY(remove_tree(state_dir));
   return {};
 }

@@ -20,6 +20,7 @@
 
 #include "datapath.h"
 #include "datapath_internal.h"
+#include "socket_hooks.h"
 #include "log.h"
 #include "podsteer_abi_v1.h"
 #include "system.h"
@@ -165,15 +166,7 @@ Status Datapath::migrate_from_abi1(const std::string& state_dir) {
   Fd old_tc(bpf_obj_get(join(join(state_dir, "progs"), "tc_ingress").c_str()));
   uint32_t old_tc_id = old_tc.valid() ? prog_id_of(old_tc.get()) : 0;
   for (const auto& p : *pods) detach_v1_tc(p, old_tc_id);
-  std::error_code ec;
-  for (const char* sub : {"pods", "links"}) {
-    for (auto it = std::filesystem::recursive_directory_iterator(join(state_dir, sub), ec);
-         !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
-      if (it->is_directory()) continue;
-      Fd link(bpf_obj_get(it->path().c_str()));
-      if (link.valid()) bpf_link_detach(link.get());
-    }
-  }
+  for (const char* sub : {"pods", "links"}) SocketHooks::detach_pinned_links(join(state_dir, sub));
   PODSTEER_TRY(remove_tree(state_dir));
   if (rename(staging.c_str(), state_dir.c_str()) != 0) return sys_error("rename", staging);
   spdlog::info("migrated {} pod(s) from map ABI 1 to {} in place: inbound now by sk_lookup, no pod was uncaptured",
