@@ -67,7 +67,9 @@ Status Agent::start() {
       if (!st) spdlog::warn("adopt: {}", st.error().message());
       continue;
     }
-    if (p.meta.uid[0]) zds_->upsert(pod_from_meta(p));
+    PodInfo pod = pod_from_meta(p);
+    pods_.put(pod);
+    if (p.meta.uid[0]) zds_->upsert(pod);
     ++kept;
   }
   spdlog::info("adopted {} captured pod(s) from {}", kept, cfg_.state_dir);

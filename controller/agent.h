@@ -3,10 +3,14 @@
 // proxies over ZDS, and keeps every captured pod whole (drift repair).
 //
 // Locks, and why there is no lock order to get wrong: each component (ZdsServer,
-// kube::Source, CniServer) has a lock of its own and never calls into another component
-// while holding it. The agent serializes work on one pod with that pod's lock and calls
-// into the components from there; none of them calls back into the agent. The datapath is
-// serialized across threads and processes by the state dir's lock.
+// kube::Source, CniServer, PodTable) has a lock of its own and never calls into another
+// component while holding it. The agent serializes work on one pod with that pod's lock and
+// calls into the components from there; none of them calls back into the agent. The
+// datapath is serialized across threads and processes by the state dir's lock. Every other
+// mutex below guards a few fields, says which, and is never held across a call out.
+//
+// The pod table (pod_table.h) is the agent's record of what it captured; the BPF maps are
+// its projection, which the repair pass checks against it.
 //
 // Files by job: agent.cpp (lifecycle, HTTP, health, metrics), agent_pods.cpp (capture,
 // release), agent_cni.cpp (CNI requests), agent_kube.cpp (the Kubernetes pod source),
@@ -31,6 +35,7 @@
 #include "kube_client.h"
 #include "kube_source.h"
 #include "pod_source.h"
+#include "pod_table.h"
 #include "zds_server.h"
 
 namespace podsteer {
@@ -99,7 +104,8 @@ class Agent {
   Status capture(const PodInfo& pod, bool proxy_may_be_away = false);
   // Tells every proxy, then unenrolls. by: the pod's uid, else its container id.
   Status release(const PodInfo& pod, const std::string& why);
-  std::optional<PodStatus> find_captured(const PodInfo& pod);
+  // The same, for a caller that holds the pod's lock already.
+  Status release_locked(const PodInfo& pod, const std::string& why);
   PodOptions options_for(const PodInfo& pod) const;
   // The pod's Istio annotations (dns-capture, bypass-inbound-capture) into info
   static void take_overrides(PodInfo& info, const kube::Pod& pod);
@@ -130,6 +136,7 @@ class Agent {
   void repair_worker();
   void repair_once();
   void count_repair(const std::string& piece, const std::string& pod);
+  bool sync_table(const std::vector<PodStatus>& listed);
 
   std::shared_ptr<Datapath> dp();
 
@@ -137,6 +144,7 @@ class Agent {
   CniEnrollmentPolicy policy_;
   std::mutex dp_mu_;  // only the pointer: the datapath serializes itself
   std::shared_ptr<Datapath> dp_;
+  PodTable pods_;  // what this agent captured (its own lock)
   std::unique_ptr<ZdsServer> zds_;
   std::unique_ptr<CniServer> cni_;
   struct Http;
@@ -144,7 +152,7 @@ class Agent {
   std::atomic<bool> adopted_{false}, stopping_{false}, cni_pending_{false};
   std::atomic<bool> removing_{false};  // remove_from_node() has begun: capture nothing
 
-  std::mutex pod_locks_mu_;
+  std::mutex pod_locks_mu_;  // pod_locks_ (the map; each pod's mutex serializes that pod's capture and release)
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;
 
   std::mutex istio_mu_;  // istio_pending_
@@ -159,24 +167,24 @@ class Agent {
   std::unique_ptr<kube::Client> kube_client_;
   std::unique_ptr<kube::Source> kube_source_;
   std::thread kube_thread_;
-  std::mutex kube_mu_;
+  std::mutex kube_mu_;  // kube_dirty_
   std::condition_variable kube_cv_;
   bool kube_dirty_ = false;
   std::atomic<bool> kube_reconciled_{false};
   // The first Kubernetes pass is done: a proxy's first snapshot waits for it (up to 3 s), so
   // that pods taken over from istio-cni are in it (a proxy drops pods a snapshot leaves out)
-  std::mutex first_pass_mu_;
+  std::mutex first_pass_mu_;  // kube_first_pass_
   std::condition_variable first_pass_cv_;
   bool kube_first_pass_ = false;
   std::set<std::string> kube_seen_;  // pod uids the cache has shown (kube worker only)  // the first reconcile after the first list
 
   std::thread repair_thread_;
-  std::mutex repair_mu_;
+  std::mutex repair_mu_;  // nothing but the wait: repair_cv_ wakes the repair thread to stop
   std::condition_variable repair_cv_;
   std::atomic<int64_t> repair_tick_ms_{0};
   std::atomic<uint64_t> repair_passes_{0};  // passes completed
   std::atomic<int64_t> repair_pass_us_{0};  // how long the last one took
-  std::mutex cache_mu_;
+  std::mutex cache_mu_;  // cache_
   std::vector<PodStatus> cache_;  // the pods as the last repair pass saw them (for /metrics)
 };
 

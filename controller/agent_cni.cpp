@@ -108,9 +108,9 @@ json Agent::cni_check(PodInfo pod) {
   auto enrolled = enrollment(pod);
   if (!enrolled) return error(enrolled.error().message());
   if (!*enrolled) return {{"status", "ok"}, {"message", "not enrolled"}};
-  auto found = find_captured(pod);
+  auto found = pods_.find(pod);
   if (!found) return error("pod should be captured but is not");
-  auto full = dp()->pod(found->cookie, Datapath::Detail::Full);
+  auto full = dp()->pod(found->netns_cookie, Datapath::Detail::Full);
   if (!full) return error(full.error().message());
   auto missing = full->missing();
   if (!missing.empty()) return error("pod is not whole: missing " + fmt::format("{}", fmt::join(missing, ", ")));

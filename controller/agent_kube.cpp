@@ -133,17 +133,14 @@ void Agent::kube_worker() {
 
 void Agent::reconcile_kube(const kube::Snapshot& snap) {
   if (removing_) return;
-  auto current = dp()->pods(Datapath::Detail::Summary);
-  if (!current) return;
-  std::map<std::string, PodStatus> captured;  // by uid
-  for (auto& p : *current)
-    if (p.meta.uid[0]) captured[p.meta.uid] = p;
+  std::map<std::string, PodInfo> captured;  // by uid
+  for (auto& p : pods_.all())
+    if (!p.uid.empty()) captured[p.uid] = p;
   // Deleted from the API after the cache saw it: released (the kubelet's CNI DEL may
   // never come for a pod captured through /proc). A pod the cache never saw is left
   // alone: the CNI path may have captured it before the API caught up.
-  for (const auto& [uid, status] : captured) {
+  for (const auto& [uid, gone] : captured) {
     if (snap.pods.count(uid) || !kube_seen_.count(uid)) continue;
-    PodInfo gone = pod_from_meta(status);
     auto st = release(gone, "it was deleted from the API");
     if (!st) spdlog::warn("kube: release {}: {}", gone.full_name(), st.error().message());
   }

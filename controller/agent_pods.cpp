@@ -1,5 +1,7 @@
 // Capture and release of one pod: the datapath and the node proxies, in that order, one
 // operation per pod at a time.
+#include <arpa/inet.h>
+
 #include <chrono>
 
 #include "agent.h"
@@ -41,6 +43,12 @@ PodInfo Agent::pod_from_meta(const PodStatus& s) {
   p.container_id = s.meta.container_id;
   p.netns = s.meta.netns_path;
   p.netns_cookie = s.cookie;
+  // the settings it was enrolled with, and its addresses (for the table's index)
+  p.dns = (s.meta.flags & PODSTEER_POD_DNS) != 0;
+  p.bypass_inbound = (s.meta.flags & PODSTEER_POD_NO_INBOUND) != 0;
+  char buf[INET6_ADDRSTRLEN];
+  if ((s.entry.flags & PODSTEER_POD_HAS_IP4) && inet_ntop(AF_INET, &s.entry.ip4, buf, sizeof(buf))) p.ips.push_back(buf);
+  if ((s.entry.flags & PODSTEER_POD_HAS_IP6) && inet_ntop(AF_INET6, s.entry.ip6, buf, sizeof(buf))) p.ips.push_back(buf);
   return p;
 }
 
@@ -65,19 +73,6 @@ PodOptions Agent::options_for(const PodInfo& pod) const {
   return o;
 }
 
-std::optional<PodStatus> Agent::find_captured(const PodInfo& pod) {
-  auto d = dp();
-  auto pods = d->pods(Datapath::Detail::Summary);
-  if (!pods) return std::nullopt;
-  for (auto& p : *pods) {
-    if ((!pod.uid.empty() && pod.uid == p.meta.uid) ||
-        (!pod.container_id.empty() && pod.container_id == p.meta.container_id) ||
-        (pod.netns_cookie && pod.netns_cookie == p.cookie))
-      return std::move(p);
-  }
-  return std::nullopt;
-}
-
 Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
   auto lock = pod_lock(pod_key(in));
   std::lock_guard<std::mutex> g(*lock);
@@ -99,6 +94,7 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
     // A pod istio-cni captured: the proxy that served it then still does, and the
     // first snapshot a proxy gets from us names it (held until the first Kubernetes pass, 3 s at most)
     zds_->upsert(pod);
+    pods_.put(pod);
     spdlog::info("captured {} (netns {}, uid {}; no proxy connected yet: named in the next snapshot)", pod.full_name(),
                  pod.netns, pod.uid);
     return {};
@@ -108,9 +104,13 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
   if (!st) {
     // Not captured with the proxy's ack: undo, so a retry starts clean and the app never
     // runs half-captured.
-    if (*r == EnrollOutcome::Enrolled) (void)d->unenroll(ns->cookie);
+    if (*r == EnrollOutcome::Enrolled) {
+      (void)d->unenroll(ns->cookie);
+      pods_.erase(ns->cookie);  // the repair pass may have seen the entry meanwhile
+    }
     return Error{"node proxy did not take the pod: " + st.error().message(), 0, pod.full_name()};
   }
+  pods_.put(pod);
   spdlog::info("captured {} (netns {}, uid {}, service account {}; enroll {} us, proxy ack {} us)", pod.full_name(),
                pod.netns, pod.uid, pod.service_account, us(t0, t1), us(t1, std::chrono::steady_clock::now()));
   return {};
@@ -119,12 +119,16 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
 Status Agent::release(const PodInfo& pod, const std::string& why) {
   auto lock = pod_lock(pod_key(pod));
   std::lock_guard<std::mutex> g(*lock);
-  auto found = find_captured(pod);
+  return release_locked(pod, why);
+}
+
+Status Agent::release_locked(const PodInfo& pod, const std::string& why) {
+  auto found = pods_.find(pod);
   if (!found) return {};  // already released: idempotent
-  std::string uid = found->meta.uid;
-  if (!uid.empty()) zds_->remove(uid);  // DelWorkload to every proxy
-  auto st = dp()->unenroll(found->cookie);
+  if (!found->uid.empty()) zds_->remove(found->uid);  // DelWorkload to every proxy
+  auto st = dp()->unenroll(found->netns_cookie);
   if (!st) return st;
+  pods_.erase(found->netns_cookie);
   spdlog::info("released {} ({})", found->full_name(), why);
   return {};
 }
@@ -135,11 +139,9 @@ Status Agent::release(const PodInfo& pod, const std::string& why) {
 // stops capture(), the repair pass and the Kubernetes pass).
 Status Agent::remove_from_node() {
   removing_ = true;
-  auto current = dp()->pods(Datapath::Detail::Summary);
-  if (current)
-    for (const auto& s : *current)
-      if (auto st = release(pod_from_meta(s), "podsteer is being removed from the node"); !st)
-        spdlog::warn("release {}: {}", s.full_name(), st.error().message());
+  for (const auto& p : pods_.all())
+    if (auto st = release(p, "podsteer is being removed from the node"); !st)
+      spdlog::warn("release {}: {}", p.full_name(), st.error().message());
   if (kube_source_)
     for (const auto& [uid, pod] : kube_source_->snapshot().pods)
       if (pod.annotations.count(kube::kRedirectionAnnotation)) annotate(pod, false);

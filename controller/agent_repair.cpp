@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <set>
 
 #include "agent.h"
 #include "log.h"
@@ -69,6 +70,39 @@ void Agent::repair_worker() {
   }
 }
 
+// The table against its projection: a pod in the maps the table lacks was enrolled by
+// another process (the CLI, an agent before this one that lost its table): it joins the
+// table. A pod in the table whose entries are all gone was unenrolled by someone else: it
+// leaves. Each under the pod's lock, checked again there (a capture or release may be
+// between its two steps).
+bool Agent::sync_table(const std::vector<PodStatus>& listed) {
+  auto d = dp();
+  std::set<uint64_t> in_maps;
+  bool changed = false;
+  for (const auto& p : listed) {
+    in_maps.insert(p.cookie);
+    if (pods_.by_cookie(p.cookie)) continue;
+    PodInfo info = pod_from_meta(p);
+    auto lock = pod_lock(pod_key(info));
+    std::lock_guard<std::mutex> g(*lock);
+    if (pods_.by_cookie(p.cookie) || !d->has_pod(p.cookie)) continue;
+    pods_.put(info);
+    spdlog::info("repair: {} is in the maps but was not in the pod table: taken in", info.full_name());
+    changed = true;
+  }
+  for (const auto& p : pods_.all()) {
+    if (in_maps.count(p.netns_cookie)) continue;
+    auto lock = pod_lock(pod_key(p));
+    std::lock_guard<std::mutex> g(*lock);
+    if (d->has_pod(p.netns_cookie)) continue;
+    if (pods_.erase(p.netns_cookie)) {
+      spdlog::info("repair: {} was unenrolled by another process: dropped from the pod table", p.full_name());
+      changed = true;
+    }
+  }
+  return changed;
+}
+
 void Agent::repair_once() {
   if (removing_) return;  // the datapath is being taken away on purpose
   finish_istio_takeovers();
@@ -87,7 +121,7 @@ void Agent::repair_once() {
     }
     d = dp();
     count_repair("datapath install", "");
-    for (const auto& pod : zds_->workloads()) {
+    for (const auto& pod : pods_.all()) {
       auto st = capture(pod);
       if (!st) spdlog::warn("repair: recapture {}: {}", pod.full_name(), st.error().message());
     }
@@ -100,7 +134,7 @@ void Agent::repair_once() {
 
   auto pods = d->pods(Datapath::Detail::Full);
   if (!pods) return;
-  bool changed = false;  // the listing above is the status cache unless this pass changed something
+  bool changed = sync_table(*pods);  // the listing is the status cache unless this pass changed something
   for (auto& p : *pods) {
     auto missing = p.missing();
     if (missing.empty() || p.meta.netns_path[0] == 0) continue;
@@ -119,8 +153,7 @@ void Agent::repair_once() {
       // sk_lookup link may still run there, kept alive by the proxies' netns fds: only the
       // DelWorkload that release() sends lets it go.
       if (!moved) {
-        g.unlock();  // release() takes the pod's lock itself
-        auto st = release(info, "its netns is gone");
+        auto st = release_locked(info, "its netns is gone");
         if (!st) spdlog::warn("repair: release {}: {}", info.full_name(), st.error().message());
         continue;
       }

@@ -150,6 +150,8 @@ class Datapath {
   enum class Detail { Summary, Full };
   Result<std::vector<PodStatus>> pods(Detail detail = Detail::Full);
   Result<PodStatus> pod(uint64_t cookie, Detail detail = Detail::Full);
+  // Whether the maps hold anything of this pod (its meta or its entry).
+  bool has_pod(uint64_t cookie);
   Result<std::vector<CgroupLink>> cgroup_links();
   // Node-wide datapath events, summed over CPUs (zeros for a state without the map yet).
   podsteer_events events() const;

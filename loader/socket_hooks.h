@@ -12,8 +12,8 @@
 // (constants the verifier folds: no lookup per call), written from the pinned
 // podsteer_config at every load; podsteer_config itself is also a map, read by the CLI and
 // the agent (and written last by install: its presence marks a complete install); the
-// per-pod TC program's one node-specific value is patched into its instruction (inbound.cpp),
-// since it is loaded per pod.
+// programs loaded once per pod (sk_lookup, TC) take the pod's netns cookie (and the node's
+// netns id) as a patched instruction (lookup_cookie.h), so no pod gets a .rodata map.
 #pragma once
 
 #include <memory>

@@ -117,6 +117,12 @@ Result<Datapath::ExclusionKeys> Datapath::exclusion_keys(Detail detail) {
   return keys;
 }
 
+bool Datapath::has_pod(uint64_t cookie) {
+  auto m = meta_->lookup(cookie);
+  auto e = pods_->lookup(cookie);
+  return (m && m->has_value()) || (e && e->has_value());
+}
+
 Result<PodStatus> Datapath::pod(uint64_t cookie, Detail detail) {
   auto keys = exclusion_keys(detail);
   if (!keys) return keys.error();

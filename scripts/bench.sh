@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark (bench/podsteer_bench.cpp): direct vs podsteer vs Istio's in-pod
+# Side-by-side benchmark (bench/main.cpp and its parts, bench/bench.h): direct vs podsteer vs Istio's in-pod
 # iptables rules through the same proxy, interleaved in one run. Writes bench/results.json,
 # bench/RESULTS.md and bench/connection_rate.png. Extra arguments go to the benchmark
 # (e.g. --rounds 5 --seconds 3, or --smoke for a few seconds without thresholds).

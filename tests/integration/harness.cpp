@@ -1,10 +1,13 @@
 #include "harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,6 +32,23 @@ std::atomic<int> g_counter{0};
 }  // namespace
 
 std::string unique_id() { return fmt::format("{}x{}", getpid() % 100000, g_counter++); }
+
+int free_loopback_port(int seed) {
+  for (int i = 0; i < 500; ++i) {
+    int port = 10000 + ((seed % 20000 + 20000) % 20000 + i * 97) % 20000;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) break;
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bool free = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    close(fd);
+    if (free) return port;
+  }
+  ADD_FAILURE() << "no free port on 127.0.0.1";
+  return 0;
+}
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path);

@@ -68,6 +68,9 @@ bool have_privileges(std::string& why);
 // A name unique to this test process and call: "<pid>x<n>". The residue check looks for
 // leftovers by the "<pid>x" prefix.
 std::string unique_id();
+// A TCP port free on 127.0.0.1 now, below the ephemeral range (where the tests' own
+// connections take ports), tried from one the seed picks.
+int free_loopback_port(int seed);
 std::string cgroup2_root();
 std::string read_file(const std::string& path);
 // Kills every process in cg and removes it.

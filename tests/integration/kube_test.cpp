@@ -90,7 +90,7 @@ class KubeTest : public ::testing::Test {
   void launch_agent() {
     agent = std::make_unique<Peer>(std::vector<std::string>{
         AGENT_BIN, "--state-dir", env->state_dir, "--hook-cgroup", env->cgroup, "--cni-socket", dir + "/cni.sock",
-        "--zds-socket", proxy_zds, "--http-port", std::to_string(21000 + getpid() % 20000), "--kubeconfig",
+        "--zds-socket", proxy_zds, "--http-port", std::to_string(http_port), "--kubeconfig",
         dir + "/kubeconfig", "--node-name", node});
   }
   void start_agent(const std::vector<std::string>& proxy_flags = {}) {
@@ -125,6 +125,7 @@ class KubeTest : public ::testing::Test {
   std::unique_ptr<Env> env;
   std::unique_ptr<Peer> server, agent, proxy, app;
   std::string dir, node, uid, port, pod_cgroup, proxy_zds;
+  int http_port = free_loopback_port(getpid());
 };
 
 TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
@@ -358,7 +359,7 @@ TEST_F(KubeTest, RebootedNodeCapturesItsPodsAgainBeforeReady) {
   ASSERT_EQ(un.rc, 0) << un.out;
   ASSERT_FALSE(std::filesystem::exists(env->state_dir + "/maps")) << "bpffs state is gone";
   start_agent();
-  std::string url = fmt::format("http://127.0.0.1:{}/readyz", 21000 + getpid() % 20000);
+  std::string url = fmt::format("http://127.0.0.1:{}/readyz", http_port);
   bool ready = false;
   for (int i = 0; i < 100 && !ready; ++i) {
     ready = run({"curl", "-s", "-i", url}).out.find("200 OK") != std::string::npos;
@@ -407,7 +408,7 @@ TEST_F(KubeTest, WatchFaultsConverge) {
   ASSERT_EQ(run({"curl", "-s", "-d", "", base + "/testctl/cut-watches"}).rc, 0);
   flip("none");
   EXPECT_TRUE(captured(0)) << "after token rotation\n" << agent->output();
-  auto metrics = run({"curl", "-s", fmt::format("http://127.0.0.1:{}/metrics", 21000 + getpid() % 20000)}).out;
+  auto metrics = run({"curl", "-s", fmt::format("http://127.0.0.1:{}/metrics", http_port)}).out;
   EXPECT_EQ(metrics.find("podsteer_kube_relists_total 0"), std::string::npos) << "410 made both watches relist: " << metrics;
   EXPECT_EQ(metrics.find("podsteer_kube_event_errors_total 0"), std::string::npos) << "malformed events are counted";
 }

@@ -34,7 +34,7 @@ Node::Node() {
   state_dir = "/sys/fs/bpf/podsteer-test-" + id;
   cni_socket = dir + "/cni.sock";
   zds_socket = dir + "/zds.sock";
-  http_port = 20000 + (getpid() * 7 + std::stoi(id.substr(id.find('x') + 1))) % 20000;
+  http_port = free_loopback_port(getpid() * 7 + std::stoi(id.substr(id.find('x') + 1)));
   std::filesystem::create_directories(dir);
   for (const auto& d : {cgroup, proxy_cgroup, app_cgroup}) mkdir(d.c_str(), 0755);
   auto r = sh("ip netns add " + node_ns_name + " && ip -n " + node_ns_name + " link set lo up");
