@@ -221,7 +221,7 @@ int cmd_dump(Datapath& dp, const std::string& which) {
   if (want("cidrs")) {
     any = true;
     rc |= dump_map<podsteer_cidr_key, __u8>(sd, "podsteer_cidrs", [](const podsteer_cidr_key& k, const __u8&) {
-      uint64_t cookie = (uint64_t(ntohl(k.netns_cookie_hi)) << 32) | ntohl(k.netns_cookie_lo);
+      uint64_t cookie = cookie_of(k);
       unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
       in6_addr a6;
       std::memcpy(&a6, k.addr, 16);

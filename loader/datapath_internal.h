@@ -1,11 +1,13 @@
 // Helpers shared by the loader's files; not part of its interface.
 #pragma once
 
+#include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +48,9 @@ class Rollback {
 };
 
 uint32_t prog_id_of(int prog_fd);
+
+// The kernel's description of the link pinned at pin; nullopt when none is pinned there.
+std::optional<bpf_link_info> pinned_link_info(const std::string& pin);
 
 // Every non-internal map of obj is reused from (or pinned at) maps_dir/<name>.
 void pin_maps_under(bpf_object* obj, const std::string& maps_dir);

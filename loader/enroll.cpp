@@ -45,10 +45,9 @@ void Datapath::erase_exclusions(uint64_t cookie, const PodOptions* keep) {
       if (k.netns_cookie == cookie && !keep_ports.count({k.port, k.direction})) (void)ports_->erase(k);
   }
   if (auto keys = cidrs_->keys(); keys) {
-    uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
     for (const auto& k : *keys) {
       std::vector<uint8_t> bytes((uint8_t*)&k, (uint8_t*)&k + sizeof(k));
-      if (k.netns_cookie_hi == hi && k.netns_cookie_lo == lo && !keep_cidrs.count(bytes)) (void)cidrs_->erase(k);
+      if (cookie_of(k) == cookie && !keep_cidrs.count(bytes)) (void)cidrs_->erase(k);
     }
   }
 }

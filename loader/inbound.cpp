@@ -349,16 +349,11 @@ Status Datapath::find_listeners(const Netns& ns) {
 
 InboundStatus Datapath::inbound_status(uint64_t cookie, const Netns* ns, const NodeLinks* known) const {
   InboundStatus s;
-  Fd link(bpf_obj_get(inbound_pin(state_dir_, cookie).c_str()));
-  if (link.valid()) {
-    bpf_link_info info{};
-    __u32 len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(link.get(), &info, &len) == 0) {
-      s.link_id = info.id;
-      s.prog_id = info.prog_id;
-      // a netns link whose netns went away reports inode 0
-      s.attached = info.netns.netns_ino != 0 && ns && ns->cookie == cookie;
-    }
+  if (auto info = pinned_link_info(inbound_pin(state_dir_, cookie))) {
+    s.link_id = info->id;
+    s.prog_id = info->prog_id;
+    // a netns link whose netns went away reports inode 0
+    s.attached = info->netns.netns_ino != 0 && ns && ns->cookie == cookie;
   }
   for (uint16_t family : {AF_INET6, AF_INET}) {
     podsteer_listener_key k = listener_key(cookie, config_.inbound_port, family);

@@ -29,6 +29,14 @@ uint32_t prog_id_of(int prog_fd) {
   return info.id;
 }
 
+std::optional<bpf_link_info> pinned_link_info(const std::string& pin) {
+  Fd link(bpf_obj_get(pin.c_str()));
+  bpf_link_info info{};
+  __u32 len = sizeof(info);
+  if (!link.valid() || bpf_obj_get_info_by_fd(link.get(), &info, &len) != 0) return std::nullopt;
+  return info;
+}
+
 uint64_t now_ns() {
   timespec ts{};
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -260,15 +268,10 @@ Result<std::vector<CgroupLink>> Datapath::cgroup_links() {
        !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
     CgroupLink l;
     l.program = it->path().filename().string();
-    Fd fd(bpf_obj_get(it->path().c_str()));
-    if (fd.valid()) {
-      bpf_link_info info{};
-      __u32 len = sizeof(info);
-      if (bpf_obj_get_info_by_fd(fd.get(), &info, &len) == 0) {
-        l.link_id = info.id;
-        l.prog_id = info.prog_id;
-        l.cgroup_id = info.cgroup.cgroup_id;
-      }
+    if (auto info = pinned_link_info(it->path().string())) {
+      l.link_id = info->id;
+      l.prog_id = info->prog_id;
+      l.cgroup_id = info->cgroup.cgroup_id;
     }
     out.push_back(l);
   }

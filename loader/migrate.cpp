@@ -74,9 +74,8 @@ Result<std::vector<PodV1>> read_v1_pods(const std::string& state_dir) {
       if (k.netns_cookie != cookie) continue;
       (k.direction == PODSTEER_DIR_INBOUND ? p.opts.exclude_inbound_ports : p.opts.exclude_outbound_ports).push_back(k.port);
     }
-    uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
     for (const auto& k : cidr_keys ? *cidr_keys : std::vector<podsteer_cidr_key>{}) {
-      if (k.netns_cookie_hi != hi || k.netns_cookie_lo != lo) continue;
+      if (cookie_of(k) != cookie) continue;
       Cidr c;
       std::memcpy(c.addr, k.addr, 16);
       c.prefix = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
@@ -135,12 +134,7 @@ Status Datapath::migrate_from_abi1(const std::string& state_dir) {
   auto pods = read_v1_pods(state_dir);
   if (!pods) return pods.error();
   NodeConfig node;
-  node.outbound_port = c1.outbound_port;
-  node.inbound_port = c1.inbound_port;
-  node.hbone_port = c1.hbone_port;
-  node.dns_port = c1.dns_port;
-  node.proxy_mark = c1.proxy_mark;
-  node.proxy_mark_mask = c1.proxy_mark_mask;
+  copy_ports_and_marks(node, c1);
   node.hook_cgroup = str_of(c1.hook_cgroup, sizeof(c1.hook_cgroup));
 
   std::string staging = state_dir + "-migrating";  // bpffs names may not contain dots

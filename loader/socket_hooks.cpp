@@ -41,11 +41,8 @@ uint64_t cgroup_id(const std::string& path) {
 
 // The cgroup a pinned link runs at now; 0: no such pin, or detached.
 uint64_t link_cgroup(const std::string& pin) {
-  Fd link(bpf_obj_get(pin.c_str()));
-  bpf_link_info info{};
-  __u32 len = sizeof(info);
-  if (!link.valid() || bpf_obj_get_info_by_fd(link.get(), &info, &len) != 0) return 0;
-  return info.cgroup.cgroup_id;
+  auto info = pinned_link_info(pin);
+  return info ? info->cgroup.cgroup_id : 0;
 }
 
 }  // namespace

@@ -32,12 +32,7 @@ Result<StateLock> StateLock::take(const std::string& state_dir) {
 podsteer_config abi_config_of(const NodeConfig& node, const std::string& hook_cgroup) {
   podsteer_config c{};
   c.abi_version = PODSTEER_ABI_VERSION;
-  c.outbound_port = node.outbound_port;
-  c.inbound_port = node.inbound_port;
-  c.hbone_port = node.hbone_port;
-  c.dns_port = node.dns_port;
-  c.proxy_mark = node.proxy_mark;
-  c.proxy_mark_mask = node.proxy_mark_mask;
+  copy_ports_and_marks(c, node);
   c.app_mark = node.app_mark;
   c.route_table = node.route_table;
   c.rule_pref = node.rule_pref;
@@ -49,12 +44,7 @@ podsteer_config abi_config_of(const NodeConfig& node, const std::string& hook_cg
 
 NodeConfig node_config_of(const podsteer_config& c) {
   NodeConfig n;
-  n.outbound_port = c.outbound_port;
-  n.inbound_port = c.inbound_port;
-  n.hbone_port = c.hbone_port;
-  n.dns_port = c.dns_port;
-  n.proxy_mark = c.proxy_mark;
-  n.proxy_mark_mask = c.proxy_mark_mask;
+  copy_ports_and_marks(n, c);
   n.app_mark = c.app_mark;
   n.route_table = c.route_table;
   n.rule_pref = c.rule_pref;
@@ -99,6 +89,10 @@ podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c) {
   k.netns_cookie_lo = htonl(uint32_t(cookie));
   std::memcpy(k.addr, c.addr, 16);
   return k;
+}
+
+uint64_t cookie_of(const podsteer_cidr_key& k) {
+  return (uint64_t(ntohl(k.netns_cookie_hi)) << 32) | ntohl(k.netns_cookie_lo);
 }
 
 podsteer_listener_key listener_key(uint64_t cookie, uint16_t port, uint16_t family) {

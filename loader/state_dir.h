@@ -44,6 +44,17 @@ class StateLock {
 
 // The pinned config a node's settings make (abi version and programs id included).
 podsteer_config abi_config_of(const NodeConfig& node, const std::string& hook_cgroup);
+// The ports and marks from one config to another: NodeConfig, podsteer_config, ABI 1's
+// (they kept their names since ABI 1).
+template <typename To, typename From>
+void copy_ports_and_marks(To& to, const From& from) {
+  to.outbound_port = from.outbound_port;
+  to.inbound_port = from.inbound_port;
+  to.hbone_port = from.hbone_port;
+  to.dns_port = from.dns_port;
+  to.proxy_mark = from.proxy_mark;
+  to.proxy_mark_mask = from.proxy_mark_mask;
+}
 // The settings a pinned config holds (hook cgroup included; node netns and tc mode are
 // not kept in the state).
 NodeConfig node_config_of(const podsteer_config& c);
@@ -53,6 +64,8 @@ NodeConfig node_config_of(const podsteer_config& c);
 Status check_pinned(const podsteer_config& pinned, const NodeConfig& want, const std::string& state_dir);
 
 podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c);
+// The netns cookie a CIDR key belongs to (it is stored big-endian, for the LPM trie's prefix).
+uint64_t cookie_of(const podsteer_cidr_key& k);
 podsteer_listener_key listener_key(uint64_t cookie, uint16_t port, uint16_t family);
 
 }  // namespace podsteer

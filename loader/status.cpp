@@ -62,9 +62,8 @@ Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const Excl
   }
   std::sort(s.excluded_inbound_ports.begin(), s.excluded_inbound_ports.end());
   std::sort(s.excluded_outbound_ports.begin(), s.excluded_outbound_ports.end());
-  uint32_t hi = htonl(uint32_t(cookie >> 32)), lo = htonl(uint32_t(cookie));
   for (const auto& k : keys.cidrs) {
-    if (k.netns_cookie_hi != hi || k.netns_cookie_lo != lo) continue;
+    if (cookie_of(k) != cookie) continue;
     unsigned plen = k.prefixlen - PODSTEER_CIDR_COOKIE_BITS;
     in6_addr a6;
     std::memcpy(&a6, k.addr, 16);
