@@ -87,16 +87,17 @@ static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *targ
 static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 nport,
 				 __u16 family, __u8 *target)
 {
-	/* the proxy's own sockets leave before the netns cookie is asked for (decide() checks
-	 * the mark too, for its callers in tests) */
+	/* the proxy's own sockets first: they connect as often as the apps, and need no lookup */
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || marked_by_proxy(sk->mark))
 		return 0;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
-	struct podsteer_pod *pod;
-	__u16 port = 0;
-	enum verdict v = decide(sk->mark, ctx->type, ctx->protocol, cookie, addr16, bpf_ntohs(nport), &pod, target, &port);
-	if (v == LEAVE || !pod)
+	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
+	if (!pod)
+		return 0;
+	__u16 port;
+	enum verdict v = decide(ctx, cookie, pod, addr16, bpf_ntohs(nport), target, &port);
+	if (v == LEAVE)
 		return 0;
 	struct podsteer_counters *c = pod_counters(cookie);
 	/* Only a fail-open pod needs to know now whether the proxy listens (a socket lookup

@@ -45,14 +45,14 @@ static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie
  * DNS listener unless it stays in the pod (loopback, its own address: "! -o lo"); TCP 53
  * unless it goes to loopback ("! -d 127.0.0.1"); other TCP to the outbound listener
  * unless it stays in the pod. Excluded destinations go direct, DNS included. */
-static __always_inline enum verdict classify(__u32 type, __u32 protocol, __u64 cookie,
+static __always_inline enum verdict classify(const struct bpf_sock_addr *ctx, __u64 cookie,
 					     struct podsteer_pod *pod, const __u8 *addr16, __u16 port)
 {
 	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
-	if (type == SOCK_DGRAM) {
+	if (ctx->type == SOCK_DGRAM) {
 		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
 			return LEAVE;
-	} else if (type != SOCK_STREAM || protocol != IPPROTO_TCP) {
+	} else if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
 		return LEAVE;
 	} else if (is_loopback(addr16) || (!dns && own_address(pod, addr16))) {
 		return LEAVE;
@@ -98,22 +98,16 @@ static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
 		set_loopback6(target);
 }
 
-/* What steer() does with a connect()/sendmsg() from a socket with mark sk_mark in netns
- * cookie, to addr16 (v4-mapped for IPv4):port, before it looks at the socket: LEAVE, or
- * where to (target, *new_port). *podp receives the pod entry (NULL: not enrolled). */
-static __always_inline enum verdict decide(__u32 sk_mark, __u32 type, __u32 protocol, __u64 cookie,
-					   const __u8 *addr16, __u16 port, struct podsteer_pod **podp,
-					   __u8 *target, __u16 *new_port)
+/* What steer() does with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port from
+ * an enrolled pod's unmarked socket: LEAVE, or where to (target, *new_port). The caller has
+ * checked marked_by_proxy() (the proxy's sockets connect as often as the apps, and leave
+ * before any lookup) and found the pod's entry in podsteer_pods. Of ctx only type and
+ * protocol are read, where they are needed (not before: a value read early would have to
+ * live across the lookups, which costs the hooks instructions), so a test may pass a copy. */
+static __always_inline enum verdict decide(const struct bpf_sock_addr *ctx, __u64 cookie, struct podsteer_pod *pod,
+					   const __u8 *addr16, __u16 port, __u8 *target, __u16 *new_port)
 {
-	*podp = NULL;
-	/* the proxy's own sockets first: they connect as often as the apps, and need no lookup */
-	if (marked_by_proxy(sk_mark))
-		return LEAVE;
-	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
-	if (!pod)
-		return LEAVE;
-	*podp = pod;
-	enum verdict v = classify(type, protocol, cookie, pod, addr16, port);
+	enum verdict v = classify(ctx, cookie, pod, addr16, port);
 	if (v == TO_DNS) {
 		dns_target(addr16, target);
 		*new_port = cfg_dns_port;

@@ -12,12 +12,20 @@ struct steer_result test_out = {};
 SEC("tc")
 int steer_test(struct __sk_buff *skb)
 {
-	struct podsteer_pod *pod;
+	struct podsteer_pod *pod = NULL;
 	__u8 addr[16], target[16] = {};
 	__u16 port = 0;
 	__builtin_memcpy(addr, test_in.addr, 16);
-	enum verdict v = decide(test_in.mark, test_in.type, test_in.protocol, test_in.cookie, addr, test_in.port, &pod,
-				target, &port);
+	/* as steer() does: the mark first, then the pod's entry, then the decision */
+	enum verdict v = LEAVE;
+	__u64 cookie = test_in.cookie;
+	if (!marked_by_proxy(test_in.mark))
+		pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
+	if (pod) {
+		/* what decide() reads of a connect()'s context, in a copy on the stack */
+		struct bpf_sock_addr ctx = {.type = test_in.type, .protocol = test_in.protocol};
+		v = decide(&ctx, cookie, pod, addr, test_in.port, target, &port);
+	}
 	test_out.verdict = v;
 	test_out.port = port;
 	test_out.enrolled = pod != NULL;
