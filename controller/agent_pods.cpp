@@ -111,6 +111,11 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
     return Error{"node proxy did not take the pod: " + st.error().message(), 0, pod.full_name()};
   }
   pods_.put(pod);
+  // The proxy acks once its listeners are bound. One marked only after listen() (ztunnel with
+  // INPOD_PORT_REUSE=false) was not seen by sock_ops' listen callback: the iterator finds it
+  // (when the listener is known already, this is one map lookup).
+  if (auto fl = d->find_listeners(*ns); !fl)
+    spdlog::warn("{}: the proxy's inbound listener: {}", pod.full_name(), fl.error().message());
   spdlog::info("captured {} (netns {}, uid {}, service account {}; enroll {} us, proxy ack {} us)", pod.full_name(),
                pod.netns, pod.uid, pod.service_account, us(t0, t1), us(t1, std::chrono::steady_clock::now()));
   return {};

@@ -137,9 +137,10 @@ class Datapath {
   Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts);
   Status unenroll(uint64_t cookie);
   // Puts the proxy's existing inbound listeners of the pod into podsteer_listeners when
-  // none is known: a proxy that listened before the pod was enrolled (sock_ops only sees
-  // listen() calls made while the hooks are attached). Needs kernel BTF; a node agent
-  // that tells the proxy about a pod only after enrolling it never needs this.
+  // none is known (then it is one map lookup): a proxy that listened before the pod was
+  // enrolled (sock_ops only sees listen() calls made while the hooks are attached), or one
+  // that marks its listener only after listen() (ztunnel with INPOD_PORT_REUSE=false: the
+  // agent calls this after the proxy's ack). Needs kernel BTF.
   Status find_listeners(const Netns& ns);
   // The cookie of an enrolled pod by the netns path it was enrolled with, or by the
   // namespace itself when it still exists.

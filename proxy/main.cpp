@@ -48,6 +48,8 @@ int main(int argc, char** argv) {
                "connect to apps from the pod's own address, not the client's (ztunnel: ENABLE_ORIG_SRC=false)");
   app.add_flag("--strict", cfg.strict,
                "refuse every plaintext inbound connection, as ztunnel under a STRICT PeerAuthentication");
+  app.add_flag("--mark-after-listen", cfg.mark_after_listen,
+               "mark each listener only after listen(), without SO_REUSEPORT (ztunnel: INPOD_PORT_REUSE=false)");
   app.add_flag("--quiet", cfg.quiet, "no per-connection log lines (benchmarks)");
   CLI11_PARSE(app, argc, argv);
   cfg.orig_src = !no_orig_src;

@@ -129,14 +129,18 @@ sockaddr_storage canonical(const sockaddr_storage& ss, socklen_t& len) {
 }
 
 // Listening socket inside the current thread's netns, as ztunnel makes them: the mark,
-// SO_REUSEPORT, and IP_TRANSPARENT on the inbound listeners.
-Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint32_t mark, bool transparent) {
+// SO_REUSEPORT, and IP_TRANSPARENT on the inbound listeners (mark_after_listen: as ztunnel
+// with INPOD_PORT_REUSE=false, no SO_REUSEPORT and the mark only once it listens).
+Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint32_t mark, bool transparent,
+                     bool mark_after_listen) {
   Fd fd(socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return sys_error("socket");
   int one = 1, zero = 0;
   setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-  if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) return sys_error("SO_MARK");
+  if (!mark_after_listen) {
+    setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    if (setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) return sys_error("SO_MARK");
+  }
   if (transparent && setsockopt(fd.get(), SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0)
     return sys_error("IP_TRANSPARENT");
   sockaddr_storage ss{};
@@ -162,6 +166,8 @@ Result<Fd> listen_on(int family, int type, const char* addr, uint16_t port, uint
   }
   if (bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return sys_error("bind port " + std::to_string(port));
   if (type == SOCK_STREAM && listen(fd.get(), 1024) != 0) return sys_error("listen");
+  if (mark_after_listen && setsockopt(fd.get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
+    return sys_error("SO_MARK");
   return fd;
 }
 
@@ -339,7 +345,7 @@ Status Proxy::do_add(Workload& w) {
   Status result;
   std::vector<std::pair<Fd, Kind>> made;
   for (const auto& want : wants) {
-    auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark, want.transparent);
+    auto fd = listen_on(want.family, want.type, want.addr, want.port, cfg_.mark, want.transparent, cfg_.mark_after_listen);
     if (!fd) {
       result = fd.error().in(pod->namespace_ + "/" + pod->name);
       break;

@@ -43,6 +43,10 @@ struct Config {
   // Refuse every plaintext inbound connection (15006), as ztunnel does under a STRICT
   // PeerAuthentication: whatever reaches the inbound listener fails.
   bool strict = false;
+  // ztunnel with INPOD_PORT_REUSE=false binds its listeners with std's TcpListener::bind and
+  // sets the mark afterwards (src/inpod/linux/config.rs): a listener then carries no mark
+  // when listen() runs, and no SO_REUSEPORT. This does the same.
+  bool mark_after_listen = false;
   bool quiet = false;
   // ztunnel finds the workload of an AddWorkload by namespace, name and service account
   // in its xDS workload store; one it cannot find gets no certificate and every

@@ -988,3 +988,27 @@ TEST_F(AgentTest, NonDefaultPortsAndMarksWorkEndToEnd) {
   EXPECT_TRUE(got(again, "again")) << again;
   EXPECT_EQ(node->status()["config"].value("outbound_port", 0), 16001);
 }
+
+// ztunnel with INPOD_PORT_REUSE=false binds each listener with std's TcpListener::bind and
+// marks it afterwards (src/inpod/linux/config.rs): sock_ops' listen callback sees an unmarked
+// socket and does not record it. The agent finds the listener after the proxy's ack (the
+// proxy acks once its listeners are bound), so inbound still reaches the app through the
+// proxy, with the client's address.
+TEST_F(AgentTest, AProxyThatMarksItsListenerAfterListenStillGetsInbound) {
+  node->start_agent();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  node->proxy = start_proxy({"--mark-after-listen"});
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0) << node->agent->output();
+  Peer app({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "serve", "--port", "9090"});
+  ASSERT_FALSE(app.wait_for(event("ready")).is_null());
+  auto in = connect_from(other, web.ip, 9090, "in");
+  EXPECT_TRUE(got(in, "in")) << in << node->agent->output();
+  EXPECT_NE(in.value("reply", "").find("peer=" + other.ip + ":"), std::string::npos) << in;
+  EXPECT_FALSE(node->proxy->wait_for([](const json& j) {
+    return j.value("event", "") == "connection" && j.value("direction", "") == "inbound";
+  }).is_null()) << "inbound went through the proxy: " << node->proxy->output();
+  auto st = node->status();
+  ASSERT_TRUE(st.is_object() && !st["pods"].empty());
+  EXPECT_TRUE(st["pods"][0]["inbound"].value("proxy_listening", false)) << st["pods"][0];
+}
