@@ -136,14 +136,17 @@ Result<bool> chain_into(const std::string& content, const std::string& agent_soc
   if (settings.is_object())
     for (const auto& [k, v] : settings.items()) entry[k] = v;
   auto& plugins = (*list)["plugins"];
-  for (auto& p : plugins) {
-    if (!is_ours(p)) continue;
-    if (p == entry) return false;
-    p = entry;  // ours, with other settings (the API server's address moved): updated in place
-    out = list->dump(2) + "\n";
-    return true;
-  }
-  plugins.push_back(entry);
+  // Ours runs last (it needs the primary's result), once, with these settings: then nothing
+  // changes. Otherwise every entry of ours goes and one is added at the end: settings that
+  // moved (the API server's address), a copy someone put in the middle, or two copies.
+  size_t ours = 0;
+  for (const auto& p : plugins) ours += is_ours(p);
+  if (ours == 1 && !plugins.empty() && plugins.back() == entry) return false;
+  json kept = json::array();
+  for (auto& p : plugins)
+    if (!is_ours(p)) kept.push_back(std::move(p));
+  kept.push_back(entry);
+  plugins = std::move(kept);
   out = list->dump(2) + "\n";
   return true;
 }

@@ -87,6 +87,29 @@ TEST_F(CniConfig, ChainsIntoTheFirstFileByNameConvertingASinglePlugin) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
 }
 
+// Found by the conflist fuzzer: an entry of ours that is not last (put there by hand, or by
+// another tool's reordering) was updated in place, left before plugins that run after it,
+// and a second pass changed the file again. Ours ends last and once, and then stays put.
+TEST(ChainInto, OursEndsLastAndOnceWhereverItWas) {
+  json ours = {{"type", "podsteer-cni"}, {"agentSocket", "/run/old.sock"}};
+  json list = {{"cniVersion", "1.0.0"},
+               {"name", "k8s"},
+               {"plugins", {{{"type", "ptp"}}, ours, {{"type", "portmap"}}, ours}}};
+  std::string out;
+  auto r = cni::chain_into(list.dump(), "/run/podsteer/cni.sock", out);
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_TRUE(*r);
+  auto j = json::parse(out);
+  ASSERT_EQ(j["plugins"].size(), 3u) << out;
+  EXPECT_EQ(j["plugins"][0]["type"], "ptp");
+  EXPECT_EQ(j["plugins"][1]["type"], "portmap");
+  EXPECT_EQ(j["plugins"][2], (json{{"type", "podsteer-cni"}, {"agentSocket", "/run/podsteer/cni.sock"}}));
+  std::string again;
+  auto r2 = cni::chain_into(out, "/run/podsteer/cni.sock", again);
+  ASSERT_TRUE(r2);
+  EXPECT_FALSE(*r2) << "a second pass changes nothing";
+}
+
 TEST_F(CniConfig, BadPrimaryConfigIsAnErrorAndChangesNothing) {
   std::ofstream(dir / "10-broken.conflist") << R"({"plugins": "not a list"})";
   auto r = cni::ensure_chained(opts);
