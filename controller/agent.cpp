@@ -52,18 +52,18 @@ Agent::~Agent() { stop(); }
 Status Agent::start() {
   auto opened = Datapath::open(cfg_.state_dir, cfg_.node, true);
   if (!opened) return opened.error();
-  dp_ = std::make_shared<Datapath>(std::move(*opened));
+  dp_.store(std::make_shared<Datapath>(std::move(*opened)));
   zds_ = std::make_unique<ZdsServer>(cfg_.zds_socket, cfg_.ack_timeout_ms);
   // Pods whose netns is gone were deleted while no agent ran: clean them up. Every other
   // pinned pod stays captured (it is never detached because we restarted) and is part of
   // every snapshot.
-  auto pods = dp_->pods(Datapath::Detail::Summary);
+  auto pods = dp()->pods(Datapath::Detail::Summary);
   if (!pods) return pods.error();
   size_t kept = 0;
   for (const auto& p : *pods) {
     if (!p.netns_alive && !find_netns_by_inode(p.meta.netns_ino, cfg_.proc_root)) {
       spdlog::info("adopt: pod {} (netns {}) is gone, removing its entries", p.full_name(), p.meta.netns_path);
-      auto st = dp_->unenroll(p.cookie);
+      auto st = dp()->unenroll(p.cookie);
       if (!st) spdlog::warn("adopt: {}", st.error().message());
       continue;
     }
@@ -76,7 +76,7 @@ Status Agent::start() {
   adopted_ = true;
   if (!cfg_.kubeconfig.empty() || cfg_.in_cluster)
     zds_->set_snapshot_gate([this] {
-      std::unique_lock<std::mutex> g(first_pass_mu_);
+      std::unique_lock<std::mutex> g(mu_);
       if (!first_pass_cv_.wait_for(g, std::chrono::seconds(3), [this] { return kube_first_pass_ || stopping_.load(); }))
         spdlog::warn("zds: no Kubernetes pass within 3 s: the snapshot goes out without it");
     });
@@ -128,18 +128,12 @@ Status Agent::start() {
 void Agent::stop() {
   if (stopping_.exchange(true)) return;
   {
-    std::lock_guard<std::mutex> g(first_pass_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     first_pass_cv_.notify_all();  // a proxy's handshake waiting for the first pass
-  }
-  if (kube_source_) kube_source_->stop();
-  {
-    std::lock_guard<std::mutex> g(kube_mu_);
     kube_cv_.notify_all();
-  }
-  {
-    std::lock_guard<std::mutex> g(repair_mu_);
     repair_cv_.notify_all();
   }
+  if (kube_source_) kube_source_->stop();
   if (kube_thread_.joinable()) kube_thread_.join();
   if (repair_thread_.joinable()) repair_thread_.join();
   if (cni_) cni_->stop();
@@ -163,7 +157,7 @@ bool Agent::healthy(std::string* why) {
   if (tick && now - tick > std::max<int64_t>(10000, 20LL * cfg_.repair_interval_ms))
     return fail(fmt::format("the repair loop has not run for {} ms", now - tick));
   {
-    std::lock_guard<std::mutex> g(count_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     for (const auto& [_, started] : cni_in_flight_) {
       auto age = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
       if (age > cfg_.watchdog_ms) return fail(fmt::format("a CNI request has been in progress for {} ms", age));
@@ -237,7 +231,7 @@ std::string Agent::metrics() {
   {
     auto& reqs = prometheus::BuildCounter().Name("podsteer_cni_requests_total").Help("CNI requests by command and result").Register(reg);
     auto& repairs = prometheus::BuildCounter().Name("podsteer_repairs_total").Help("pieces of a capture put back").Register(reg);
-    std::lock_guard<std::mutex> g(count_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     for (const auto& [k, v] : cni_requests_) reqs.Add({{"command", k.first}, {"result", k.second}}).Increment(double(v));
     for (const auto& [piece, v] : repairs_) repairs.Add({{"piece", piece}}).Increment(double(v));
   }
@@ -248,9 +242,13 @@ std::string Agent::metrics() {
   auto& pods_g = prometheus::BuildGauge().Name("podsteer_pods_captured").Help("pods with a pod entry").Register(reg);
   auto& whole = prometheus::BuildGauge().Name("podsteer_pods_not_whole").Help("captured pods missing a piece").Register(reg);
   auto& traffic = prometheus::BuildCounter().Name("podsteer_pod_connections_total").Help("per-pod datapath counters").Register(reg);
-  std::lock_guard<std::mutex> g(cache_mu_);  // as the last repair pass saw them
+  std::shared_ptr<const std::vector<PodStatus>> cache;  // as the last repair pass saw them
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    cache = cache_;
+  }
   size_t n = 0, broken = 0;
-  for (const auto& p : cache_) {
+  for (const auto& p : *cache) {
     n += p.has_entry;
     broken += !p.missing().empty();
     std::string name = p.full_name();

@@ -6,8 +6,10 @@
 // kube::Source, CniServer, PodTable) has a lock of its own and never calls into another
 // component while holding it. The agent serializes work on one pod with that pod's lock and
 // calls into the components from there; none of them calls back into the agent. The
-// datapath is serialized across threads and processes by the state dir's lock. Every other
-// mutex below guards a few fields, says which, and is never held across a call out.
+// datapath is serialized across threads and processes by the state dir's lock. The agent
+// has two mutexes besides the pods' own: pod_locks_mu_ (the map of the pods' locks) and
+// mu_ (a few fields, listed there), and holds neither across a call out; the datapath
+// pointer is an atomic shared_ptr.
 //
 // The pod table (pod_table.h) is the agent's record of what it captured; the BPF maps are
 // its projection, which the repair pass checks against it.
@@ -142,8 +144,7 @@ class Agent {
 
   AgentConfig cfg_;
   CniEnrollmentPolicy policy_;
-  std::mutex dp_mu_;  // only the pointer: the datapath serializes itself
-  std::shared_ptr<Datapath> dp_;
+  std::atomic<std::shared_ptr<Datapath>> dp_;  // swapped by a reinstall; the datapath serializes itself
   PodTable pods_;  // what this agent captured (its own lock)
   std::unique_ptr<ZdsServer> zds_;
   std::unique_ptr<CniServer> cni_;
@@ -155,10 +156,11 @@ class Agent {
   std::mutex pod_locks_mu_;  // pod_locks_ (the map; each pod's mutex serializes that pod's capture and release)
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;
 
-  std::mutex istio_mu_;  // istio_pending_
+  // Guards istio_pending_, the CNI and repair counters, kube_dirty_, kube_first_pass_ and
+  // cache_; the three condition variables wait on it. Held for a copy or an increment only.
+  std::mutex mu_;
   std::map<uint64_t, std::string> istio_pending_;  // netns cookie -> netns path: mangle OUTPUT kept
   std::atomic<uint64_t> istio_takeovers_{0};
-  std::mutex count_mu_;  // the counters below
   std::map<std::pair<std::string, std::string>, uint64_t> cni_requests_;
   std::map<std::string, uint64_t> repairs_;
   std::map<uint64_t, std::chrono::steady_clock::time_point> cni_in_flight_;
@@ -167,25 +169,22 @@ class Agent {
   std::unique_ptr<kube::Client> kube_client_;
   std::unique_ptr<kube::Source> kube_source_;
   std::thread kube_thread_;
-  std::mutex kube_mu_;  // kube_dirty_
   std::condition_variable kube_cv_;
   bool kube_dirty_ = false;
   std::atomic<bool> kube_reconciled_{false};
   // The first Kubernetes pass is done: a proxy's first snapshot waits for it (up to 3 s), so
   // that pods taken over from istio-cni are in it (a proxy drops pods a snapshot leaves out)
-  std::mutex first_pass_mu_;  // kube_first_pass_
   std::condition_variable first_pass_cv_;
   bool kube_first_pass_ = false;
-  std::set<std::string> kube_seen_;  // pod uids the cache has shown (kube worker only)  // the first reconcile after the first list
+  std::set<std::string> kube_seen_;  // pod uids the cache has shown (kube worker only)
 
   std::thread repair_thread_;
-  std::mutex repair_mu_;  // nothing but the wait: repair_cv_ wakes the repair thread to stop
-  std::condition_variable repair_cv_;
+  std::condition_variable repair_cv_;  // wakes the repair thread to stop
   std::atomic<int64_t> repair_tick_ms_{0};
   std::atomic<uint64_t> repair_passes_{0};  // passes completed
   std::atomic<int64_t> repair_pass_us_{0};  // how long the last one took
-  std::mutex cache_mu_;  // cache_
-  std::vector<PodStatus> cache_;  // the pods as the last repair pass saw them (for /metrics)
+  // the pods as the last repair pass saw them (for /metrics): replaced whole, read by copying the pointer
+  std::shared_ptr<const std::vector<PodStatus>> cache_ = std::make_shared<const std::vector<PodStatus>>();
 };
 
 }  // namespace podsteer

@@ -15,7 +15,7 @@ json error(const std::string& msg) { return {{"status", "error"}, {"message", ms
 }  // namespace
 
 void Agent::count(const std::string& command, const std::string& result) {
-  std::lock_guard<std::mutex> g(count_mu_);
+  std::lock_guard<std::mutex> g(mu_);
   cni_requests_[{command, result}]++;
 }
 
@@ -23,7 +23,7 @@ std::string Agent::handle_cni(const std::string& line) {
   auto started = std::chrono::steady_clock::now();
   uint64_t serial;
   {
-    std::lock_guard<std::mutex> g(count_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     serial = ++cni_serial_;
     cni_in_flight_[serial] = started;  // the watchdog's view of the CNI path
   }
@@ -35,7 +35,7 @@ std::string Agent::handle_cni(const std::string& line) {
   else if (command == "DEL") out = cni_del(req->pod);
   else out = cni_check(req->pod);
   {
-    std::lock_guard<std::mutex> g(count_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     cni_in_flight_.erase(serial);
   }
   std::string result = out.value("status", "error");

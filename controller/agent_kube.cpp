@@ -101,7 +101,7 @@ void Agent::annotate(const kube::Pod& pod, bool captured) {
 void Agent::kick_kube() {
   if (!kube_source_) return;
   {
-    std::lock_guard<std::mutex> g(kube_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     kube_dirty_ = true;
   }
   kube_cv_.notify_all();
@@ -110,7 +110,7 @@ void Agent::kick_kube() {
 void Agent::kube_worker() {
   while (!stopping_) {
     {
-      std::unique_lock<std::mutex> g(kube_mu_);
+      std::unique_lock<std::mutex> g(mu_);
       // also on a timer: a pod whose netns was not found yet, or a proxy that was away
       kube_cv_.wait_for(g, std::chrono::seconds(2), [this] { return kube_dirty_ || stopping_.load(); });
       kube_dirty_ = false;
@@ -124,7 +124,7 @@ void Agent::kube_worker() {
     reconcile_kube(snap);
     if (proxy) kube_reconciled_ = true;
     {
-      std::lock_guard<std::mutex> g(first_pass_mu_);
+      std::lock_guard<std::mutex> g(mu_);
       kube_first_pass_ = true;
     }
     first_pass_cv_.notify_all();
@@ -204,7 +204,7 @@ void Agent::take_over_from_istio(const PodInfo& pod) {
                pod.full_name(),
                t->restore_pending ? "; mangle OUTPUT's connmark restore stays until the connections it serves close" : "");
   if (t->restore_pending) {
-    std::lock_guard<std::mutex> g(istio_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     istio_pending_[ns->cookie] = pod.netns;
   }
 }
@@ -212,7 +212,7 @@ void Agent::take_over_from_istio(const PodInfo& pod) {
 void Agent::finish_istio_takeovers() {
   std::map<uint64_t, std::string> pending;
   {
-    std::lock_guard<std::mutex> g(istio_mu_);
+    std::lock_guard<std::mutex> g(mu_);
     pending = istio_pending_;
   }
   for (const auto& [cookie, path] : pending) {
@@ -225,7 +225,7 @@ void Agent::finish_istio_takeovers() {
       if (done) spdlog::info("istio: netns {}: the last of istio-cni's chains removed (no connection needs it)", path);
     }
     if (done) {
-      std::lock_guard<std::mutex> g(istio_mu_);
+      std::lock_guard<std::mutex> g(mu_);
       istio_pending_.erase(cookie);
     }
   }

@@ -30,8 +30,7 @@ std::shared_ptr<std::mutex> Agent::pod_lock(const std::string& key) {
 }
 
 std::shared_ptr<Datapath> Agent::dp() {
-  std::lock_guard<std::mutex> g(dp_mu_);
-  return dp_;
+  return dp_.load();
 }
 
 PodInfo Agent::pod_from_meta(const PodStatus& s) {

@@ -48,7 +48,7 @@ PodOptions options_from_status(const PodStatus& s) {
 
 void Agent::count_repair(const std::string& piece, const std::string& pod) {
   spdlog::warn("repair: {}{} was missing and is back", piece, pod.empty() ? "" : " of " + pod);
-  std::lock_guard<std::mutex> g(count_mu_);
+  std::lock_guard<std::mutex> g(mu_);
   repairs_[piece]++;
 }
 
@@ -65,7 +65,7 @@ void Agent::repair_worker() {
     repair_passes_++;
     if (!kube_reconciled_ && zds_->connected())
       kick_kube();  // a proxy is here now: the pass that makes the agent ready need not wait for the timer
-    std::unique_lock<std::mutex> g(repair_mu_);
+    std::unique_lock<std::mutex> g(mu_);
     repair_cv_.wait_for(g, std::chrono::milliseconds(cfg_.repair_interval_ms), [this] { return stopping_.load(); });
   }
 }
@@ -115,10 +115,7 @@ void Agent::repair_once() {
       spdlog::error("repair: cannot reinstall the datapath: {}", fresh.error().message());
       return;
     }
-    {
-      std::lock_guard<std::mutex> g(dp_mu_);
-      dp_ = std::make_shared<Datapath>(std::move(*fresh));
-    }
+    dp_.store(std::make_shared<Datapath>(std::move(*fresh)));
     d = dp();
     count_repair("datapath install", "");
     for (const auto& pod : pods_.all()) {
@@ -172,8 +169,9 @@ void Agent::repair_once() {
   }
   auto fresh = changed ? d->pods(Datapath::Detail::Full) : std::move(pods);
   if (fresh) {
-    std::lock_guard<std::mutex> g(cache_mu_);
-    cache_ = std::move(*fresh);
+    auto seen = std::make_shared<const std::vector<PodStatus>>(std::move(*fresh));
+    std::lock_guard<std::mutex> g(mu_);
+    cache_ = std::move(seen);
   }
 }
 
