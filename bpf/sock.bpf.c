@@ -18,7 +18,7 @@
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
  *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver */
 #include <linux/tcp.h>
-#include "steer.bpf.h"
+#include "conn.bpf.h"
 
 #define SOL_IP_LEVEL 0
 #define SOL_IPV6_LEVEL 41
@@ -182,27 +182,8 @@ int podsteer_sendmsg6(struct bpf_sock_addr *ctx)
  * redirected by an older build, in its socket storage. */
 static __always_inline struct podsteer_addr *original_of(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
 {
-	if (sk->type == SOCK_STREAM) {
-		__u16 peer_port = bpf_ntohs((__u16)ctx->user_port);
-		if (peer_port != cfg_outbound_port && peer_port != cfg_dns_port)
-			return NULL;
-		struct podsteer_origdst_key k = {
-			.netns_cookie = bpf_get_netns_cookie(ctx),
-			.peer_port = (__u16)sk->src_port,
-			.local_port = peer_port,
-		};
-		if (sk->family == AF_INET) {
-			map_v4(k.peer_addr, sk->src_ip4);
-		} else {
-			__u32 *w = (__u32 *)k.peer_addr;
-			w[0] = sk->src_ip6[0];
-			CTX_BARRIER();
-			w[1] = sk->src_ip6[1];
-			CTX_BARRIER();
-			w[2] = sk->src_ip6[2];
-			CTX_BARRIER();
-			w[3] = sk->src_ip6[3];
-		}
+	struct podsteer_origdst_key k;
+	if (sk->type == SOCK_STREAM && peer_orig_key(ctx, sk, bpf_get_netns_cookie(ctx), &k)) {
 		struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
 		if (o)
 			return o;
@@ -243,21 +224,13 @@ static __always_inline int restore6(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int podsteer_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_dns_port))
-		return 1;
-	return restore4(ctx);
+	return dns_reply4(ctx) ? restore4(ctx) : 1;
 }
 
 SEC("cgroup/recvmsg6")
 int podsteer_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	/* from [::1] or, on a dual-stack socket, ::ffff:127.0.0.1 */
-	if (ctx->user_port != bpf_htons(cfg_dns_port) || ctx->user_ip6[0] || ctx->user_ip6[1])
-		return 1;
-	__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
-	if (!(w2 == 0 && w3 == bpf_htonl(1)) && !(w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001)))
-		return 1;
-	return restore6(ctx);
+	return dns_reply6(ctx) ? restore6(ctx) : 1;
 }
 
 SEC("cgroup/getpeername4")
@@ -266,60 +239,6 @@ int podsteer_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
 SEC("cgroup/getpeername6")
 int podsteer_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
 
-#define TCP_SYN_SENT_STATE 2 /* BPF_TCP_SYN_SENT */
-#define TCP_CLOSE_STATE 7    /* BPF_TCP_CLOSE */
-
-/* The connection's two addresses as sock_ops sees them (local = this socket's side) */
-static __always_inline void sockops_addrs(struct bpf_sock_ops *ops, __u8 *local, __u8 *remote)
-{
-	if (ops->family == AF_INET) {
-		__u32 l = ops->local_ip4;
-		CTX_BARRIER();
-		__u32 r = ops->remote_ip4;
-		CTX_BARRIER();
-		map_v4(local, l);
-		map_v4(remote, r);
-		return;
-	}
-	__u32 *l = (__u32 *)local, *r = (__u32 *)remote;
-	l[0] = ops->local_ip6[0];
-	CTX_BARRIER();
-	l[1] = ops->local_ip6[1];
-	CTX_BARRIER();
-	l[2] = ops->local_ip6[2];
-	CTX_BARRIER();
-	l[3] = ops->local_ip6[3];
-	CTX_BARRIER();
-	r[0] = ops->remote_ip6[0];
-	CTX_BARRIER();
-	r[1] = ops->remote_ip6[1];
-	CTX_BARRIER();
-	r[2] = ops->remote_ip6[2];
-	CTX_BARRIER();
-	r[3] = ops->remote_ip6[3];
-	CTX_BARRIER();
-}
-
-/* podsteer_transit key of a proxy socket connecting to an app: the app is the remote */
-static __always_inline void transit_key(struct bpf_sock_ops *ops, __u64 cookie, struct podsteer_tuple_key *t)
-{
-	t->netns_cookie = cookie;
-	sockops_addrs(ops, t->src_addr, t->dst_addr);
-	t->dst_port = (__u16)bpf_ntohl(ops->remote_port);
-	t->src_port = (__u16)ops->local_port;
-	t->pad = 0;
-}
-
-/* podsteer_orig key of an app socket redirected to the outbound listener */
-static __always_inline void orig_key(struct bpf_sock_ops *ops, __u64 cookie, struct podsteer_origdst_key *k)
-{
-	__u8 remote[16];
-	k->netns_cookie = cookie;
-	sockops_addrs(ops, k->peer_addr, remote);
-	k->peer_port = (__u16)ops->local_port;
-	k->local_port = (__u16)bpf_ntohl(ops->remote_port);
-	k->pad = 0;
-}
 
 /* Takes slot i's entry if it is this socket's (and frees the slot). */
 static __always_inline int take_slot(struct podsteer_conn_ring *r, __u32 i, __u64 cookie, struct podsteer_addr *out)
@@ -407,7 +326,8 @@ static __always_inline int on_listen(struct bpf_sock_ops *ops, struct bpf_sock *
 static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
 	__u64 cookie = bpf_get_netns_cookie(ops);
-	if (marked_by_proxy(sk->mark)) {
+	enum conn_role role = connect_role(sk->mark, ops->remote_port);
+	if (role == CONN_PROXY) {
 		/* the proxy connecting from an address that is not its pod's own: to an app in
 		 * the pod, from a client's address (IP_TRANSPARENT) */
 		struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
@@ -425,7 +345,7 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		 * destination: any local address of the pod (one added after enroll too), and a
 		 * connection from a client's address to anywhere else could not complete anyway,
 		 * its answers going to the client. */
-		int mark = (int)((sk->mark & ~cfg_proxy_mark_mask) | (cfg_app_mark & cfg_proxy_mark_mask));
+		int mark = (int)transit_mark(sk->mark);
 		bpf_setsockopt(ops, SOL_SOCKET_LEVEL, SO_MARK_OPT, &mark, sizeof(mark));
 		__u8 one = 1;
 		if (bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY))
@@ -434,8 +354,7 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		return 1;
 	}
 	/* only a socket connect4 sent to a listener of ours can carry an original destination */
-	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
-	if (rport != cfg_outbound_port && rport != cfg_dns_port)
+	if (role != CONN_APP)
 		return 1;
 	struct podsteer_addr o;
 	/* connect4 stashes only for an enrolled pod: a stash found needs no pod lookup */
@@ -463,43 +382,33 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 	return 1;
 }
 
-/* Only sockets on_connect turned the state callback on for get here. */
+/* Only sockets on_connect turned the state callback on for get here. Every transition comes
+ * (established, fin-wait, ...): only the close acts (close_plan), and the others leave before
+ * any helper call. */
 static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
-	__u32 from = ops->args[0], to = ops->args[1];
-	/* Every transition comes here (established, fin-wait, ...): only the close acts, and
-	 * the others leave before any helper call. */
-	if (to != TCP_CLOSE_STATE)
+	__u32 plan = close_plan(ops->args[0], ops->args[1], sk->mark, ops->remote_port);
+	if (!plan)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ops);
-	int by_proxy = marked_by_proxy(sk->mark);
-	if (by_proxy || (sk->mark & cfg_proxy_mark_mask) == (cfg_app_mark & cfg_proxy_mark_mask)) {
-		/* The proxy's connection from a client's address (on_connect gave it the app mark;
-		 * one made before that build still has the proxy's). Its entry went when the app's
-		 * side completed the handshake (on_passive_established), not when the SYN was
-		 * answered: with SYN cookies the app's side keeps no request socket, so the
-		 * completing ACK goes through sk_lookup again. If the handshake never completed
-		 * there, it goes now. The tuple cannot come from anyone else while this socket
-		 * holds it. An app socket that carries the app mark of its own has no transit
-		 * entry, and goes on to its podsteer_orig entry. */
+	if (plan & CLOSE_TRANSIT) {
+		/* The tuple cannot come from anyone else while this socket holds it. The entry went
+		 * already if the app's side completed the handshake (with SYN cookies the app's side
+		 * keeps no request socket, so the completing ACK goes through sk_lookup again). */
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
-		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0 || by_proxy)
+		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0)
 			return 1;
 	}
-	/* only an app socket connect4 sent to a listener of ours has a podsteer_orig entry (the
-	 * proxy's connection whose transit entry went at the handshake does not) */
-	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
-	if (rport != cfg_outbound_port && rport != cfg_dns_port)
-		return 1;
-	if (from == TCP_SYN_SENT_STATE) {
-		/* the connect never got past SYN_SENT: nothing listened */
+	if (plan & CLOSE_MISSING) {
 		struct podsteer_counters *c = pod_counters(cookie);
 		COUNT(c, proxy_missing);
 	}
-	struct podsteer_origdst_key k;
-	orig_key(ops, cookie, &k);
-	bpf_map_delete_elem(&podsteer_orig, &k);
+	if (plan & CLOSE_ORIG) {
+		struct podsteer_origdst_key k;
+		orig_key(ops, cookie, &k);
+		bpf_map_delete_elem(&podsteer_orig, &k);
+	}
 	return 1;
 }
 
@@ -511,13 +420,10 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
  * deletes, for a handshake that never completed here.) */
 static __always_inline int on_passive_established(struct bpf_sock_ops *ops, struct bpf_sock *sk)
 {
-	if ((sk->mark & cfg_proxy_mark_mask) != (cfg_app_mark & cfg_proxy_mark_mask))
+	if (!app_marked(sk->mark))
 		return 1;
-	/* the app is the local side here, the client's address the remote */
-	struct podsteer_tuple_key t = {.netns_cookie = bpf_get_netns_cookie(ops)};
-	sockops_addrs(ops, t.dst_addr, t.src_addr);
-	t.dst_port = (__u16)ops->local_port;
-	t.src_port = (__u16)bpf_ntohl(ops->remote_port);
+	struct podsteer_tuple_key t;
+	passive_transit_key(ops, bpf_get_netns_cookie(ops), &t);
 	bpf_map_delete_elem(&podsteer_transit, &t);
 	return 1;
 }
@@ -593,57 +499,21 @@ int podsteer_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk || sk->type != SOCK_STREAM)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
-	struct podsteer_origdst_key k = {
-		.netns_cookie = cookie,
-		.peer_port = bpf_ntohs((__be16)sk->dst_port),
-		.local_port = (__u16)sk->src_port,
-	};
+	struct podsteer_origdst_key k;
 	__u8 local[16];
-	__u32 *w = (__u32 *)k.peer_addr, *l = (__u32 *)local;
-	if (sk->family == AF_INET) {
-		__u32 dst4 = sk->dst_ip4;
-		CTX_BARRIER();
-		__u32 src4 = sk->src_ip4;
-		map_v4(k.peer_addr, dst4);
-		map_v4(local, src4);
-	} else {
-		w[0] = sk->dst_ip6[0];
-		CTX_BARRIER();
-		w[1] = sk->dst_ip6[1];
-		CTX_BARRIER();
-		w[2] = sk->dst_ip6[2];
-		CTX_BARRIER();
-		w[3] = sk->dst_ip6[3];
-		CTX_BARRIER();
-		l[0] = sk->src_ip6[0];
-		CTX_BARRIER();
-		l[1] = sk->src_ip6[1];
-		CTX_BARRIER();
-		l[2] = sk->src_ip6[2];
-		CTX_BARRIER();
-		l[3] = sk->src_ip6[3];
-	}
+	sockopt_orig_key(sk, cookie, &k, local);
 	/* The kernel answered (conntrack knows the connection). If a NAT rule redirected it,
 	 * its answer is the true original destination and stands. Without NAT it is the
 	 * socket's own address, which says nothing: connect4 rewrote the destination before
 	 * conntrack saw the connection. */
 	if (ctx->retval == 0 && !kernel_answer_is_local(ctx, local, (__u16)sk->src_port))
 		return 1;
-	int len;
-	/* Only a connection accepted on a listener's own port can have an entry (connect4
-	 * rewrote its destination); an inbound one keeps its original destination as its
-	 * local address, and needs no lookup. An entry is made only for an enrolled pod's
-	 * socket, so finding one needs no pod lookup: that is for the other answer. */
-	struct podsteer_addr *o = NULL;
-	if (k.local_port == cfg_outbound_port || k.local_port == cfg_dns_port)
-		o = bpf_map_lookup_elem(&podsteer_orig, &k);
-	if (!o && !bpf_map_lookup_elem(&podsteer_pods, &cookie))
+	struct podsteer_addr *o;
+	enum sockopt_answer a = sockopt_original(cookie, &k, &o);
+	if (a == ANSWER_KERNEL)
 		return 1;
-	if (o)
-		len = put_sockaddr(ctx, o->addr, o->port);
-	else /* not an outbound redirect: like conntrack, the original destination is the
-	      * local address (inbound connections steered by sk_lookup keep it) */
-		len = put_sockaddr(ctx, local, bpf_htons((__u16)sk->src_port));
+	int len = a == ANSWER_ORIG && o ? put_sockaddr(ctx, o->addr, o->port)
+					: put_sockaddr(ctx, local, bpf_htons((__u16)sk->src_port));
 	if (!len)
 		return 1;
 	ctx->optlen = len;

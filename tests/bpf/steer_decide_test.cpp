@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "addr16.h"
 #include "datapath.h"
 #include "podsteer_abi.h"
 #include "steer_test.h"
@@ -23,30 +24,12 @@
 namespace {
 
 using namespace podsteer;
+using test::addr16;
+using test::text16;
 
 enum Verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
 constexpr uint64_t kPod = 7, kOtherPod = 8, kStranger = 9;
 constexpr int kTcp = SOCK_STREAM, kUdp = SOCK_DGRAM;
-
-// 16 bytes, v4-mapped for an IPv4 text ("10.0.0.1"), or an IPv6 text as is ("::ffff:..." too)
-std::array<uint8_t, 16> addr16(const std::string& text) {
-  std::array<uint8_t, 16> a{};
-  in_addr v4{};
-  if (inet_pton(AF_INET, text.c_str(), &v4) == 1) {
-    a[10] = a[11] = 0xff;
-    std::memcpy(&a[12], &v4, 4);
-  } else {
-    EXPECT_EQ(inet_pton(AF_INET6, text.c_str(), a.data()), 1) << text;
-  }
-  return a;
-}
-
-std::string text16(const uint8_t* a) {
-  char buf[INET6_ADDRSTRLEN];
-  static const uint8_t prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-  if (std::memcmp(a, prefix, 12) == 0) return inet_ntop(AF_INET, a + 12, buf, sizeof(buf));
-  return inet_ntop(AF_INET6, a, buf, sizeof(buf));
-}
 
 struct Outcome {
   int verdict = -1;
