@@ -152,10 +152,8 @@ void Agent::reconcile_kube(const kube::Snapshot& snap) {
     bool want = cfg_.label_policy.enrolled(pod, ns == snap.namespaces.end() ? nullptr : &ns->second);
     bool have = captured.count(uid);
     PodInfo info;
+    info.identity() = pod.identity();
     info.uid = uid;
-    info.name = pod.name;
-    info.namespace_ = pod.namespace_;
-    info.service_account = pod.service_account;
     bool now = have;
     if (want && !have) {
       if (pod.phase != "Running" && pod.phase != "Pending") continue;  // Succeeded, Failed: nothing runs

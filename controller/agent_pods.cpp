@@ -35,11 +35,7 @@ std::shared_ptr<Datapath> Agent::dp() {
 
 PodInfo Agent::pod_from_meta(const PodStatus& s) {
   PodInfo p;
-  p.uid = s.meta.uid;
-  p.namespace_ = s.meta.namespace_;
-  p.name = s.meta.name;
-  p.service_account = s.meta.service_account;
-  p.container_id = s.meta.container_id;
+  p.identity() = s.identity();
   p.netns = s.meta.netns_path;
   p.netns_cookie = s.cookie;
   // the settings it was enrolled with, and its addresses (for the table's index)
@@ -61,11 +57,8 @@ void Agent::take_overrides(PodInfo& info, const kube::Pod& pod) {
 
 PodOptions Agent::options_for(const PodInfo& pod) const {
   PodOptions o;
-  o.namespace_ = pod.namespace_;
-  o.name = pod.name;
-  o.uid = pod.uid;
-  o.service_account = pod.service_account.empty() ? "default" : pod.service_account;
-  o.container_id = pod.container_id;
+  o.identity() = pod.identity();
+  if (o.service_account.empty()) o.service_account = "default";
   o.dns = pod.dns.value_or(cfg_.dns);
   o.fail_open = cfg_.fail_open;
   o.bypass_inbound = pod.bypass_inbound;

@@ -28,11 +28,7 @@ int64_t now_ms() {
 // The options a captured pod was enrolled with, as its entries record them.
 PodOptions options_from_status(const PodStatus& s) {
   PodOptions o;
-  o.namespace_ = s.meta.namespace_;
-  o.name = s.meta.name;
-  o.uid = s.meta.uid;
-  o.service_account = s.meta.service_account;
-  o.container_id = s.meta.container_id;
+  o.identity() = s.identity();
   uint32_t flags = s.has_entry ? s.entry.flags : s.meta.flags;
   o.dns = flags & PODSTEER_POD_DNS;
   o.fail_open = flags & PODSTEER_POD_FAIL_OPEN;

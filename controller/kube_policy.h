@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "pod_identity.h"
 #include "result.h"
 
 namespace podsteer::kube {
@@ -43,8 +44,9 @@ inline Labels string_map(const nlohmann::json& j) {
 }  // namespace json_read
 
 
-struct Pod {
-  std::string uid, name, namespace_, service_account, phase;
+// A pod as the API server describes it (no container id: that is the runtime's)
+struct Pod : PodIdentity {
+  std::string phase;
   bool host_network = false;
   Labels labels, annotations;
   std::vector<std::string> ips;

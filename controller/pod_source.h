@@ -9,14 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "pod_identity.h"
+
 namespace podsteer {
 
-struct PodInfo {
-  std::string uid;
-  std::string name;
-  std::string namespace_;
-  std::string service_account;
-  std::string container_id;
+// A pod as the agent knows it: who it is, where its netns is, and what its sources said
+// about capturing it. The agent's one description of a pod (the table, capture, ZDS).
+struct PodInfo : PodIdentity {
   std::string netns;     // path of the pod's netns
   uint64_t netns_cookie = 0;  // what the netns is, once opened (a path may go away, e.g. /proc/PID)
   std::string ifname;    // the interface the CNI made
@@ -26,8 +25,6 @@ struct PodInfo {
   // per-pod settings from the pod's annotations (Kubernetes source); unset: the node's
   std::optional<bool> dns;
   bool bypass_inbound = false;
-
-  std::string full_name() const { return namespace_ + "/" + name; }
 };
 
 class EnrollmentPolicy {

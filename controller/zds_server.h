@@ -91,7 +91,12 @@ class ZdsServer {
   std::vector<std::shared_ptr<Conn>> conns_;  // proxies past their hello, oldest first
   std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)
   std::vector<std::thread> handshakes_;       // one per connection, joined on stop
-  std::map<std::string, PodInfo> workloads_;  // by uid
+  // What the proxies are told, by uid: not a copy of the agent's pod table but its own fact.
+  // A pod is told before the proxy's ack makes it captured (and is undone if none comes), a
+  // pod under istio-cni's rules is told in the next snapshot; a snapshot sends exactly this
+  // set, since a proxy drops a pod a snapshot leaves out. Reading the agent's table instead
+  // would make this component call back into the agent (agent.h's lock rule).
+  std::map<std::string, PodInfo> workloads_;
   std::set<std::string> acked_;               // uids of workloads_ a proxy acked
   ZdsCounters counters_;
   std::map<uint64_t, int64_t> pending_;  // request serial -> start (ms, steady clock)

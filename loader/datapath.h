@@ -17,6 +17,7 @@
 #include "fd.h"
 #include "map.h"
 #include "netns.h"
+#include "pod_identity.h"
 #include "pod_netns.h"
 #include "podsteer_abi.h"
 #include "result.h"
@@ -65,11 +66,8 @@ Result<std::vector<uint16_t>> parse_ports(const std::string& list);
 Result<std::vector<Cidr>> parse_cidrs(const std::string& list);
 Result<Cidr> parse_cidr(const std::string& text);
 
-struct PodOptions {
-  std::string namespace_, name;  // may be empty (enrolled by hand)
-  std::string uid;               // Kubernetes pod UID (the agent's key), may be empty
-  std::string service_account;
-  std::string container_id;
+// What enroll is given: who the pod is, and its capture settings
+struct PodOptions : PodIdentity {
   std::vector<uint16_t> exclude_inbound_ports;
   std::vector<uint16_t> exclude_outbound_ports;
   std::vector<Cidr> exclude_outbound_cidrs;
@@ -109,7 +107,9 @@ struct PodStatus {
   ReturnPathState return_path;  // what is in the pod's netns now (Full detail only)
   std::vector<std::string> addresses;  // the pod's addresses now (Full detail only)
 
-  std::string full_name() const;
+  // Who the pod is, as its meta entry records it
+  PodIdentity identity() const;
+  std::string full_name() const { return identity().full_name(); }
   // What a whole capture has and this pod lacks, in words; empty when whole.
   std::vector<std::string> missing() const;
 };

@@ -92,11 +92,7 @@ static uint64_t netns_ino(const Netns& ns) {
 }
 
 static void fill_names(podsteer_pod_meta& m, const PodOptions& opts) {
-  copy_str(m.namespace_, sizeof(m.namespace_), opts.namespace_);
-  copy_str(m.name, sizeof(m.name), opts.name);
-  copy_str(m.uid, sizeof(m.uid), opts.uid);
-  copy_str(m.service_account, sizeof(m.service_account), opts.service_account);
-  copy_str(m.container_id, sizeof(m.container_id), opts.container_id);
+  put_identity(m, opts);
   m.n_excluded_cidrs = opts.exclude_outbound_cidrs.size();
 }
 
@@ -145,13 +141,7 @@ Result<EnrollOutcome> Datapath::enroll_locked(const Netns& ns, const PodOptions&
     if (made->setup & PODSTEER_SETUP_FWMARK_ACCEPT) m.fwmark_accept_before = made->fwmark_accept_before;
     m.netns_setup |= made->setup;
     PodOptions names = opts;  // a re-enroll without names keeps the ones it had
-    if (names.namespace_.empty() && names.name.empty()) {
-      names.namespace_ = str_of(m.namespace_, sizeof(m.namespace_));
-      names.name = str_of(m.name, sizeof(m.name));
-    }
-    if (names.uid.empty()) names.uid = str_of(m.uid, sizeof(m.uid));
-    if (names.service_account.empty()) names.service_account = str_of(m.service_account, sizeof(m.service_account));
-    if (names.container_id.empty()) names.container_id = str_of(m.container_id, sizeof(m.container_id));
+    names.fill_from(identity_of(m));
     fill_names(m, names);
     copy_str(m.netns_path, sizeof(m.netns_path), ns.path);
     m.flags = entry.flags & PODSTEER_POD_SETTINGS;

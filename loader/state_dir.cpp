@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "datapath.h"
+#include "datapath_internal.h"
 
 namespace podsteer {
 
@@ -50,6 +51,26 @@ NodeConfig node_config_of(const podsteer_config& c) {
   n.rule_pref = c.rule_pref;
   n.hook_cgroup = std::string(c.hook_cgroup, strnlen(c.hook_cgroup, sizeof(c.hook_cgroup)));
   return n;
+}
+
+PodIdentity identity_of(const podsteer_pod_meta& m) {
+  using detail::str_of;
+  PodIdentity id;
+  id.uid = str_of(m.uid, sizeof(m.uid));
+  id.namespace_ = str_of(m.namespace_, sizeof(m.namespace_));
+  id.name = str_of(m.name, sizeof(m.name));
+  id.service_account = str_of(m.service_account, sizeof(m.service_account));
+  id.container_id = str_of(m.container_id, sizeof(m.container_id));
+  return id;
+}
+
+void put_identity(podsteer_pod_meta& m, const PodIdentity& id) {
+  using detail::copy_str;
+  copy_str(m.namespace_, sizeof(m.namespace_), id.namespace_);
+  copy_str(m.name, sizeof(m.name), id.name);
+  copy_str(m.uid, sizeof(m.uid), id.uid);
+  copy_str(m.service_account, sizeof(m.service_account), id.service_account);
+  copy_str(m.container_id, sizeof(m.container_id), id.container_id);
 }
 
 Status check_pinned(const podsteer_config& pinned, const NodeConfig& want, const std::string& state_dir) {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fd.h"
+#include "pod_identity.h"
 #include "podsteer_abi.h"
 #include "result.h"
 
@@ -62,6 +63,10 @@ NodeConfig node_config_of(const podsteer_config& c);
 // differs from the one the state was made with: ports and marks are chosen when the state
 // dir is made, and the proxy on this node listens where they say.
 Status check_pinned(const podsteer_config& pinned, const NodeConfig& want, const std::string& state_dir);
+
+// A pod's identity in its meta entry, and back (each field cut to the entry's size)
+PodIdentity identity_of(const podsteer_pod_meta& m);
+void put_identity(podsteer_pod_meta& m, const PodIdentity& id);
 
 podsteer_cidr_key cidr_key(uint64_t cookie, const Cidr& c);
 // The netns cookie a CIDR key belongs to (it is stored big-endian, for the LPM trie's prefix).

@@ -11,10 +11,7 @@ namespace podsteer {
 
 using namespace detail;
 
-std::string PodStatus::full_name() const {
-  std::string ns = str_of(meta.namespace_, sizeof(meta.namespace_)), name = str_of(meta.name, sizeof(meta.name));
-  return ns.empty() && name.empty() ? "" : ns + "/" + name;
-}
+PodIdentity PodStatus::identity() const { return identity_of(meta); }
 
 std::vector<std::string> PodStatus::missing() const {
   std::vector<std::string> out;
