@@ -269,6 +269,10 @@ std::string cidr_list(int n) {
 void mode_on(const Setup& s, const std::string& mode, int exclusions) {
   std::string ns = "nsenter --net=" + s.pod_ns + " ";
   if (mode == "podsteer") {
+    // what the agent does for its ZDS peers: the proxy's process may use the proxy mark
+    must(sh(fmt::format("{} --state-dir {} --hook-cgroup {} proxy trust --pid {} >/dev/null", s.podsteer, s.state_dir,
+                        s.cgroup, s.proxy_pid)) == 0,
+         "podsteer proxy trust");
     std::string list = s.dir + "/cidrs";
     std::ofstream(list) << cidr_list(exclusions);
     must(sh(fmt::format("{} --state-dir {} --hook-cgroup {} enroll --netns {} --pod bench/client "

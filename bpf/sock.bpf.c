@@ -16,7 +16,11 @@
  *  getsockopt     answer SO_ORIGINAL_DST at SOL_IP / SOL_IPV6 unless the kernel knows better
  *  getpeername4/6 the application sees the original destination as its peer
  *  sendmsg4/6     unconnected UDP 53 -> DNS listener
- *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver */
+ *  recvmsg4/6     replies from the DNS listener appear to come from the original resolver
+ *  bind4/6        the proxy's ports in an enrolled pod are for a proxy's process only
+ *
+ * The proxy is a process in a cgroup of podsteer_proxy that marks its socket (steer.bpf.h:
+ * proxy_process): a mark alone is an app's, captured and counted. */
 #include <linux/tcp.h>
 #include "conn.bpf.h"
 
@@ -85,16 +89,35 @@ static __always_inline int listening(struct bpf_sock_addr *ctx, const __u8 *targ
  * for IPv4. On redirect, target receives the new destination and the new port is
  * returned; 0 means leave the call alone, -1 means refuse it. */
 static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, __be16 nport,
-				 __u16 family, __u8 *target)
+				 __u16 family, __u8 *target, int connecting)
 {
-	/* the proxy's own sockets first: they connect as often as the apps, and need no lookup */
+	/* the proxy's own sockets first: they connect as often as the apps, and need no pod
+	 * lookup. The mark alone proves nothing (CAP_NET_RAW sets it): the process must be a
+	 * proxy's too. An app's socket pays nothing for that check. */
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || marked_by_proxy(sk->mark))
+	if (!sk)
 		return 0;
+	__u32 mark = sk->mark;
+	int forged = 0;
+	if (marked_by_proxy(mark)) {
+		if (proxy_process())
+			return 0;
+		forged = 1;
+	}
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
 	if (!pod)
 		return 0;
+	if (forged) {
+		/* an app's socket with the proxy's mark: captured like any other, and counted. At
+		 * connect the socket loses the mark's bits for good, so that sock_ops, getsockopt and
+		 * routing see what it is; a sendmsg decides again at each call. */
+		count_guard(cookie, GUARD_FORGED_MARK);
+		if (connecting) {
+			int m = (int)(mark & ~cfg_proxy_mark_mask);
+			bpf_setsockopt(ctx, SOL_SOCKET_LEVEL, SO_MARK_OPT, &m, sizeof(m));
+		}
+	}
 	__u16 port;
 	enum verdict v = decide(ctx, cookie, pod, addr16, bpf_ntohs(nport), target, &port);
 	if (v == LEAVE)
@@ -118,11 +141,11 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u8 *addr16, 
 	return port;
 }
 
-static __always_inline int steer4(struct bpf_sock_addr *ctx)
+static __always_inline int steer4(struct bpf_sock_addr *ctx, int connecting)
 {
 	__u8 a[16], target[16];
 	map_v4(a, ctx->user_ip4);
-	int port = steer(ctx, a, (__be16)ctx->user_port, AF_INET, target);
+	int port = steer(ctx, a, (__be16)ctx->user_port, AF_INET, target, connecting);
 	if (port < 0)
 		return 0;
 	if (port > 0) {
@@ -132,7 +155,7 @@ static __always_inline int steer4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-static __always_inline int steer6(struct bpf_sock_addr *ctx)
+static __always_inline int steer6(struct bpf_sock_addr *ctx, int connecting)
 {
 	__u8 a[16], target[16];
 	__u32 *w = (__u32 *)a;
@@ -140,7 +163,7 @@ static __always_inline int steer6(struct bpf_sock_addr *ctx)
 	w[1] = ctx->user_ip6[1];
 	w[2] = ctx->user_ip6[2];
 	w[3] = ctx->user_ip6[3];
-	int port = steer(ctx, a, (__be16)ctx->user_port, AF_INET6, target);
+	int port = steer(ctx, a, (__be16)ctx->user_port, AF_INET6, target, connecting);
 	if (port < 0)
 		return 0;
 	if (port > 0) {
@@ -155,17 +178,17 @@ static __always_inline int steer6(struct bpf_sock_addr *ctx)
 }
 
 SEC("cgroup/connect4")
-int podsteer_connect4(struct bpf_sock_addr *ctx) { return steer4(ctx); }
+int podsteer_connect4(struct bpf_sock_addr *ctx) { return steer4(ctx, 1); }
 
 SEC("cgroup/connect6")
-int podsteer_connect6(struct bpf_sock_addr *ctx) { return steer6(ctx); }
+int podsteer_connect6(struct bpf_sock_addr *ctx) { return steer6(ctx, 1); }
 
 SEC("cgroup/sendmsg4")
 int podsteer_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type != SOCK_DGRAM || ctx->user_port != bpf_htons(DNS_PORT))
 		return 1;
-	return steer4(ctx);
+	return steer4(ctx, 0);
 }
 
 SEC("cgroup/sendmsg6")
@@ -173,8 +196,30 @@ int podsteer_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type != SOCK_DGRAM || ctx->user_port != bpf_htons(DNS_PORT))
 		return 1;
-	return steer6(ctx);
+	return steer6(ctx, 0);
 }
+
+/* The proxy's ports are the proxy's: in an enrolled pod, a bind to the outbound, inbound,
+ * HBONE or DNS port by a process that is not a proxy's fails with EPERM, and is counted. An
+ * app that bound one before the proxy would receive what was meant for it (under Istio's
+ * rules too). Every other bind is left alone, and costs one comparison of the port. */
+static __always_inline int guard_bind(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	if (port != cfg_outbound_port && port != cfg_inbound_port && port != cfg_hbone_port && port != cfg_dns_port)
+		return 1;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	if (!bpf_map_lookup_elem(&podsteer_pods, &cookie) || proxy_process())
+		return 1;
+	count_guard(cookie, GUARD_BIND);
+	return 0;
+}
+
+SEC("cgroup/bind4")
+int podsteer_bind4(struct bpf_sock_addr *ctx) { return guard_bind(ctx); }
+
+SEC("cgroup/bind6")
+int podsteer_bind6(struct bpf_sock_addr *ctx) { return guard_bind(ctx); }
 
 /* The application's socket sees its original destination: a reply from the DNS listener
  * comes from the resolver, getpeername() returns what connect() was given. A TCP socket's

@@ -11,6 +11,50 @@
 
 enum verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
 
+/* The socket programs' own maps (the per-pod sk_lookup instances do not use them) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct podsteer_proxy);
+} podsteer_proxy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct podsteer_guard);
+} podsteer_guard SEC(".maps");
+
+/* Is the calling process a node proxy's (process context only: connect, sendmsg, bind)? A
+ * mark anyone with CAP_NET_RAW can set proves nothing by itself; the process's cgroup does. */
+static __always_inline int proxy_process(void)
+{
+	__u64 key = PODSTEER_PROXY_ANY;
+	if (bpf_map_lookup_elem(&podsteer_proxy, &key))
+		return 1;
+	key = bpf_get_current_cgroup_id();
+	return bpf_map_lookup_elem(&podsteer_proxy, &key) != NULL;
+}
+
+enum guard_event { GUARD_FORGED_MARK, GUARD_BIND };
+
+static __always_inline void count_guard(__u64 cookie, enum guard_event what)
+{
+	struct podsteer_guard *g = bpf_map_lookup_elem(&podsteer_guard, &cookie);
+	if (!g) {
+		struct podsteer_guard zero = {};
+		bpf_map_update_elem(&podsteer_guard, &cookie, &zero, BPF_NOEXIST);
+		g = bpf_map_lookup_elem(&podsteer_guard, &cookie);
+		if (!g)
+			return;
+	}
+	if (what == GUARD_BIND)
+		g->bind_refused++;
+	else
+		g->forged_mark++;
+}
+
 static __always_inline int marked_by_proxy(__u32 mark)
 {
 	return (mark & cfg_proxy_mark_mask) == (cfg_proxy_mark & cfg_proxy_mark_mask);

@@ -83,6 +83,7 @@ json pod_json(const PodStatus& p) {
         {"dns_redirected", p.counters.dns_redirected},
         {"bypassed", p.counters.bypassed},
         {"proxy_missing", p.counters.proxy_missing}}},
+      {"guard", {{"forged_mark", p.guard.forged_mark}, {"bind_refused", p.guard.bind_refused}}},
   };
   if (p.entry.flags & PODSTEER_POD_HAS_IP4) j["ip4"] = format_ip(in_addr{p.entry.ip4});
   if (p.entry.flags & PODSTEER_POD_HAS_IP6) j["ip6"] = format_ip16(p.entry.ip6);
@@ -90,6 +91,39 @@ json pod_json(const PodStatus& p) {
 }
 
 std::string yes_no(bool b) { return b ? "yes" : "NO"; }
+
+int cmd_proxy(Datapath& dp, const std::string& what, uint32_t pid, const std::string& cgroup) {
+  if (what == "list") {
+    auto px = dp.proxies();
+    if (!px) return fail(px.error());
+    fmt::print("proxy identity: {}\n", dp.proxy_identity() == NodeConfig::ProxyIdentity::Mark ? "mark" : "process");
+    for (const auto& p : *px)
+      fmt::print("{} cgroup id {}{}\n", p.pid ? fmt::format("pid {}", p.pid) : std::string("by hand:"), p.cgroup_id,
+                 still_running(p) ? "" : " (gone)");
+    return 0;
+  }
+  auto p = cgroup.empty() ? proxy_process_of(pid) : proxy_cgroup_of(cgroup);
+  if (what == "trust") {
+    if (!p) return fail(p.error());
+    auto st = dp.trust_proxy(*p);
+    if (!st) return fail(st.error());
+    if (p->pid) fmt::print("trusted pid {} (cgroup {}, id {})\n", p->pid, p->cgroup, p->cgroup_id);
+    else fmt::print("trusted cgroup {} (id {}) until forgotten\n", p->cgroup, p->cgroup_id);
+    return 0;
+  }
+  // forget: by the entry's pid, also when the process is gone, or by its cgroup
+  auto px = dp.proxies();
+  if (!px) return fail(px.error());
+  for (const auto& e : *px)
+    if (cgroup.empty() ? e.pid == pid : p && e.cgroup_id == p->cgroup_id) {
+      auto st = dp.forget_proxy(e.cgroup_id);
+      if (!st) return fail(st.error());
+      fmt::print("forgot pid {} (cgroup id {})\n", pid, e.cgroup_id);
+      return 0;
+    }
+  return fail(invalid(cgroup.empty() ? fmt::format("no trusted proxy with pid {}", pid) : "no trusted proxy in cgroup " + cgroup,
+                      "", ErrorCode::kNotFound));
+}
 
 int cmd_status(Datapath& dp, bool as_json) {
   auto pods = dp.pods();
@@ -118,6 +152,12 @@ int cmd_status(Datapath& dp, bool as_json) {
     json jp = json::array();
     for (const auto& p : *pods) jp.push_back(pod_json(p));
     out["pods"] = jp;
+    out["proxy_identity"] = dp.proxy_identity() == NodeConfig::ProxyIdentity::Mark ? "mark" : "process";
+    json jx = json::array();
+    if (auto px = dp.proxies(); px)
+      for (const auto& p : *px)
+        jx.push_back({{"cgroup_id", p.cgroup_id}, {"pid", p.pid}, {"running", still_running(p)}});
+    out["proxies"] = jx;
     std::cout << out.dump(2) << "\n";
     return 0;
   }
@@ -136,6 +176,16 @@ int cmd_status(Datapath& dp, bool as_json) {
              c.outbound_port, c.inbound_port, c.hbone_port, c.dns_port, c.proxy_mark, c.proxy_mark_mask);
   fmt::print("return path app mark {:#x}/{:#x} -> rule pref {} -> table {} (local default route)\n", c.app_mark,
              c.proxy_mark_mask, c.rule_pref, c.route_table);
+  if (dp.proxy_identity() == NodeConfig::ProxyIdentity::Mark) {
+    fmt::print("proxy       whoever sets the proxy mark (--proxy-identity mark)\n");
+  } else {
+    std::string who;
+    if (auto px = dp.proxies(); px)
+      for (const auto& p : *px)
+        who += fmt::format(" {} (cgroup id {}{})", p.pid ? fmt::format("pid {}", p.pid) : std::string("by hand"),
+                           p.cgroup_id, still_running(p) ? "" : ", GONE");
+    fmt::print("proxy       a node proxy's process with the proxy mark:{}\n", who.empty() ? " none known yet" : who);
+  }
   fmt::print("socket hooks ({} bpf_links at the hook cgroup):", links->size());
   for (const auto& l : *links) fmt::print(" {}[link {}]", l.program.substr(sizeof("podsteer_") - 1), l.link_id);
   fmt::print("\n\n{} pod(s) enrolled\n", pods->size());
@@ -165,6 +215,10 @@ int cmd_status(Datapath& dp, bool as_json) {
                                              : json(p.excluded_cidrs).dump());
     fmt::print("    counters: out {}  in {}  dns {}  bypassed {}  proxy missing {}\n", p.counters.redirected_out,
                p.counters.redirected_in, p.counters.dns_redirected, p.counters.bypassed, p.counters.proxy_missing);
+    if (p.guard.forged_mark || p.guard.bind_refused)
+      fmt::print("    GUARDS: {} connection(s) with the proxy mark by a process not the proxy's (captured), {} bind(s) "
+                 "to a proxy port refused\n",
+                 p.guard.forged_mark, p.guard.bind_refused);
   }
   return 0;
 }
@@ -369,6 +423,18 @@ int main(int argc, char** argv) {
   std::string dump_which;
   dump->add_option("MAP", dump_which, "pods, meta, ports, cidrs, stats, orig, skorig, listeners, transit, node, netns or config");
 
+  auto* proxy = app.add_subcommand("proxy", "the node proxies' processes trusted with the proxy mark");
+  auto* trust = proxy->add_subcommand("trust", "trust a proxy's process (the agent does this for its ZDS peers)");
+  auto* forget = proxy->add_subcommand("forget", "stop trusting a proxy's process");
+  uint32_t proxy_pid = 0;
+  std::string proxy_cg;
+  for (auto* c : {trust, forget}) {
+    auto* by_pid = c->add_option("--pid", proxy_pid, "the proxy's pid (every process in its cgroup is trusted)");
+    auto* by_cg = c->add_option("--cgroup", proxy_cg, "a cgroup v2 directory whose processes are trusted (until forgotten)");
+    by_pid->excludes(by_cg);
+    c->require_option(1);
+  }
+
   auto* doctor = app.add_subcommand("doctor", "kernel feature checks");
   auto* uninstall = app.add_subcommand("uninstall", "remove every program, link, pin and filter of ours");
   cni::InstallOptions cni_opts;
@@ -447,7 +513,8 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  auto dp = Datapath::open(state_dir, node, false);
+  // trusting a proxy may come before the first enroll: it installs
+  auto dp = Datapath::open(state_dir, node, proxy->parsed() && *trust);
   if (!dp) return fail(dp.error());
   if (*unenroll) {
     auto cookie = dp->find_pod(un_netns);
@@ -458,6 +525,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (*status) return cmd_status(*dp, as_json);
+  if (*proxy) return cmd_proxy(*dp, *trust ? "trust" : *forget ? "forget" : "list", proxy_pid, proxy_cg);
   if (*dump) return cmd_dump(*dp, dump_which);
   return 0;
 }

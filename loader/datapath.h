@@ -45,13 +45,18 @@ struct NodeConfig {
   // Not kept in the state: every process that enrolls or repairs names the same one.
   std::string node_netns;
   TcMode tc_mode = TcMode::Clsact;  // for new attachments; existing ones keep theirs
+  // Who may use the proxy mark (and bind the proxy's ports) in an enrolled pod: a node
+  // proxy's process (podsteer_proxy), or anyone who sets the mark (Istio's rule). Kept in
+  // the state; applied at a fresh install and when given (kProxyIdentity).
+  enum class ProxyIdentity { Process, Mark };
+  ProxyIdentity proxy_identity = ProxyIdentity::Process;
 
   // Which settings the caller gave explicitly (a flag, the ConfigMap): those must match a
   // state that exists (check_pinned); the others are taken from it.
   enum Setting : unsigned {
     kOutboundPort = 1u << 0, kInboundPort = 1u << 1, kHbonePort = 1u << 2, kDnsPort = 1u << 3,
     kProxyMark = 1u << 4, kProxyMarkMask = 1u << 5, kAppMark = 1u << 6, kRouteTable = 1u << 7,
-    kRulePref = 1u << 8,
+    kRulePref = 1u << 8, kProxyIdentity = 1u << 9,
   };
   unsigned given = 0;
 };
@@ -100,6 +105,7 @@ struct PodStatus {
   podsteer_pod entry{};
   podsteer_pod_meta meta{};
   podsteer_counters counters{};
+  podsteer_guard guard{};  // what the proxy's guards stopped (summed over CPUs)
   bool netns_alive = false;  // the netns path still opens and has this cookie
   std::vector<uint16_t> excluded_inbound_ports, excluded_outbound_ports;
   std::vector<std::string> excluded_cidrs;
@@ -122,6 +128,24 @@ struct CgroupLink {
 };
 
 enum class EnrollOutcome { Enrolled, Updated, Unchanged };
+
+// A node proxy's process, whose sockets may carry the proxy mark (podsteer_proxy)
+struct ProxyProcess {
+  uint64_t cgroup_id = 0;  // its cgroup v2 id, what the programs compare
+  uint32_t pid = 0;        // host pid namespace; 0: a cgroup trusted by hand (`podsteer proxy trust --cgroup`)
+  uint64_t start_time = 0; // /proc/PID/stat's, in clock ticks
+  std::string cgroup;      // the cgroup's path under the cgroup2 mount (for people; may be empty)
+};
+// The process with this pid: its cgroup v2 id (from /proc/PID/cgroup, checked against the
+// cgroup's cgroup.procs, or found by walking the hierarchy when the path is outside this
+// process's cgroup namespace) and its start time.
+Result<ProxyProcess> proxy_process_of(uint32_t pid, const std::string& proc_root = "/proc");
+// A cgroup v2 directory trusted by hand (pid 0: kept until forgotten), for a proxy that
+// binds its ports as it starts, before its pid could be given
+Result<ProxyProcess> proxy_cgroup_of(const std::string& dir);
+// Still the same process (the pid runs, with the same start time), and, when p.cgroup is
+// known, still in that cgroup?
+bool still_running(const ProxyProcess& p, const std::string& proc_root = "/proc");
 
 class Datapath {
  public:
@@ -158,6 +182,13 @@ class Datapath {
   podsteer_events events() const;
   // Connections whose entry did not fit in a full table, summed over CPUs
   podsteer_full full() const;
+
+  // The node proxies trusted with the mark (podsteer_proxy), and who may use it
+  Status trust_proxy(const ProxyProcess& p);
+  Status forget_proxy(uint64_t cgroup_id);
+  Result<std::vector<ProxyProcess>> proxies() const;
+  Status set_proxy_identity(NodeConfig::ProxyIdentity mode);
+  NodeConfig::ProxyIdentity proxy_identity() const;
   // Is the install this object adopted still the one pinned (not uninstalled or replaced)?
   Status check_installed() const { return still_installed(); }
   // Socket hooks whose link is gone or detached from the hook cgroup.

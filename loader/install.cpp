@@ -100,6 +100,11 @@ Status Datapath::install(const std::string& state_dir, const NodeConfig& want) {
 
   auto hooks = SocketHooks::load(state_dir, cfg);
   if (!hooks) return hooks.error();
+  if (want.proxy_identity == NodeConfig::ProxyIdentity::Mark) {
+    auto proxies = Map<__u64, podsteer_proxy>::open(map_pin(state_dir, "podsteer_proxy"));
+    if (!proxies) return proxies.error();
+    PODSTEER_TRY(proxies->update(PODSTEER_PROXY_ANY, podsteer_proxy{}));
+  }
   auto attached = hooks->attach(hook);
   if (!attached) return attached.error();
 
@@ -192,6 +197,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
                    state_dir, ErrorCode::kConflict);
   PODSTEER_TRY(check_pinned(dp.config_, want, state_dir));
   if (dp.config_.programs_id != programs_id()) PODSTEER_TRY(dp.upgrade_programs());
+  if (want.given & NodeConfig::kProxyIdentity) PODSTEER_TRY(dp.set_proxy_identity(want.proxy_identity));
   return dp;
 }
 

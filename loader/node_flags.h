@@ -34,6 +34,14 @@ class NodeFlags {
         NodeConfig::kAppMark);
     add("--route-table", node.route_table, "routing table of the return path's local route", NodeConfig::kRouteTable);
     add("--rule-pref", node.rule_pref, "preference of the return path's policy rule", NodeConfig::kRulePref);
+    add("--proxy-identity", node.proxy_identity,
+        "who may use the proxy mark and bind the proxy's ports in a pod: process (a node proxy's process: the "
+        "agent's ZDS peers, or `podsteer proxy trust`) or mark (anyone who sets the mark, as Istio's rules)",
+        NodeConfig::kProxyIdentity);
+    opts_.back().first->transform(CLI::CheckedTransformer(
+        std::map<std::string, NodeConfig::ProxyIdentity>{{"process", NodeConfig::ProxyIdentity::Process},
+                                                        {"mark", NodeConfig::ProxyIdentity::Mark}},
+        CLI::ignore_case));
   }
 
   // After parsing: which were given (on the command line or in the environment).

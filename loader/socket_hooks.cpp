@@ -27,17 +27,6 @@ namespace {
 
 using SockSkel = Skeleton<podsteer_sock, podsteer_sock__open, podsteer_sock__load, podsteer_sock__destroy>;
 
-// The hook cgroup's id, as bpf_link_info reports it for an attached link.
-uint64_t cgroup_id(const std::string& path) {
-  struct {
-    struct file_handle fh;
-    uint64_t id;
-  } h{};
-  h.fh.handle_bytes = sizeof(uint64_t);
-  int mount_id;
-  if (name_to_handle_at(AT_FDCWD, path.c_str(), &h.fh, &mount_id, 0) != 0) return 0;
-  return h.id;
-}
 
 // The cgroup a pinned link runs at now; 0: no such pin, or detached.
 uint64_t link_cgroup(const std::string& pin) {

@@ -1,5 +1,6 @@
 #include "system.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -74,6 +75,17 @@ Status remove_tree(const std::string& dir) {
   std::filesystem::remove_all(dir, ec);
   if (ec) return Error{"remove", ec.value(), dir};
   return {};
+}
+
+uint64_t cgroup_id(const std::string& path) {
+  struct {
+    struct file_handle fh;
+    uint64_t id;
+  } h{};
+  h.fh.handle_bytes = sizeof(uint64_t);
+  int mount_id;
+  if (name_to_handle_at(AT_FDCWD, path.c_str(), &h.fh, &mount_id, 0) != 0) return 0;
+  return h.id;
 }
 
 }  // namespace podsteer

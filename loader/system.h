@@ -16,6 +16,10 @@ Result<std::string> default_hook_cgroup();
 
 Status check_cgroup2_dir(const std::string& dir);
 
+// A cgroup v2 directory's id, as bpf_link_info and bpf_get_current_cgroup_id() report it;
+// 0 when it cannot be had.
+uint64_t cgroup_id(const std::string& path);
+
 // DIR must be on bpffs; a missing DIR is fine when its parent is on bpffs.
 Status check_bpffs(const std::string& dir);
 

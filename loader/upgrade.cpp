@@ -61,8 +61,12 @@ Status Datapath::repair_hooks() {
 }
 
 Status Datapath::upgrade_programs() {
+  // A state from before podsteer_proxy: its programs trusted the mark alone, and so do these
+  // until the agent has a proxy to trust (or `podsteer proxy identity process`)
+  bool had_proxies = path_exists(map_pin(state_dir_, "podsteer_proxy"));
   auto hooks = SocketHooks::load(state_dir_, config_);
   if (!hooks) return hooks.error();
+  if (!had_proxies) PODSTEER_TRY(set_proxy_identity(NodeConfig::ProxyIdentity::Mark));
   auto made = hooks->attach(config_.hook_cgroup);
   if (!made) return made.error();
   auto gone = hooks->drop_stale_links();

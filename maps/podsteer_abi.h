@@ -154,6 +154,28 @@ struct podsteer_full {
 	                  like a client's own to sk_lookup, and comes back to the proxy */
 };
 
+/* podsteer_proxy: the node proxies, by the cgroup v2 id of their process: only a process in
+ * one of these cgroups (bpf_get_current_cgroup_id() at connect, sendmsg and bind) may use the
+ * proxy mark and bind the proxy's ports in an enrolled pod. The agent writes an entry for the
+ * peer of each ZDS connection (SO_PEERCRED) and removes it once that process is gone;
+ * `podsteer proxy trust --pid` writes one by hand. Key PODSTEER_PROXY_ANY present: the node
+ * trusts the mark alone, as Istio's in-pod rules do (--proxy-identity mark). A map of its own
+ * (like podsteer_full): a state pinned by an earlier build gains it at the upgrade. */
+#define PODSTEER_PROXY_ANY 0
+struct podsteer_proxy {
+	__u32 pid;        /* the process the entry was made for (host pid namespace) */
+	__u32 pad;
+	__u64 start_time; /* its start time (/proc/PID/stat, clock ticks): a reused pid is not it */
+};
+
+/* podsteer_guard (per-CPU, per pod netns cookie; made by the programs at the first event,
+ * removed at unenroll): what the proxy's guards stopped in the pod */
+struct podsteer_guard {
+	__u64 forged_mark;  /* a connect or sendmsg with the proxy mark by a process not a proxy's:
+	                       captured like any app's (and, at connect, the mark taken off) */
+	__u64 bind_refused; /* a bind to one of the proxy's ports by a process not a proxy's: EPERM */
+};
+
 /* podsteer_orig: the proxy's accepted outbound connection -> original destination.
  * Keyed by the accepted socket's peer (the application's local address and port) and
  * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves,

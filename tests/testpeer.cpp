@@ -2,7 +2,7 @@
 // each joining a given network namespace and cgroup before it does anything, and
 // reporting what it saw as one JSON line per event on stdout.
 //
-//   testpeer [--netns P] [--cgroup D] proxy [--mark M] [--ports 15001,15006,15008] [--dns-port 15053]
+//   testpeer [--netns P] [--cgroup D] [--as-user-with-net-raw UID] proxy [--mark M] [--ports 15001,15006,15008] [--dns-port 15053]
 //                                          [--no-orig-src]   a proxy that behaves like ztunnel
 //   testpeer ... serve --port P [--addr A]           line echo server, reports local/peer
 //   testpeer ... serve-udp --port P [--addr A]       UDP echo ("resolver:" + payload)
@@ -18,6 +18,10 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <linux/capability.h>
+#include <grp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -558,6 +562,10 @@ int main(int argc, char** argv) {
   std::string netns, cgroup;
   app.add_option("--netns", netns);
   app.add_option("--cgroup", cgroup);
+  // After joining the netns and cgroup: run as this uid and gid with CAP_NET_RAW alone (an
+  // app container's root-less process that kept the capability containerd grants)
+  int as_user = -1;
+  app.add_option("--as-user-with-net-raw", as_user);
 
   std::vector<uint16_t> ports = {15001, 15006, 15008};
   ProxyConfig pcfg;
@@ -633,6 +641,14 @@ int main(int argc, char** argv) {
     int fd = open(netns.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) die("setns " + netns);
     close(fd);
+  }
+  if (as_user >= 0) {
+    if (prctl(PR_SET_KEEPCAPS, 1) != 0) die("PR_SET_KEEPCAPS");
+    if (setgroups(0, nullptr) != 0 || setgid(as_user) != 0 || setuid(as_user) != 0) die("drop to uid " + std::to_string(as_user));
+    __user_cap_header_struct h{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct d[2] = {};
+    d[0].effective = d[0].permitted = 1u << CAP_NET_RAW;
+    if (syscall(SYS_capset, &h, d) != 0) die("capset CAP_NET_RAW");
   }
   pcfg.orig_src = !no_orig_src;
   if (*proxy) return cmd_proxy(pcfg, ports);

@@ -181,4 +181,77 @@ TEST_F(Adversarial, SynCookieCompletionsReachTheProxy) {
   }, {{"reply", true}, {"via_proxy", true}, {"app_reached_directly", false}, {"cookies_sent", true}});
 }
 
+// ---- apps inside the pod that try to pass for the proxy ----
+
+bool proxy_took(Peer& proxy, const std::string& orig_dst) {
+  for (const auto& j : proxy.lines())
+    if (j.value("event", "") == "accept" && j.value("orig_dst", "") == orig_dst) return true;
+  return false;
+}
+
+// podsteer's guard counters of the app pod (the only pod the topology captures)
+json guards(Topology& t) {
+  auto r = t.podsteer({"status", "--json"});
+  auto j = json::parse(r.out, nullptr, false);
+  if (j.is_discarded() || j["pods"].empty()) return json();
+  return j["pods"][0]["guard"];
+}
+
+TEST_F(Adversarial, AnAppWithOnlyCapNetRawCannotPassForTheProxy) {
+  // Since Linux 5.17 CAP_NET_RAW is enough to set SO_MARK, and containerd grants it to a
+  // container's root. The app here runs as uid 65534 with CAP_NET_RAW alone and marks its
+  // socket 0x539, the mark both Istio's rules and ztunnel give the proxy's sockets.
+  for (bool v6 : {false, true})
+    compare(v6 ? "an app marks its socket as the proxy's (v6)" : "an app marks its socket as the proxy's (v4)",
+            [v6](Topology& t) {
+              auto proxy = t.start_proxy();
+              auto server = t.start_server(t.node2, 8080);
+              t.capture();
+              std::string dst = v6 ? t.node2_6 : t.node2_4;
+              auto argv = t.client_argv(From::AppPod);
+              argv.insert(argv.end(), {"--as-user-with-net-raw", "65534", "connect", "--to", dst, "--port", "8080",
+                                       "--send", "hello", "--mark", "0x539", "--timeout-ms", "2000"});
+              auto c = peer_once(argv);
+              std::this_thread::sleep_for(std::chrono::milliseconds(150));
+              json o = {{"reply", c.value("reply", "").find("got=hello") != std::string::npos},
+                        {"via_proxy", proxy_took(*proxy, v6 ? "[" + dst + "]:8080" : dst + ":8080")}};
+              if (c.contains("fatal")) o["client_failed"] = c["fatal"];
+              if (t.mode == Mode::Podsteer) o["counted"] = guards(t).value("forged_mark", 0) == 1;
+              return o;
+            },
+            {{"reply", true}, {"via_proxy", true}, {"counted", true}});
+}
+
+TEST_F(Adversarial, AnAppCannotTakeTheProxysPortsBeforeTheProxyListens) {
+  // An app that binds 15006 before the proxy receives what is meant for the proxy (Istio
+  // PR #49078 proposes a cgroup bind program against it). In a captured pod, the app tries
+  // each of the proxy's ports first; then the proxy starts and a client calls the app.
+  compare("an app binds the proxy's ports before the proxy", [](Topology& t) {
+    t.capture();
+    json bound = json::array();
+    json refusals = json::array();
+    auto try_bind = [&](const char* kind, int port) {
+      Peer app({testpeer_bin(), "--netns", t.netns(t.app), "--cgroup", t.app_cgroup, kind, "--port", std::to_string(port)});
+      auto first = app.wait_for([](const json& j) { return j.contains("fatal") || j.value("event", "") == "ready"; });
+      std::string what = std::string(kind == std::string("serve") ? "tcp " : "udp ") + std::to_string(port);
+      if (first.value("event", "") == "ready") bound.push_back(what);
+      else refusals.push_back(first.value("errno", 0));
+    };
+    for (int port : {15001, 15006, 15008, 15053}) try_bind("serve", port);
+    try_bind("serve-udp", 15053);
+    try_bind("serve", 15007);  // not a proxy port: the app's own business
+    auto proxy = t.start_proxy();
+    auto app = t.start_app(9090);
+    auto c = t.connect(From::OtherNode, t.app4, 9090);
+    json o = outcome(*proxy, *app, t.node2_4, c.value("reply", "").find("got=") != std::string::npos);
+    o["app_bound"] = bound;
+    if (t.mode == Mode::Podsteer) {
+      o["refused_with_eperm"] = refusals == json::array({EPERM, EPERM, EPERM, EPERM, EPERM});
+      o["counted"] = guards(t).value("bind_refused", 0) == 5;
+    }
+    return o;
+  }, {{"app_bound", {"tcp 15007"}}, {"refused_with_eperm", true}, {"counted", true}, {"reply", true}, {"via_proxy", true},
+      {"app_reached_directly", false}});
+}
+
 }  // namespace

@@ -170,7 +170,9 @@ TEST_F(DatapathTest, MarkedExcludedLoopbackAndOwnAddressGoDirect) {
   EXPECT_TRUE(direct(excluded_cidr6)) << excluded_cidr6;
   auto excluded_port = env->pod_connect(env->remote_ip4, 8081);
   EXPECT_TRUE(direct(excluded_port)) << excluded_port;
-  auto marked = env->pod_connect(env->remote_ip4, 8080, {"--mark", "0x539"});
+  // the proxy's mark from the proxy's process; an app's own use of it is captured
+  // (adversarial.AnAppWithOnlyCapNetRawCannotPassForTheProxy)
+  auto marked = env->proxy_connect(env->remote_ip4, 8080, {"--mark", "0x539"});
   EXPECT_TRUE(direct(marked)) << marked;
   auto loopback = env->pod_connect("127.0.0.1", 7070);
   EXPECT_TRUE(direct(loopback)) << loopback;
@@ -290,7 +292,7 @@ TEST_F(DatapathTest, SecondEnrollAdoptsPinsAndLeavesFirstPodAlone) {
   auto server = env->start_server(env->remote_ns, 8080);
   enroll();
   auto before = env->status();
-  ASSERT_EQ(before["cgroup_links"].size(), 10u);  // connect, sendmsg, recvmsg, getpeername x2, sock_ops, getsockopt
+  ASSERT_EQ(before["cgroup_links"].size(), 12u);  // connect, sendmsg, recvmsg, getpeername, bind x2, sock_ops, getsockopt
   // the remote namespace becomes a second pod, in a separate podsteer process
   // (fail open: the remote pod has no proxy, and it still serves the first pod)
   auto r = env->podsteer({"enroll", "--netns", env->remote_ns, "--pod", "default/other", "--fail-open"});

@@ -301,10 +301,31 @@ Env::~Env() {
   sh("ip netns del " + pod_ns_name + " 2>/dev/null; ip netns del " + remote_ns_name + " 2>/dev/null");
 }
 
+void ProxyTrust::add(const std::string& cgroup, const std::string& state_dir, const std::vector<std::string>& argv0) {
+  if (done_.count(cgroup) && access((state_dir + "/maps/podsteer_config").c_str(), F_OK) == 0) return;
+  pending_.push_back(cgroup);
+  settle(state_dir, argv0);
+}
+
+void ProxyTrust::settle(const std::string& state_dir, const std::vector<std::string>& argv0) {
+  if (pending_.empty() || access((state_dir + "/maps/podsteer_config").c_str(), F_OK) != 0) return;
+  for (const auto& cg : pending_) {
+    done_.insert(cg);
+    auto argv = argv0;
+    argv.insert(argv.end(), {"proxy", "trust", "--cgroup", cg});
+    auto r = run(argv);
+    EXPECT_EQ(r.rc, 0) << "podsteer proxy trust: " << r.out;
+  }
+  pending_.clear();
+}
+
 CmdResult Env::podsteer(const std::vector<std::string>& args, const std::vector<std::string>& env) {
-  std::vector<std::string> argv = {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup};
+  std::vector<std::string> argv0 = {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup};
+  auto argv = argv0;
   argv.insert(argv.end(), args.begin(), args.end());
-  return run(argv, env);
+  auto r = run(argv, env);
+  trust_.settle(state_dir, argv0);
+  return r;
 }
 
 json Env::status() {
@@ -317,6 +338,7 @@ json Env::status() {
 std::unique_ptr<Peer> Env::start_proxy(const std::vector<std::string>& extra) {
   std::vector<std::string> argv = {testpeer_bin(), "--netns", pod_ns, "--cgroup", proxy_cgroup, "proxy", "--mark", "0x539"};
   argv.insert(argv.end(), extra.begin(), extra.end());
+  trust_.add(proxy_cgroup, state_dir, {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup});
   auto p = std::make_unique<Peer>(argv);
   EXPECT_FALSE(p->wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null())
       << "proxy did not start";
@@ -349,6 +371,10 @@ static json connect_once(std::vector<std::string> argv, const std::string& to, i
 
 json Env::pod_connect(const std::string& to, int port, const std::vector<std::string>& extra) {
   return connect_once({testpeer_bin(), "--netns", pod_ns, "--cgroup", app_cgroup}, to, port, extra);
+}
+
+json Env::proxy_connect(const std::string& to, int port, const std::vector<std::string>& extra) {
+  return connect_once({testpeer_bin(), "--netns", pod_ns, "--cgroup", proxy_cgroup}, to, port, extra);
 }
 
 json Env::remote_connect(const std::string& to, int port, const std::vector<std::string>& extra) {

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,21 @@ std::string read_file(const std::string& path);
 // Kills every process in cg and removes it.
 void kill_cgroup(const std::string& cg);
 
+// The test proxy's cgroup, trusted with the proxy mark (`podsteer proxy trust --cgroup`: what
+// the agent does for its ZDS peers, before the proxy binds its ports) once a datapath is in
+// the state dir, and until then after each podsteer command: a test that installs with an
+// earlier release first (the upgrade tests) gets it trusted when this build has adopted the state.
+class ProxyTrust {
+ public:
+  // argv0: podsteer with the test's --state-dir and --hook-cgroup
+  void add(const std::string& cgroup, const std::string& state_dir, const std::vector<std::string>& argv0);
+  void settle(const std::string& state_dir, const std::vector<std::string>& argv0);
+
+ private:
+  std::vector<std::string> pending_;
+  std::set<std::string> done_;
+};
+
 class Env {
  public:
   Env();
@@ -100,7 +116,12 @@ class Env {
   std::unique_ptr<Peer> start_server(const std::string& netns, int port, const std::string& addr = "");
   // A one-shot client in the pod (in the app cgroup).
   json pod_connect(const std::string& to, int port, const std::vector<std::string>& extra = {});
+  // The same from the proxy's cgroup (a process of the trusted proxy, as ztunnel's own)
+  json proxy_connect(const std::string& to, int port, const std::vector<std::string>& extra = {});
   json remote_connect(const std::string& to, int port, const std::vector<std::string>& extra = {});
+
+ private:
+  ProxyTrust trust_;
 };
 
 
