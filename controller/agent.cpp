@@ -80,6 +80,7 @@ Status Agent::start() {
       if (!first_pass_cv_.wait_for(g, std::chrono::seconds(3), [this] { return kube_first_pass_ || stopping_.load(); }))
         spdlog::warn("zds: no Kubernetes pass within 3 s: the snapshot goes out without it");
     });
+  zds_->set_peer_check([this](uint32_t pid) { return trust_peer(pid); });
   PODSTEER_TRY(zds_->start());
   cni_ = std::make_unique<CniServer>(cfg_.cni_socket, [this](const std::string& line) { return handle_cni(line); });
   PODSTEER_TRY(cni_->start());
@@ -242,6 +243,11 @@ std::string Agent::metrics() {
   auto& pods_g = prometheus::BuildGauge().Name("podsteer_pods_captured").Help("pods with a pod entry").Register(reg);
   auto& whole = prometheus::BuildGauge().Name("podsteer_pods_not_whole").Help("captured pods missing a piece").Register(reg);
   auto& traffic = prometheus::BuildCounter().Name("podsteer_pod_connections_total").Help("per-pod datapath counters").Register(reg);
+  auto& guard = prometheus::BuildCounter()
+                    .Name("podsteer_pod_guard_total")
+                    .Help("per pod, what the proxy's guards stopped: forged_mark (the proxy mark by a process not a "
+                          "proxy's: captured), bind_refused (a proxy port bound by one: EPERM)")
+                    .Register(reg);
   std::shared_ptr<const std::vector<PodStatus>> cache;  // as the last repair pass saw them
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -257,6 +263,8 @@ std::string Agent::metrics() {
     traffic.Add({{"pod", name}, {"kind", "dns_redirected"}}).Increment(double(p.counters.dns_redirected));
     traffic.Add({{"pod", name}, {"kind", "bypassed"}}).Increment(double(p.counters.bypassed));
     traffic.Add({{"pod", name}, {"kind", "proxy_missing"}}).Increment(double(p.counters.proxy_missing));
+    guard.Add({{"pod", name}, {"kind", "forged_mark"}}).Increment(double(p.guard.forged_mark));
+    guard.Add({{"pod", name}, {"kind", "bind_refused"}}).Increment(double(p.guard.bind_refused));
   }
   pods_g.Add({}).Set(double(n));
   whole.Add({}).Set(double(broken));

@@ -16,7 +16,8 @@
 //
 // Files by job: agent.cpp (lifecycle, HTTP, health, metrics), agent_pods.cpp (capture,
 // release), agent_cni.cpp (CNI requests), agent_kube.cpp (the Kubernetes pod source),
-// agent_repair.cpp (drift repair, the status cache).
+// agent_repair.cpp (drift repair, the status cache), agent_proxies.cpp (the proxies trusted
+// with the proxy mark).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -139,6 +140,13 @@ class Agent {
   void repair_once();
   void count_repair(const std::string& piece, const std::string& pod);
   bool sync_table(const std::vector<PodStatus>& listed);
+  // ---- agent_proxies.cpp
+  // A ZDS peer's process is trusted with the proxy mark before it is told anything
+  Status trust_peer(uint32_t pid);
+  // The trusted proxies are the live ZDS peers: one missing is put back (a reinstalled
+  // datapath), one whose process is gone leaves (a live peer in its cgroup takes it over)
+  void sync_proxies();
+  Result<ProxyProcess> process_of(uint32_t pid);
 
   std::shared_ptr<Datapath> dp();
 
@@ -156,8 +164,8 @@ class Agent {
   std::mutex pod_locks_mu_;  // pod_locks_ (the map; each pod's mutex serializes that pod's capture and release)
   std::map<std::string, std::weak_ptr<std::mutex>> pod_locks_;
 
-  // Guards istio_pending_, the CNI and repair counters, kube_dirty_, kube_first_pass_ and
-  // cache_; the three condition variables wait on it. Held for a copy or an increment only.
+  // Guards istio_pending_, the CNI and repair counters, kube_dirty_, kube_first_pass_,
+  // cache_ and proxy_processes_; the three condition variables wait on it. Held for a copy or an increment only.
   std::mutex mu_;
   std::map<uint64_t, std::string> istio_pending_;  // netns cookie -> netns path: mangle OUTPUT kept
   std::atomic<uint64_t> istio_takeovers_{0};
@@ -185,6 +193,7 @@ class Agent {
   std::atomic<int64_t> repair_pass_us_{0};  // how long the last one took
   // the pods as the last repair pass saw them (for /metrics): replaced whole, read by copying the pointer
   std::shared_ptr<const std::vector<PodStatus>> cache_ = std::make_shared<const std::vector<PodStatus>>();
+  std::map<uint32_t, ProxyProcess> proxy_processes_;  // by pid, checked by start time (under mu_)
 };
 
 }  // namespace podsteer

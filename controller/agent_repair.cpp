@@ -119,6 +119,7 @@ void Agent::repair_once() {
       if (!st) spdlog::warn("repair: recapture {}: {}", pod.full_name(), st.error().message());
     }
   }
+  sync_proxies();
   for (const auto& name : d->missing_hooks()) {
     auto st = d->repair_hooks();
     if (!st) spdlog::error("repair: socket hooks: {}", st.error().message());
@@ -166,8 +167,24 @@ void Agent::repair_once() {
   auto fresh = changed ? d->pods(Datapath::Detail::Full) : std::move(pods);
   if (fresh) {
     auto seen = std::make_shared<const std::vector<PodStatus>>(std::move(*fresh));
-    std::lock_guard<std::mutex> g(mu_);
-    cache_ = std::move(seen);
+    std::shared_ptr<const std::vector<PodStatus>> before;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      before = cache_;
+      cache_ = seen;
+    }
+    // an app that tried to pass for the proxy is worth a line in the log, once per new event
+    for (const auto& p : *seen) {
+      podsteer_guard was{};
+      for (const auto& b : *before)
+        if (b.cookie == p.cookie) was = b.guard;
+      if (p.guard.forged_mark > was.forged_mark)
+        spdlog::warn("guard: {}: {} connection(s) with the proxy mark by a process not the proxy's (captured)",
+                     p.full_name(), p.guard.forged_mark - was.forged_mark);
+      if (p.guard.bind_refused > was.bind_refused)
+        spdlog::warn("guard: {}: {} bind(s) to a proxy port by a process not the proxy's refused", p.full_name(),
+                     p.guard.bind_refused - was.bind_refused);
+    }
   }
 }
 

@@ -39,6 +39,7 @@ pb::WorkloadRequest add_request(const PodInfo& pod) {
 struct ZdsServer::Conn {
   Fd fd;
   uint64_t id = 0;
+  uint32_t pid = 0;  // the peer's (SO_PEERCRED), 0 if unknown
   std::mutex io;  // one request in flight on this connection (lockstep)
   std::atomic<bool> dead{false};
 };
@@ -128,6 +129,17 @@ void ZdsServer::handshake(Fd fd) {
                    hello ? "unsupported ZDS version " + std::to_string(hello->version()) : hello.error().message());
       return;
     }
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (getsockopt(c->fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.pid > 0)
+      c->pid = static_cast<uint32_t>(cred.pid);
+    if (peer_check_) {
+      if (auto st = peer_check_(c->pid); !st) {
+        spdlog::error("zds: proxy {} (pid {}) rejected: {}", c->id, c->pid, st.error().message());
+        shutdown(c->fd.get(), SHUT_RDWR);
+        return;
+      }
+    }
     if (snapshot_gate_) snapshot_gate_();
     std::vector<PodInfo> snapshot;
     {
@@ -165,6 +177,14 @@ void ZdsServer::handshake(Fd fd) {
     }
     spdlog::info("zds: proxy {} connected, snapshot of {} pod(s) ({} kept) acked", c->id, adds + keeps, keeps);
   });
+}
+
+std::vector<uint32_t> ZdsServer::peer_pids() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<uint32_t> out;
+  for (const auto& c : conns_)
+    if (!c->dead && c->pid) out.push_back(c->pid);
+  return out;
 }
 
 Status ZdsServer::request(Conn& c, const std::string& what, const google::protobuf::MessageLite& m, int fd) {

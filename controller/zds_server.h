@@ -50,6 +50,12 @@ class ZdsServer {
   // Called on a proxy's connection thread before its first snapshot is made (the agent holds
   // snapshots until its first Kubernetes pass). Set before start().
   void set_snapshot_gate(std::function<void()> gate) { snapshot_gate_ = std::move(gate); }
+  // Called on a proxy's connection thread after its hello, with the peer's pid (SO_PEERCRED),
+  // before it is told anything: an error rejects the proxy (the agent cannot trust its
+  // process with the proxy mark). Set before start().
+  void set_peer_check(std::function<Status(uint32_t pid)> check) { peer_check_ = std::move(check); }
+  // The pids of the proxies connected now (past their hello)
+  std::vector<uint32_t> peer_pids();
   // Waiting for another server to let go of the path (not ready meanwhile).
   bool waiting_for_path() const { return waiting_; }
 
@@ -87,6 +93,7 @@ class ZdsServer {
   std::atomic<bool> waiting_{false}, stopping_{false};
   std::thread waiter_;  // while another server holds path_
   std::function<void()> snapshot_gate_;
+  std::function<Status(uint32_t)> peer_check_;
   std::mutex mu_;  // conns_, workloads_, counters_, pending_
   std::vector<std::shared_ptr<Conn>> conns_;  // proxies past their hello, oldest first
   std::vector<std::shared_ptr<Conn>> all_;    // and those still saying it (for stop)

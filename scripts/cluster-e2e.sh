@@ -227,6 +227,10 @@ check "and in through the proxy" wait_for 10 "inbound log" proxied inbound shop/
 who=$(fetch plain other "http://$WEB:8080/cgi-bin/who" 2>&1)
 check "plain -> plain answers directly ($who)" test "$(plain_addr "$who")" = "$OTHER"
 check "and the proxy never saw it" not proxied outbound plain/other "$WEB"
+# the proxy mark is trusted from the proxy pod's process only (the agent found its cgroup
+# from SO_PEERCRED, through the kubelet's and containerd's cgroup layout)
+trusted() { in_agent podsteer status --json | jq -e '.proxy_identity == "process" and (.proxies | length) >= 1' >/dev/null; }
+check "the agent trusts the proxy mark from the proxy pod's process only" trusted
 
 # ---------------------------------------------------------------- labelling and deleting
 k -n plain label pod web istio.io/dataplane-mode=ambient >/dev/null

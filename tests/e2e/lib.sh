@@ -53,9 +53,10 @@ start_agent() {
 stop_agent() { kill -9 "$AGENT_PID" 2>/dev/null; wait "$AGENT_PID" 2>/dev/null; AGENT_PID=""; }
 
 start_proxy() {  # in the node netns, in the proxy's cgroup
-  nsenter --net=/var/run/netns/$NODE "$BUILD_DIR/proxy/podsteer-proxy" --zds-socket "$DIR/zds.sock" >"$DIR/proxy.log" 2>&1 &
+  # in its cgroup before it starts: the agent trusts the cgroup it is in when it says hello
+  sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/proxy" \
+    nsenter --net=/var/run/netns/$NODE "$BUILD_DIR/proxy/podsteer-proxy" --zds-socket "$DIR/zds.sock" >"$DIR/proxy.log" 2>&1 &
   PROXY_PID=$!
-  echo "$PROXY_PID" >"$CG/proxy/cgroup.procs"
   for _ in $(seq 100); do grep -q snapshot_received "$DIR/proxy.log" && break; sleep 0.05; done
 }
 snapshots() { grep -c snapshot_received "$DIR/proxy.log"; }

@@ -1012,3 +1012,55 @@ TEST_F(AgentTest, AProxyThatMarksItsListenerAfterListenStillGetsInbound) {
   ASSERT_TRUE(st.is_object() && !st["pods"].empty());
   EXPECT_TRUE(st["pods"][0]["inbound"].value("proxy_listening", false)) << st["pods"][0];
 }
+
+// The proxy mark proves nothing by itself (CAP_NET_RAW sets it): the agent trusts the mark from
+// the process of each ZDS peer (its cgroup, from SO_PEERCRED), before telling it any pod, and
+// stops once that process is gone. An app marking its socket is captured and counted.
+TEST_F(AgentTest, OnlyTheZdsPeersProcessMayUseTheProxyMarkAndOnlyWhileItRuns) {
+  node->start_agent();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  node->start_proxy();
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0) << node->agent->output();
+  auto st = node->status();
+  ASSERT_TRUE(st.is_object());
+  EXPECT_EQ(st.value("proxy_identity", ""), "process");
+  ASSERT_EQ(st["proxies"].size(), 1u) << st["proxies"];
+  EXPECT_EQ(st["proxies"][0].value("pid", 0), node->proxy->pid());
+
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  // an app's root-less process with CAP_NET_RAW alone, marking its socket as the proxy's
+  auto forged = peer_once({testpeer_bin(), "--netns", web.netns, "--cgroup", node->app_cgroup, "--as-user-with-net-raw",
+                           "65534", "connect", "--to", other.ip, "--port", "8080", "--send", "forged", "--mark", "0x539"});
+  EXPECT_TRUE(got(forged, "forged")) << forged;
+  EXPECT_FALSE(node->proxy->wait_for([&](const json& j) {
+    return j.value("event", "") == "connection" && j.value("direction", "") == "outbound" &&
+           j.value("original_dst", "").rfind(other.ip + ":8080", 0) == 0;
+  }).is_null()) << "captured: " << node->proxy->output();
+  auto guard = node->status()["pods"];
+  uint64_t forged_count = 0;
+  for (const auto& p : guard)
+    if (p.value("pod", "") == "ambient/web") forged_count = p["guard"].value("forged_mark", 0);
+  EXPECT_EQ(forged_count, 1u);
+  // the agent's log says so, and /metrics counts it (both from the repair pass)
+  std::string metric = "podsteer_pod_guard_total{kind=\"forged_mark\",pod=\"ambient/web\"} 1";
+  bool seen = false;
+  for (int i = 0; i < 40 && !(seen = node->http_get("/metrics").find(metric) != std::string::npos); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_TRUE(seen) << node->http_get("/metrics");
+  EXPECT_NE(node->agent->output().find("guard: ambient/web: 1 connection(s) with the proxy mark by a process not the "
+                                      "proxy's (captured)"),
+            std::string::npos)
+      << node->agent->output();
+
+  // the proxy goes: within a repair pass its cgroup may no longer use the mark
+  node->proxy.reset();
+  json left;
+  for (int i = 0; i < 40; ++i) {
+    left = node->status()["proxies"];
+    if (left.empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(left.empty()) << left << node->agent->output();
+}
