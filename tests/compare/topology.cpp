@@ -25,12 +25,14 @@ Topology::Topology(Mode m) : mode(m) {
   node2 = p + "-n2";
   app = p + "-app";
   peer = p + "-peer";
-  cgroup = cgroup2_root() + "/podsteer-test-" + id;
+  node_cgroup = cgroup2_root() + "/podsteer-test-" + id;
+  cgroup = node_cgroup + "/pods";
   proxy_cgroup = cgroup + "/proxy";
   app_cgroup = cgroup + "/app";
   peer_cgroup = cgroup + "/peer";
   state_dir = "/sys/fs/bpf/podsteer-test-" + id;
-  for (const auto& d : {cgroup, proxy_cgroup, app_cgroup, peer_cgroup}) EXPECT_EQ(mkdir(d.c_str(), 0755), 0) << d;
+  for (const auto& d : {node_cgroup, cgroup, proxy_cgroup, app_cgroup, peer_cgroup})
+    EXPECT_EQ(mkdir(d.c_str(), 0755), 0) << d;
   std::string script = fmt::format(
       "set -e\n"
       // no IPv6 duplicate address detection: link-local addresses would stay tentative for
@@ -66,15 +68,20 @@ Topology::~Topology() {
     auto r = run({podsteer_bin(), "--state-dir", state_dir, "uninstall"});
     if (r.rc != 0) ADD_FAILURE() << "uninstall: " << r.out;
   }
-  for (const auto& cg : {proxy_cgroup, app_cgroup, peer_cgroup, cgroup}) kill_cgroup(cg);
+  for (const auto& cg : {proxy_cgroup, app_cgroup, peer_cgroup, cgroup, node_cgroup}) kill_cgroup(cg);
   for (const auto& n : {app, peer, node2, node1}) sh("ip netns del " + n + " 2>/dev/null");
 }
 
+std::vector<std::string> Topology::podsteer_argv0() const {
+  return {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup, "--node-netns", netns(node1)};
+}
+
 CmdResult Topology::podsteer(const std::vector<std::string>& args) {
-  std::vector<std::string> argv = {podsteer_bin(), "--state-dir", state_dir, "--hook-cgroup", cgroup,
-                                   "--node-netns", netns(node1)};
+  auto argv = podsteer_argv0();
   argv.insert(argv.end(), args.begin(), args.end());
-  return run(argv);
+  auto r = run(argv);
+  trust_.settle(state_dir, podsteer_argv0());
+  return r;
 }
 
 void Topology::capture(bool dns, const std::vector<std::string>& extra) {
@@ -99,6 +106,7 @@ void Topology::capture(bool dns, const std::vector<std::string>& extra) {
 std::unique_ptr<Peer> Topology::start_proxy(const std::vector<std::string>& extra) {
   std::vector<std::string> argv = {testpeer_bin(), "--netns", netns(app), "--cgroup", proxy_cgroup, "proxy", "--mark", "0x539"};
   argv.insert(argv.end(), extra.begin(), extra.end());
+  if (mode == Mode::Podsteer) trust_.add(proxy_cgroup, state_dir, podsteer_argv0());
   auto p = std::make_unique<Peer>(argv);
   EXPECT_FALSE(p->wait_for([](const json& j) { return j.value("event", "") == "ready"; }).is_null()) << p->output();
   return p;

@@ -35,7 +35,9 @@ class Topology {
 
   Mode mode;
   std::string id, node1, node2, app, peer;  // netns names
-  std::string cgroup, proxy_cgroup, app_cgroup, peer_cgroup, state_dir;
+  // node_cgroup stands for the node's cgroup root (where a CNI's socket LB attaches); cgroup,
+  // below it, is podsteer's hook cgroup, as kubepods is
+  std::string node_cgroup, cgroup, proxy_cgroup, app_cgroup, peer_cgroup, state_dir;
   std::string app4 = "10.214.0.10", app6 = "fd00:214::10";
   std::string peer4 = "10.214.0.20", peer6 = "fd00:214::20";
   std::string node2_4 = "10.215.0.2", node2_6 = "fd00:215::2";
@@ -57,6 +59,10 @@ class Topology {
   // A one-shot client (testpeer connect) from where; returns its JSON line.
   json connect(From from, const std::string& to, int port, const std::vector<std::string>& extra = {});
   std::vector<std::string> client_argv(From from) const;
+
+ private:
+  std::vector<std::string> podsteer_argv0() const;
+  ProxyTrust trust_;
 };
 
 // A case: builds on a fresh topology and returns what a user observes, as JSON.
