@@ -30,10 +30,12 @@ struct {
  * mark anyone with CAP_NET_RAW can set proves nothing by itself; the process's cgroup does. */
 static __always_inline int proxy_process(void)
 {
-	__u64 key = PODSTEER_PROXY_ANY;
+	/* the proxy's cgroup first: one lookup for the proxy's own connections; the node-wide
+	 * "the mark alone" entry only for a mark from anyone else */
+	__u64 key = bpf_get_current_cgroup_id();
 	if (bpf_map_lookup_elem(&podsteer_proxy, &key))
 		return 1;
-	key = bpf_get_current_cgroup_id();
+	key = PODSTEER_PROXY_ANY;
 	return bpf_map_lookup_elem(&podsteer_proxy, &key) != NULL;
 }
 
