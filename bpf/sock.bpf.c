@@ -227,8 +227,11 @@ int podsteer_bind6(struct bpf_sock_addr *ctx) { return guard_bind(ctx); }
  * redirected by an older build, in its socket storage. */
 static __always_inline struct podsteer_addr *original_of(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
 {
-	struct podsteer_origdst_key k;
-	if (sk->type == SOCK_STREAM && peer_orig_key(ctx, sk, bpf_get_netns_cookie(ctx), &k)) {
+	if (sk->type == SOCK_STREAM) {
+		/* connected to a port not ours: nothing to restore, and no storage to look up */
+		struct podsteer_origdst_key k;
+		if (!peer_orig_key(ctx, sk, bpf_get_netns_cookie(ctx), &k))
+			return NULL;
 		struct podsteer_addr *o = bpf_map_lookup_elem(&podsteer_orig, &k);
 		if (o)
 			return o;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <set>
+#include <unordered_map>
 
 #include "agent.h"
 #include "log.h"
@@ -174,10 +175,10 @@ void Agent::repair_once() {
       cache_ = seen;
     }
     // an app that tried to pass for the proxy is worth a line in the log, once per new event
+    std::unordered_map<uint64_t, podsteer_guard> had;
+    for (const auto& b : *before) had[b.cookie] = b.guard;
     for (const auto& p : *seen) {
-      podsteer_guard was{};
-      for (const auto& b : *before)
-        if (b.cookie == p.cookie) was = b.guard;
+      podsteer_guard was = had.count(p.cookie) ? had[p.cookie] : podsteer_guard{};
       if (p.guard.forged_mark > was.forged_mark)
         spdlog::warn("guard: {}: {} connection(s) with the proxy mark by a process not the proxy's (captured)",
                      p.full_name(), p.guard.forged_mark - was.forged_mark);

@@ -20,7 +20,9 @@ namespace podsteer {
 
 namespace {
 
-constexpr const char* kProxyMap = "podsteer_proxy";
+Result<Map<__u64, podsteer_proxy>> proxy_map(const std::string& state_dir) {
+  return Map<__u64, podsteer_proxy>::open(map_pin(state_dir, "podsteer_proxy"));
+}
 
 // Field 22 of /proc/PID/stat (after the command, which may hold spaces and parentheses)
 std::optional<uint64_t> start_time_of(uint32_t pid, const std::string& proc_root) {
@@ -104,7 +106,7 @@ bool still_running(const ProxyProcess& p, const std::string& proc_root) {
 
 Status Datapath::trust_proxy(const ProxyProcess& p) {
   if (p.cgroup_id == PODSTEER_PROXY_ANY) return invalid("a proxy's cgroup id cannot be 0");
-  auto m = Map<__u64, podsteer_proxy>::open(map_pin(state_dir_, kProxyMap));
+  auto m = proxy_map(state_dir_);
   if (!m) return m.error();
   podsteer_proxy v{};
   v.pid = p.pid;
@@ -113,13 +115,13 @@ Status Datapath::trust_proxy(const ProxyProcess& p) {
 }
 
 Status Datapath::forget_proxy(uint64_t cgroup_id) {
-  auto m = Map<__u64, podsteer_proxy>::open(map_pin(state_dir_, kProxyMap));
+  auto m = proxy_map(state_dir_);
   if (!m) return m.error();
   return m->erase(cgroup_id);
 }
 
 Result<std::vector<ProxyProcess>> Datapath::proxies() const {
-  auto m = Map<__u64, podsteer_proxy>::open(map_pin(state_dir_, kProxyMap));
+  auto m = proxy_map(state_dir_);
   if (!m) return m.error();
   auto keys = m->keys();
   if (!keys) return keys.error();
@@ -138,14 +140,14 @@ Result<std::vector<ProxyProcess>> Datapath::proxies() const {
 }
 
 Status Datapath::set_proxy_identity(NodeConfig::ProxyIdentity mode) {
-  auto m = Map<__u64, podsteer_proxy>::open(map_pin(state_dir_, kProxyMap));
+  auto m = proxy_map(state_dir_);
   if (!m) return m.error();
   if (mode == NodeConfig::ProxyIdentity::Mark) return m->update(PODSTEER_PROXY_ANY, podsteer_proxy{});
   return m->erase(PODSTEER_PROXY_ANY);
 }
 
 NodeConfig::ProxyIdentity Datapath::proxy_identity() const {
-  auto m = Map<__u64, podsteer_proxy>::open(map_pin(state_dir_, kProxyMap));
+  auto m = proxy_map(state_dir_);
   if (!m) return NodeConfig::ProxyIdentity::Mark;  // a state without the map: the mark alone, as its programs do
   auto v = m->lookup(PODSTEER_PROXY_ANY);
   return v && v->has_value() ? NodeConfig::ProxyIdentity::Mark : NodeConfig::ProxyIdentity::Process;
