@@ -252,6 +252,8 @@ class Datapath {
   std::optional<PercpuMap<__u64, podsteer_counters>> stats_;
   std::optional<Map<podsteer_origdst_key, podsteer_addr>> orig_;
   std::optional<Map<podsteer_tuple_key, __u8>> transit_;
+  // absent in a state from before it until this build's programs are loaded there
+  std::optional<PercpuMap<__u64, podsteer_guard>> guard_;
   Fd listeners_;  // SOCKHASH: values are sockets, looked up by key only
 };
 

@@ -211,8 +211,7 @@ Status Datapath::unenroll_locked(uint64_t cookie) {
   erase_exclusions(cookie, nullptr);
   erase_connections(cookie);
   PODSTEER_TRY(stats_->erase(cookie));
-  if (auto g = PercpuMap<__u64, podsteer_guard>::open(map_pin(state_dir_, "podsteer_guard")); g)
-    PODSTEER_TRY(g->erase(cookie));
+  if (guard_) PODSTEER_TRY(guard_->erase(cookie));
   PODSTEER_TRY(meta_->erase(cookie));
   return {};
 }

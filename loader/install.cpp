@@ -147,6 +147,7 @@ Status Datapath::adopt() {
   PODSTEER_TRY(open(stats_, "podsteer_stats"));
   PODSTEER_TRY(open(orig_, "podsteer_orig"));
   PODSTEER_TRY(open(transit_, "podsteer_transit"));
+  if (path_exists(map_pin(state_dir_, "podsteer_guard"))) PODSTEER_TRY(open(guard_, "podsteer_guard"));
   std::string pin = map_pin(state_dir_, "podsteer_listeners");
   listeners_ = Fd(bpf_obj_get(pin.c_str()));
   if (!listeners_.valid()) return sys_error("bpf_obj_get", pin);

@@ -44,9 +44,9 @@ Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const Excl
       s.counters.proxy_missing += cpu.proxy_missing;
     }
   }
-  // made by the programs at a pod's first guard event, and absent in a state from before them
-  if (auto g = PercpuMap<__u64, podsteer_guard>::open(map_pin(state_dir_, "podsteer_guard")); g)
-    if (auto row = g->lookup(cookie); row && row->has_value())
+  // made by the programs at a pod's first guard event
+  if (guard_)
+    if (auto row = guard_->lookup(cookie); row && row->has_value())
       for (const auto& cpu : **row) {
         s.guard.forged_mark += cpu.forged_mark;
         s.guard.bind_refused += cpu.bind_refused;

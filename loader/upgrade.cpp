@@ -62,11 +62,16 @@ Status Datapath::repair_hooks() {
 
 Status Datapath::upgrade_programs() {
   // A state from before podsteer_proxy: its programs trusted the mark alone, and so do these
-  // until the agent has a proxy to trust (or `podsteer proxy identity process`)
+  // until the agent has a proxy to trust (or --proxy-identity process is given)
   bool had_proxies = path_exists(map_pin(state_dir_, "podsteer_proxy"));
   auto hooks = SocketHooks::load(state_dir_, config_);
   if (!hooks) return hooks.error();
   if (!had_proxies) PODSTEER_TRY(set_proxy_identity(NodeConfig::ProxyIdentity::Mark));
+  if (!guard_) {
+    auto g = PercpuMap<__u64, podsteer_guard>::open(map_pin(state_dir_, "podsteer_guard"));
+    if (!g) return g.error();
+    guard_.emplace(std::move(*g));
+  }
   auto made = hooks->attach(config_.hook_cgroup);
   if (!made) return made.error();
   auto gone = hooks->drop_stale_links();
