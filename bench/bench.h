@@ -22,6 +22,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <net/if.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -129,13 +130,17 @@ std::map<std::string, ProgStat> prog_stats(const Setup& s);
 // bpf_stats runs: the cost bpf_stats reports for a run of a program that does nothing.
 class EmptyProgs {
  public:
-  explicit EmptyProgs(const Setup& s) {
+  explicit EmptyProgs(const Setup& s) : pod_ns_(s.pod_ns) {
     skel_ = podsteer_empty__open_and_load();
     must(skel_ != nullptr, "load the empty programs");
     podsteer::Fd cg(open(s.cgroup.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     podsteer::Fd ns(open(s.pod_ns.c_str(), O_RDONLY | O_CLOEXEC));
     bpf_program* p;
     bpf_object__for_each_program(p, skel_->obj) {
+      if (bpf_program__type(p) == BPF_PROG_TYPE_SCHED_CLS) {
+        tc_egress(ns.get(), bpf_program__fd(p), true);
+        continue;
+      }
       bool lookup = bpf_program__type(p) == BPF_PROG_TYPE_SK_LOOKUP;
       bpf_link* l = lookup ? bpf_program__attach_netns(p, ns.get()) : bpf_program__attach_cgroup(p, cg.get());
       must(l != nullptr, std::string("attach ") + bpf_program__name(p));
@@ -144,6 +149,8 @@ class EmptyProgs {
   }
   ~EmptyProgs() {
     for (auto* l : links_) bpf_link__destroy(l);
+    podsteer::Fd ns(open(pod_ns_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (ns.valid()) tc_egress(ns.get(), -1, false);
     podsteer_empty__destroy(skel_);
   }
   EmptyProgs(const EmptyProgs&) = delete;
@@ -160,6 +167,33 @@ class EmptyProgs {
   }
 
  private:
+  // The empty TC program at egress on the pod's eth0, a cls_bpf filter after podsteer's
+  // (attach), or removed (!attach); in a thread of its own inside the pod's netns.
+  void tc_egress(int ns, int prog, bool attach) {
+    bool ok = false;
+    std::thread t([&] {
+      if (setns(ns, CLONE_NEWNET) != 0) return;
+      bpf_tc_hook hook{};
+      hook.sz = sizeof(hook);
+      hook.ifindex = static_cast<int>(if_nametoindex("eth0"));
+      hook.attach_point = BPF_TC_EGRESS;
+      bpf_tc_opts opts{};
+      opts.sz = sizeof(opts);
+      opts.handle = 0xe0;
+      opts.priority = 0xd000;
+      if (!attach) {
+        ok = bpf_tc_detach(&hook, &opts) == 0;
+        return;
+      }
+      opts.prog_fd = prog;
+      ok = bpf_tc_attach(&hook, &opts) == 0;
+      if (!ok && bpf_tc_hook_create(&hook) == 0) ok = bpf_tc_attach(&hook, &opts) == 0;  // no clsact yet (tcx)
+    });
+    t.join();
+    if (attach) must(ok, "attach empty_tc_egress");
+  }
+
+  std::string pod_ns_;
   podsteer_empty* skel_ = nullptr;
   std::vector<bpf_link*> links_;
 };

@@ -30,9 +30,21 @@ std::map<std::string, ProgStat> prog_stats(const Setup& s) {
   };
   for (const auto& e : fs::directory_iterator(s.state_dir + "/links"))
     read_link(e.path(), e.path().filename().string().substr(9));  // strip "podsteer_"
-  // the pod's sk_lookup instance
-  for (const auto& e : fs::recursive_directory_iterator(s.state_dir + "/pods"))
-    if (e.path().filename() == "inbound") read_link(e.path(), "lookup");
+  // the pod's sk_lookup instance, and its TC egress check (the hole check: every packet the
+  // pod sends out of its interface), a cls_bpf program's pin or a tcx link's
+  for (const auto& e : fs::recursive_directory_iterator(s.state_dir + "/pods")) {
+    std::string name = e.path().filename();
+    if (name == "inbound") {
+      read_link(e.path(), "lookup");
+    } else if (name.rfind("pod_out_tcx_", 0) == 0) {
+      read_link(e.path(), "tc_egress");
+    } else if (name.rfind("pod_out_clsact_", 0) == 0) {
+      int fd = bpf_obj_get(e.path().c_str());
+      ProgStat st;
+      if (fd >= 0 && read_prog_stat(fd, st)) out["tc_egress"] = st;
+      if (fd >= 0) close(fd);
+    }
+  }
   return out;
 }
 
@@ -170,6 +182,7 @@ json tc_test_run(bool smoke) {
     const uint64_t cookie = 7;
     if (!nsid || !skel || podsteer::set_imm64(skel->progs.podsteer_node_in, PODSTEER_LOOKUP_COOKIE_MAGIC, cookie) != 0 ||
         podsteer::set_imm64(skel->progs.podsteer_node_in, PODSTEER_NODE_NSID_MAGIC, uint64_t(*nsid)) != 0 ||
+        podsteer::set_imm64(skel->progs.podsteer_pod_out, PODSTEER_LOOKUP_COOKIE_MAGIC, cookie) != 0 ||
         podsteer::set_lookup_cookie(skel->progs.podsteer_lookup, cookie) != 0 || podsteer_lookup__load(skel) != 0) {
       out["error"] = "load";
       if (skel) podsteer_lookup__destroy(skel);
@@ -194,18 +207,23 @@ json tc_test_run(bool smoke) {
       reinterpret_cast<uint8_t*>(tcp)[13] = flags;
       return p;
     };
-    auto run = [&](const std::vector<uint8_t>& p) {
+    auto run_prog = [&](bpf_program* prog, const std::vector<uint8_t>& p) {
       LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = p.data(), .data_size_in = static_cast<uint32_t>(p.size()),
                   .repeat = static_cast<int>(smoke ? 1000 : 1000000));
-      int err = bpf_prog_test_run_opts(bpf_program__fd(skel->progs.podsteer_node_in), &o);
+      int err = bpf_prog_test_run_opts(bpf_program__fd(prog), &o);
       return err == 0 ? double(o.duration) : -1.0;
     };
+    auto run = [&](const std::vector<uint8_t>& p) { return run_prog(skel->progs.podsteer_node_in, p); };
     auto client_syn = packet(40000, 0x02), node_syn = packet(node_port, 0x02), ack = packet(node_port, 0x10);
-    std::vector<double> miss, hit, ordinary;
+    std::vector<double> miss, hit, ordinary, out_ordinary, out_syn;
     for (int i = 0; i < (smoke ? 1 : 5); ++i) {
       miss.push_back(run(client_syn));
       hit.push_back(run(node_syn));
       ordinary.push_back(run(ack));
+      // the egress check on the same packets: its fast path (parse, not a SYN), and a SYN
+      // without a socket (test_run's skb has none: it stops there, as for a forwarded one)
+      out_ordinary.push_back(run_prog(skel->progs.podsteer_pod_out, ack));
+      out_syn.push_back(run_prog(skel->progs.podsteer_pod_out, client_syn));
     }
     // the node's SYN was recorded for sk_lookup; the client's was not
     podsteer_tuple_key k{};
@@ -226,6 +244,9 @@ json tc_test_run(bool smoke) {
     out["syn_no_node_socket_ns"] = median(miss);
     out["syn_node_socket_ns"] = median(hit);
     out["ordinary_packet_ns"] = median(ordinary);
+    out["egress_ordinary_packet_ns_runs"] = out_ordinary;
+    out["egress_syn_no_socket_ns_runs"] = out_syn;
+    out["egress_ordinary_packet_ns"] = median(out_ordinary);
     podsteer_lookup__destroy(skel);
   });
   pod.join();

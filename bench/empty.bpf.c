@@ -27,4 +27,8 @@ int empty_getpeername6(struct bpf_sock_addr *ctx) { return 1; }
 SEC("sk_lookup")
 int empty_lookup(struct bpf_sk_lookup *ctx) { return SK_PASS; }
 
+/* "no verdict" (TC_ACT_UNSPEC): the chain goes on, as podsteer's TC programs return */
+SEC("tc")
+int empty_tc_egress(struct __sk_buff *skb) { return -1; }
+
 char LICENSE[] SEC("license") = "GPL";

@@ -155,6 +155,25 @@ struct {
 	__type(value, __u64);
 } podsteer_node SEC(".maps");
 
+/* The node proxies' processes, by cgroup v2 id: read by the socket programs and by each
+ * pod's TC egress program */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct podsteer_proxy);
+} podsteer_proxy SEC(".maps");
+
+/* Connections that left a pod unsteered (lookup.bpf.c: podsteer_pod_out). A plain hash
+ * (events are rare): one entry per pod with events, counted with atomic adds. Declared here
+ * so that the socket hooks' object, loaded at install and at upgrade, creates it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct podsteer_hole);
+} podsteer_holes SEC(".maps");
+
 static __always_inline struct podsteer_counters *pod_counters(__u64 cookie)
 {
 	return bpf_map_lookup_elem(&podsteer_stats, &cookie);

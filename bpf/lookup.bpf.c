@@ -14,7 +14,7 @@
  * with the cookie written into its code: the program knows its pod by where it runs.
  * Settings come from podsteer_config, so an instance makes no map of its own. */
 #define PODSTEER_NO_RODATA
-#include "common.bpf.h"
+#include "verdict.bpf.h"
 
 /* The loader replaces this 64-bit immediate with the pod's netns cookie before load
  * (loader/lookup_cookie.h, PODSTEER_LOOKUP_COOKIE_MAGIC): exactly one ld_imm64 carries it. */
@@ -192,47 +192,70 @@ struct ip6_hdr {
 	__u8 saddr[16], daddr[16];
 };
 
-SEC("tc")
-int podsteer_node_in(struct __sk_buff *skb)
+/* A TCP SYN without ACK: its addresses (v4-mapped for IPv4) and ports, as in the packet */
+struct syn {
+	__u8 src[16], dst[16];
+	__be16 sport, dport;
+	int v4;
+};
+
+/* Fills s from skb's packet if it is a TCP SYN without ACK (IPv4 unfragmented, IPv6 without
+ * extension headers); 0 for any other packet, the fast path of both TC programs. */
+static __always_inline int parse_syn(struct __sk_buff *skb, struct syn *s)
 {
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-	struct podsteer_tuple_key t = {};
-	/* The tuple as the node's socket would receive a packet of this connection (lookup
-	 * helpers take the remote end as "source"): from the pod back to the node. */
-	struct bpf_sock_tuple r = {};
 	struct tcp_ports_flags *tcp;
-	__u32 rlen;
 	if (skb->protocol == bpf_htons(ETH_P_IP_)) {
 		struct ip4_hdr *ip = data + ETH_HLEN_;
 		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(0x1fff)))
-			return TC_NO_VERDICT;
+			return 0;
 		tcp = (void *)ip + (ip->ihl_version & 0xf) * 4;
 		if ((void *)(tcp + 1) > end || (tcp->flags & (TCPF_SYN_ | TCPF_ACK_)) != TCPF_SYN_)
-			return TC_NO_VERDICT;
-		r.ipv4.saddr = ip->daddr;
-		r.ipv4.daddr = ip->saddr;
-		r.ipv4.sport = tcp->dest;
-		r.ipv4.dport = tcp->source;
-		rlen = sizeof(r.ipv4);
-		map_v4(t.src_addr, ip->saddr);
-		map_v4(t.dst_addr, ip->daddr);
+			return 0;
+		map_v4(s->src, ip->saddr);
+		map_v4(s->dst, ip->daddr);
+		s->v4 = 1;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6_)) {
 		struct ip6_hdr *ip6 = data + ETH_HLEN_;
-		/* a SYN behind extension headers is left to sk_lookup: captured, as by default */
 		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return TC_NO_VERDICT;
+			return 0;
 		tcp = (void *)(ip6 + 1);
 		if ((void *)(tcp + 1) > end || (tcp->flags & (TCPF_SYN_ | TCPF_ACK_)) != TCPF_SYN_)
-			return TC_NO_VERDICT;
-		__builtin_memcpy(r.ipv6.saddr, ip6->daddr, 16);
-		__builtin_memcpy(r.ipv6.daddr, ip6->saddr, 16);
-		r.ipv6.sport = tcp->dest;
-		r.ipv6.dport = tcp->source;
-		rlen = sizeof(r.ipv6);
-		__builtin_memcpy(t.src_addr, ip6->saddr, 16);
-		__builtin_memcpy(t.dst_addr, ip6->daddr, 16);
+			return 0;
+		__builtin_memcpy(s->src, ip6->saddr, 16);
+		__builtin_memcpy(s->dst, ip6->daddr, 16);
+		s->v4 = 0;
 	} else {
+		return 0;
+	}
+	s->sport = tcp->source;
+	s->dport = tcp->dest;
+	return 1;
+}
+
+SEC("tc")
+int podsteer_node_in(struct __sk_buff *skb)
+{
+	struct syn s;
+	/* a SYN behind IPv6 extension headers is left to sk_lookup: captured, as by default */
+	if (!parse_syn(skb, &s))
 		return TC_NO_VERDICT;
+	/* The tuple as the node's socket would receive a packet of this connection (lookup
+	 * helpers take the remote end as "source"): from the pod back to the node. */
+	struct bpf_sock_tuple r = {};
+	__u32 rlen;
+	if (s.v4) {
+		r.ipv4.saddr = ((__u32 *)s.dst)[3];
+		r.ipv4.daddr = ((__u32 *)s.src)[3];
+		r.ipv4.sport = s.dport;
+		r.ipv4.dport = s.sport;
+		rlen = sizeof(r.ipv4);
+	} else {
+		__builtin_memcpy(r.ipv6.saddr, s.dst, 16);
+		__builtin_memcpy(r.ipv6.daddr, s.src, 16);
+		r.ipv6.sport = s.dport;
+		r.ipv6.dport = s.sport;
+		rlen = sizeof(r.ipv6);
 	}
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &r, rlen, node_nsid(), 0);
 	if (!sk)
@@ -243,12 +266,110 @@ int podsteer_node_in(struct __sk_buff *skb)
 	bpf_sk_release(sk);
 	if (state != TCP_SYN_SENT_)
 		return TC_NO_VERDICT;
-	t.netns_cookie = pod_cookie();
-	t.dst_port = bpf_ntohs(tcp->dest);
-	t.src_port = bpf_ntohs(tcp->source);
+	struct podsteer_tuple_key t = {.netns_cookie = pod_cookie(), .dst_port = bpf_ntohs(s.dport),
+				       .src_port = bpf_ntohs(s.sport)};
+	__builtin_memcpy(t.src_addr, s.src, 16);
+	__builtin_memcpy(t.dst_addr, s.dst, 16);
 	__u64 now = bpf_ktime_get_ns();
 	bpf_map_update_elem(&podsteer_node, &t, &now, BPF_ANY);
 	return TC_NO_VERDICT;
+}
+
+/* ---- TC egress on the pod's interfaces: the connections the socket hooks did not see
+ *
+ * Istio's rules live in the pod's netns and catch every process in it; podsteer's socket
+ * hooks catch the processes below the hook cgroup. A process in the pod's netns but outside
+ * that cgroup (entered from the node, started by a runtime elsewhere), or any process once
+ * someone detached the hooks, would leave the mesh unseen. Every connection the hooks steer
+ * stays inside the pod (to the proxy's listener on loopback or the pod's own address, over
+ * lo), so a SYN on the pod's interface is either the proxy's (its upstream connections), a
+ * connection the hooks leave alone (excluded, fail-open without a proxy), or a hole. A hole
+ * is stopped here, its SYN dropped, and counted in podsteer_holes; a fail-open pod whose
+ * proxy is not listening goes direct by design, only counted. Every other packet returns
+ * after the parse (parse_syn). */
+
+#define TC_ACT_SHOT_ 2 /* also TCX_DROP */
+
+/* Is the packet's socket a node proxy's: its cgroup (the cgroup of the process that made
+ * it) in podsteer_proxy, or, on a node that trusts the mark alone, the proxy mark? */
+static __always_inline int proxys_socket(struct __sk_buff *skb, const struct podsteer_config *cfg)
+{
+	__u64 key = bpf_skb_cgroup_id(skb);
+	if (key && bpf_map_lookup_elem(&podsteer_proxy, &key))
+		return 1;
+	key = PODSTEER_PROXY_ANY;
+	return mark_is_proxys(skb->mark, cfg->proxy_mark, cfg->proxy_mark_mask) &&
+	       bpf_map_lookup_elem(&podsteer_proxy, &key);
+}
+
+/* Does anything listen on target (v4-mapped or v6):port in the pod's netns? */
+static __always_inline int listening_at(struct __sk_buff *skb, const __u8 *target, __u16 port)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	if (is_mapped_v4(target)) {
+		t.ipv4.daddr = ((const __u32 *)target)[3];
+		t.ipv4.dport = bpf_htons(port);
+		sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		__builtin_memcpy(t.ipv6.daddr, target, 16);
+		t.ipv6.dport = bpf_htons(port);
+		sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* Counts a hole once per socket: a retransmitted SYN has the same socket cookie. */
+static __always_inline void count_hole(__u64 cookie, __u64 sock, int passed)
+{
+	struct podsteer_hole *h = bpf_map_lookup_elem(&podsteer_holes, &cookie);
+	if (!h) {
+		struct podsteer_hole zero = {};
+		bpf_map_update_elem(&podsteer_holes, &cookie, &zero, BPF_NOEXIST);
+		h = bpf_map_lookup_elem(&podsteer_holes, &cookie);
+		if (!h)
+			return;
+	}
+	if (h->last_sock == sock)
+		return;
+	h->last_sock = sock;
+	if (passed)
+		__sync_fetch_and_add(&h->passed, 1);
+	else
+		__sync_fetch_and_add(&h->dropped, 1);
+}
+
+SEC("tc")
+int podsteer_pod_out(struct __sk_buff *skb)
+{
+	struct syn s;
+	if (!parse_syn(skb, &s) || !skb->sk)
+		return TC_NO_VERDICT; /* a packet without a socket here was forwarded, not made here */
+	__u64 cookie = pod_cookie();
+	struct podsteer_pod *pod = bpf_map_lookup_elem(&podsteer_pods, &cookie);
+	__u32 zero = 0;
+	struct podsteer_config *cfg = bpf_map_lookup_elem(&podsteer_config, &zero);
+	if (!pod || !cfg || proxys_socket(skb, cfg))
+		return TC_NO_VERDICT;
+	__u16 port = bpf_ntohs(s.dport);
+	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
+	enum verdict v = tcp_verdict(pod, cookie, s.dst, port, dns);
+	if (v == LEAVE || v == EXCLUDED)
+		return TC_NO_VERDICT;
+	int passed = 0;
+	if (pod->flags & PODSTEER_POD_FAIL_OPEN) {
+		__u8 target[16];
+		if (v == TO_DNS)
+			dns_target(s.dst, target);
+		else
+			outbound_target(pod, s.v4, target);
+		passed = !listening_at(skb, target, v == TO_DNS ? cfg->dns_port : cfg->outbound_port);
+	}
+	count_hole(cookie, bpf_get_socket_cookie(skb), passed);
+	return passed ? TC_NO_VERDICT : TC_ACT_SHOT_;
 }
 
 char LICENSE[] SEC("license") = "GPL";

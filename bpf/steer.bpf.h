@@ -5,20 +5,9 @@
 #ifndef PODSTEER_STEER_BPF_H
 #define PODSTEER_STEER_BPF_H
 
-#include "common.bpf.h"
+#include "verdict.bpf.h"
 
-#define DNS_PORT 53
-
-enum verdict { LEAVE = 0, TO_OUTBOUND = 1, TO_DNS = 2 };
-
-/* The socket programs' own maps (the per-pod sk_lookup instances do not use them) */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
-	__type(key, __u64);
-	__type(value, struct podsteer_proxy);
-} podsteer_proxy SEC(".maps");
-
+/* The socket programs' own map (the per-pod instances of lookup.bpf.c do not use it) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 4096);
@@ -59,31 +48,7 @@ static __always_inline void count_guard(__u64 cookie, enum guard_event what)
 
 static __always_inline int marked_by_proxy(__u32 mark)
 {
-	return (mark & cfg_proxy_mark_mask) == (cfg_proxy_mark & cfg_proxy_mark_mask);
-}
-
-static __always_inline int own_address(const struct podsteer_pod *pod, const __u8 *a)
-{
-	if (is_mapped_v4(a))
-		return (pod->flags & PODSTEER_POD_HAS_IP4) && ((const __u32 *)a)[3] == pod->ip4;
-	return (pod->flags & PODSTEER_POD_HAS_IP6) && same_addr(a, pod->ip6);
-}
-
-static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie, const __u8 *a, __u16 port)
-{
-	struct podsteer_port_key pk = {.netns_cookie = cookie, .port = port,
-				       .direction = PODSTEER_DIR_OUTBOUND};
-	if (!(pod->flags & PODSTEER_POD_NO_OUT_PORTS) && bpf_map_lookup_elem(&podsteer_ports, &pk))
-		return 1;
-	if (pod->flags & PODSTEER_POD_NO_OUT_CIDRS)
-		return 0;
-	struct podsteer_cidr_key ck = {
-		.prefixlen = PODSTEER_CIDR_COOKIE_BITS + 128,
-		.netns_cookie_hi = bpf_htonl((__u32)(cookie >> 32)),
-		.netns_cookie_lo = bpf_htonl((__u32)cookie),
-	};
-	__builtin_memcpy(ck.addr, a, 16);
-	return bpf_map_lookup_elem(&podsteer_cidrs, &ck) != NULL;
+	return mark_is_proxys(mark, cfg_proxy_mark, cfg_proxy_mark_mask);
 }
 
 /* What to do with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port, as under
@@ -95,53 +60,22 @@ static __always_inline enum verdict classify(const struct bpf_sock_addr *ctx, __
 					     struct podsteer_pod *pod, const __u8 *addr16, __u16 port)
 {
 	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
+	enum verdict v;
 	if (ctx->type == SOCK_DGRAM) {
 		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
 			return LEAVE;
+		v = excluded(pod, cookie, addr16, port) ? EXCLUDED : TO_DNS;
 	} else if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
 		return LEAVE;
-	} else if (is_loopback(addr16) || (!dns && own_address(pod, addr16))) {
-		return LEAVE;
+	} else {
+		v = tcp_verdict(pod, cookie, addr16, port, dns);
 	}
-	if (excluded(pod, cookie, addr16, port)) {
+	if (v == EXCLUDED) {
 		struct podsteer_counters *c = pod_counters(cookie);
 		COUNT(c, bypassed);
 		return LEAVE;
 	}
-	return dns ? TO_DNS : TO_OUTBOUND;
-}
-
-/* ::1 */
-static __always_inline void set_loopback6(__u8 *a)
-{
-	__u32 *w = (__u32 *)a;
-	w[0] = 0;
-	w[1] = 0;
-	w[2] = 0;
-	w[3] = bpf_htonl(1);
-}
-
-/* The outbound listener address in this pod: its own address, else loopback. */
-static __always_inline void outbound_target(const struct podsteer_pod *pod, int want_v4,
-					    __u8 *target)
-{
-	if (want_v4) {
-		map_v4(target, (pod->flags & PODSTEER_POD_HAS_IP4) ? pod->ip4
-								   : bpf_htonl(0x7f000001));
-	} else if (pod->flags & PODSTEER_POD_HAS_IP6) {
-		__builtin_memcpy(target, pod->ip6, 16);
-	} else {
-		set_loopback6(target);
-	}
-}
-
-/* The DNS listener: 127.0.0.1, or [::1] for an IPv6 resolver (ztunnel listens on both) */
-static __always_inline void dns_target(const __u8 *resolver, __u8 *target)
-{
-	if (is_mapped_v4(resolver))
-		map_v4(target, bpf_htonl(0x7f000001));
-	else
-		set_loopback6(target);
+	return v;
 }
 
 /* What steer() does with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port from

@@ -45,9 +45,9 @@ json return_path_json(const PodStatus& p) {
           {"made_by_podsteer", p.meta.netns_setup}};
 }
 
-json node_in_json(const InboundStatus& in) {
+json tc_json(const std::vector<TcHook>& tc) {
   json hooks = json::array();
-  for (const auto& h : in.node_in)
+  for (const auto& h : tc)
     hooks.push_back({{"ifindex", h.ifindex}, {"mode", h.mode}, {h.mode == "tcx" ? "link_id" : "prog_id", h.id},
                      {"priority", h.prio}, {"attached", h.attached}});
   return hooks;
@@ -67,7 +67,8 @@ json pod_json(const PodStatus& p) {
         {"sk_lookup_prog_id", p.inbound.prog_id},
         {"attached", p.inbound.attached},
         {"proxy_listening", p.inbound.proxy_listening},
-        {"tc_ingress", node_in_json(p.inbound)}}},
+        {"tc_ingress", tc_json(p.inbound.node_in)},
+        {"tc_egress", tc_json(p.inbound.pod_out)}}},
       {"return_path", return_path_json(p)},
       {"missing", p.missing()},
       {"dns", bool(p.entry.flags & PODSTEER_POD_DNS)},
@@ -83,7 +84,11 @@ json pod_json(const PodStatus& p) {
         {"dns_redirected", p.counters.dns_redirected},
         {"bypassed", p.counters.bypassed},
         {"proxy_missing", p.counters.proxy_missing}}},
-      {"guard", {{"forged_mark", p.guard.forged_mark}, {"bind_refused", p.guard.bind_refused}}},
+      {"guard",
+       {{"forged_mark", p.guard.forged_mark},
+        {"bind_refused", p.guard.bind_refused},
+        {"unsteered_dropped", p.hole.dropped},
+        {"unsteered_passed", p.hole.passed}}},
   };
   if (p.entry.flags & PODSTEER_POD_HAS_IP4) j["ip4"] = format_ip(in_addr{p.entry.ip4});
   if (p.entry.flags & PODSTEER_POD_HAS_IP6) j["ip6"] = format_ip16(p.entry.ip6);
@@ -197,12 +202,16 @@ int cmd_status(Datapath& dp, bool as_json) {
     fmt::print("    addresses {}  {}\n", json(p.addresses).dump(), flags_text(p.entry.flags));
     fmt::print("    inbound: sk_lookup link {} attached {}  proxy listening {}\n", p.inbound.link_id,
                yes_no(p.inbound.attached), yes_no(p.inbound.proxy_listening));
-    std::string hooks;
-    for (const auto& h : p.inbound.node_in)
-      hooks += fmt::format(" ifindex {} {} {} attached {}", h.ifindex, h.mode,
+    auto hooks = [](const std::vector<TcHook>& tc) {
+      std::string out;
+      for (const auto& h : tc)
+        out += fmt::format(" ifindex {} {} {} attached {}", h.ifindex, h.mode,
                            h.mode == "tcx" ? fmt::format("link {}", h.id) : fmt::format("prio {:#x} prog {}", h.prio, h.id),
                            yes_no(h.attached));
-    fmt::print("    node-opened connections (tc ingress):{}\n", hooks.empty() ? " none" : hooks);
+      return out.empty() ? std::string(" none") : out;
+    };
+    fmt::print("    node-opened connections (tc ingress):{}\n", hooks(p.inbound.node_in));
+    fmt::print("    unsteered connections (tc egress):{}\n", hooks(p.inbound.pod_out));
     const auto& rp = p.return_path;
     fmt::print("    return path: rule v4 {} v6 {}  local route v4 {} v6 {}  tcp_fwmark_accept={}\n", yes_no(rp.rule4),
                rp.ipv6 ? yes_no(rp.rule6) : "-", yes_no(rp.route4), rp.ipv6 ? yes_no(rp.route6) : "-", rp.fwmark_accept);
@@ -219,6 +228,13 @@ int cmd_status(Datapath& dp, bool as_json) {
       fmt::print("    GUARDS: {} connection(s) with the proxy mark by a process not the proxy's (captured), {} bind(s) "
                  "to a proxy port refused\n",
                  p.guard.forged_mark, p.guard.bind_refused);
+    if (p.hole.dropped)
+      fmt::print("    HOLE: {} TCP connection(s) left the pod unsteered (not from a proxy, not excluded: a process outside "
+                 "the hook cgroup, or socket hooks detached): stopped at the interface\n",
+                 p.hole.dropped);
+    if (p.hole.passed)
+      fmt::print("    unsteered: {} TCP connection(s) went direct while the proxy was not listening (fail-open)\n",
+                 p.hole.passed);
   }
   return 0;
 }

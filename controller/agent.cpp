@@ -246,7 +246,10 @@ std::string Agent::metrics() {
   auto& guard = prometheus::BuildCounter()
                     .Name("podsteer_pod_guard_total")
                     .Help("per pod, what the proxy's guards stopped: forged_mark (the proxy mark by a process not a "
-                          "proxy's: captured), bind_refused (a proxy port bound by one: EPERM)")
+                          "proxy's: captured), bind_refused (a proxy port bound by one: EPERM), unsteered_dropped (a "
+                          "TCP connection leaving the pod that the socket hooks should have steered: a hole, stopped "
+                          "at the interface), unsteered_passed (the same in a fail-open pod without its proxy: let "
+                          "through)")
                     .Register(reg);
   std::shared_ptr<const std::vector<PodStatus>> cache;  // as the last repair pass saw them
   {
@@ -265,6 +268,8 @@ std::string Agent::metrics() {
     traffic.Add({{"pod", name}, {"kind", "proxy_missing"}}).Increment(double(p.counters.proxy_missing));
     guard.Add({{"pod", name}, {"kind", "forged_mark"}}).Increment(double(p.guard.forged_mark));
     guard.Add({{"pod", name}, {"kind", "bind_refused"}}).Increment(double(p.guard.bind_refused));
+    guard.Add({{"pod", name}, {"kind", "unsteered_dropped"}}).Increment(double(p.hole.dropped));
+    guard.Add({{"pod", name}, {"kind", "unsteered_passed"}}).Increment(double(p.hole.passed));
   }
   pods_g.Add({}).Set(double(n));
   whole.Add({}).Set(double(broken));

@@ -175,10 +175,21 @@ void Agent::repair_once() {
       cache_ = seen;
     }
     // an app that tried to pass for the proxy is worth a line in the log, once per new event
-    std::unordered_map<uint64_t, podsteer_guard> had;
-    for (const auto& b : *before) had[b.cookie] = b.guard;
+    // ... and so is a connection that left a pod unsteered: a hole in the capture
+    std::unordered_map<uint64_t, const PodStatus*> had;
+    for (const auto& b : *before) had[b.cookie] = &b;
     for (const auto& p : *seen) {
-      podsteer_guard was = had.count(p.cookie) ? had[p.cookie] : podsteer_guard{};
+      auto it = had.find(p.cookie);
+      podsteer_guard was = it != had.end() ? it->second->guard : podsteer_guard{};
+      podsteer_hole hole_was = it != had.end() ? it->second->hole : podsteer_hole{};
+      if (p.hole.dropped > hole_was.dropped)
+        spdlog::warn("hole: {}: {} TCP connection(s) left the pod without the socket hooks steering them (a process "
+                     "outside the hook cgroup {}, or socket hooks detached): stopped at the pod's interface",
+                     p.full_name(), p.hole.dropped - hole_was.dropped, d->config().hook_cgroup);
+      if (p.hole.passed > hole_was.passed)
+        spdlog::info("hole: {}: {} TCP connection(s) left the pod unsteered while its proxy was not listening "
+                     "(fail-open: let through)",
+                     p.full_name(), p.hole.passed - hole_was.passed);
       if (p.guard.forged_mark > was.forged_mark)
         spdlog::warn("guard: {}: {} connection(s) with the proxy mark by a process not the proxy's (captured)",
                      p.full_name(), p.guard.forged_mark - was.forged_mark);

@@ -81,9 +81,11 @@ struct PodOptions : PodIdentity {
   bool bypass_inbound = false;  // outbound only (Istio's ambient.istio.io/bypass-inbound-capture)
 };
 
-// The pod's TC ingress program on one interface (connections the node opened).
-struct NodeInHook {
+// One of the pod's TC programs on one interface: ingress (connections the node opened) or
+// egress (connections the socket hooks did not steer).
+struct TcHook {
   unsigned ifindex = 0;
+  bool egress = false;
   std::string mode;       // "tcx" (a pinned link) or "clsact" (a cls_bpf filter of ours)
   uint32_t id = 0;        // the tcx link's id, or the filter's program id
   uint32_t prio = 0;      // clsact: the filter's priority (handle 0x5053)
@@ -95,8 +97,10 @@ struct InboundStatus {
   uint32_t link_id = 0, prog_id = 0;  // the pod's sk_lookup link; 0: missing
   bool attached = false;              // the link still runs in the pod's netns
   bool proxy_listening = false;       // a proxy listener is in podsteer_listeners
-  std::vector<NodeInHook> node_in;    // the TC ingress program, per interface
+  std::vector<TcHook> node_in;        // the TC ingress program, per interface
   std::vector<unsigned> node_in_missing;  // veth interfaces without it (netns alive only)
+  std::vector<TcHook> pod_out;        // the TC egress program (the hole check), per interface
+  std::vector<unsigned> pod_out_missing;  // veth interfaces without it (netns alive only)
 };
 
 struct PodStatus {
@@ -106,6 +110,7 @@ struct PodStatus {
   podsteer_pod_meta meta{};
   podsteer_counters counters{};
   podsteer_guard guard{};  // what the proxy's guards stopped (summed over CPUs)
+  podsteer_hole hole{};    // connections that left the pod unsteered (the TC egress check)
   bool netns_alive = false;  // the netns path still opens and has this cookie
   std::vector<uint16_t> excluded_inbound_ports, excluded_outbound_ports;
   std::vector<std::string> excluded_cidrs;
@@ -254,6 +259,7 @@ class Datapath {
   std::optional<Map<podsteer_tuple_key, __u8>> transit_;
   // absent in a state from before it until this build's programs are loaded there
   std::optional<PercpuMap<__u64, podsteer_guard>> guard_;
+  std::optional<Map<__u64, podsteer_hole>> holes_;
   Fd listeners_;  // SOCKHASH: values are sockets, looked up by key only
 };
 

@@ -212,6 +212,7 @@ Status Datapath::unenroll_locked(uint64_t cookie) {
   erase_connections(cookie);
   PODSTEER_TRY(stats_->erase(cookie));
   if (guard_) PODSTEER_TRY(guard_->erase(cookie));
+  if (holes_) PODSTEER_TRY(holes_->erase(cookie));
   PODSTEER_TRY(meta_->erase(cookie));
   return {};
 }

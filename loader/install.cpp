@@ -148,6 +148,7 @@ Status Datapath::adopt() {
   PODSTEER_TRY(open(orig_, "podsteer_orig"));
   PODSTEER_TRY(open(transit_, "podsteer_transit"));
   if (path_exists(map_pin(state_dir_, "podsteer_guard"))) PODSTEER_TRY(open(guard_, "podsteer_guard"));
+  if (path_exists(map_pin(state_dir_, "podsteer_holes"))) PODSTEER_TRY(open(holes_, "podsteer_holes"));
   std::string pin = map_pin(state_dir_, "podsteer_listeners");
   listeners_ = Fd(bpf_obj_get(pin.c_str()));
   if (!listeners_.valid()) return sys_error("bpf_obj_get", pin);

@@ -23,6 +23,7 @@ std::vector<std::string> PodStatus::missing() const {
   if (!inbound.link_id) out.push_back("sk_lookup link");
   else if (!inbound.attached) out.push_back("sk_lookup link attached to the pod's netns");
   for (unsigned ifindex : inbound.node_in_missing) out.push_back(fmt::format("tc ingress on ifindex {}", ifindex));
+  for (unsigned ifindex : inbound.pod_out_missing) out.push_back(fmt::format("tc egress on ifindex {}", ifindex));
   for (const auto& m : return_path.missing()) out.push_back(m);
   return out;
 }
@@ -51,6 +52,9 @@ Result<PodStatus> Datapath::status_of(uint64_t cookie, Detail detail, const Excl
         s.guard.forged_mark += cpu.forged_mark;
         s.guard.bind_refused += cpu.bind_refused;
       }
+  // made by the pod's TC egress program at its first event
+  if (holes_)
+    if (auto row = holes_->lookup(cookie); row && row->has_value()) s.hole = **row;
   std::optional<Netns> ns;
   if (s.meta.netns_path[0]) {
     auto r = open_netns(str_of(s.meta.netns_path, sizeof(s.meta.netns_path)));

@@ -72,6 +72,11 @@ Status Datapath::upgrade_programs() {
     if (!g) return g.error();
     guard_.emplace(std::move(*g));
   }
+  if (!holes_) {
+    auto h = Map<__u64, podsteer_hole>::open(map_pin(state_dir_, "podsteer_holes"));
+    if (!h) return h.error();
+    holes_.emplace(std::move(*h));
+  }
   auto made = hooks->attach(config_.hook_cgroup);
   if (!made) return made.error();
   auto gone = hooks->drop_stale_links();

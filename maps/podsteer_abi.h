@@ -176,6 +176,20 @@ struct podsteer_guard {
 	__u64 bind_refused; /* a bind to one of the proxy's ports by a process not a proxy's: EPERM */
 };
 
+/* podsteer_holes (per pod netns cookie; made by the pod's TC egress program at the first
+ * event, removed at unenroll): TCP connections that left the pod's interface although the
+ * socket hooks should have steered them (a process outside the hook cgroup, socket hooks
+ * detached): the SYN of a socket not a proxy's, to a destination the hooks would send to the
+ * proxy. Counted once per socket (last_sock: the socket cookie counted last; a retransmitted
+ * SYN is not counted again). A map of its own: a state pinned by an earlier build gains it
+ * at the upgrade. */
+struct podsteer_hole {
+	__u64 dropped;   /* stopped at the interface (its SYN dropped): a hole, the agent warns */
+	__u64 passed;    /* let through: a fail-open pod whose proxy is not listening, as the
+	                    socket hooks would have */
+	__u64 last_sock; /* the socket cookie last counted */
+};
+
 /* podsteer_orig: the proxy's accepted outbound connection -> original destination.
  * Keyed by the accepted socket's peer (the application's local address and port) and
  * local port, in the pod's netns. Written by sock_ops when the application's SYN leaves,

@@ -254,4 +254,94 @@ TEST_F(Adversarial, AnAppCannotTakeTheProxysPortsBeforeTheProxyListens) {
       {"app_reached_directly", false}});
 }
 
+// ---- connections the socket hooks do not see ----
+
+// A client in the app pod's netns; outside: in a cgroup that is not below the hook cgroup
+// (the topology's node cgroup, the hook cgroup's parent), as a process entered from the node
+// or started by a runtime elsewhere.
+json connect_from_app_netns(Topology& t, bool outside, const std::string& dst, int port) {
+  return peer_once({testpeer_bin(), "--netns", t.netns(t.app), "--cgroup", outside ? t.node_cgroup : t.app_cgroup,
+                    "connect", "--to", dst, "--port", std::to_string(port), "--send", "hello", "--timeout-ms", "2000"});
+}
+
+// Where the connection went: through the proxy, straight to the server, or nowhere; and,
+// under podsteer, what the pod's TC egress check counted.
+json unsteered_outcome(Topology& t, Peer& proxy, Peer& server, const json& c, const std::string& orig_dst) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  bool via_proxy = proxy_took(proxy, orig_dst);
+  json o = {{"reply", c.value("reply", "").find("got=hello") != std::string::npos},
+            {"via_proxy", via_proxy},
+            {"server_reached_directly", !via_proxy && accepts(server) > 0}};
+  if (t.mode == Mode::Podsteer) {
+    auto g = guards(t);
+    o["unsteered_dropped"] = g.value("unsteered_dropped", -1);
+    o["unsteered_passed"] = g.value("unsteered_passed", -1);
+  }
+  return o;
+}
+
+TEST_F(Adversarial, AProcessInThePodsNetnsOutsideTheHookCgroupDoesNotLeaveUnseen) {
+  // Istio's rules live in the pod's netns and capture it; podsteer's socket hooks do not run
+  // for it, so the pod's TC egress program stops its SYN at the pod's interface and counts the
+  // connection once (the SYN's retransmission within the client's 2 s is not counted again).
+  for (bool v6 : {false, true})
+    compare(v6 ? "a process outside the hook cgroup connects out (v6)" : "a process outside the hook cgroup connects out (v4)",
+            [v6](Topology& t) {
+              auto proxy = t.start_proxy();
+              auto server = t.start_server(t.node2, 8080);
+              t.capture();
+              std::string dst = v6 ? t.node2_6 : t.node2_4;
+              auto c = connect_from_app_netns(t, true, dst, 8080);
+              json o = unsteered_outcome(t, *proxy, *server, c, v6 ? "[" + dst + "]:8080" : dst + ":8080");
+              // and the pod's own processes are untouched by the check
+              auto in = connect_from_app_netns(t, false, dst, 8080);
+              o["app_in_hook_cgroup_via_proxy"] =
+                  in.value("reply", "").find("got=hello") != std::string::npos && proxy_took(*proxy, v6 ? "[" + dst + "]:8080" : dst + ":8080");
+              return o;
+            },
+            {{"reply", false}, {"via_proxy", false}, {"server_reached_directly", false}, {"unsteered_dropped", 1},
+             {"unsteered_passed", 0}, {"app_in_hook_cgroup_via_proxy", true}});
+}
+
+TEST_F(Adversarial, AConnectionAfterTheConnectHookWasDetachedIsStoppedAtThePodsInterface) {
+  // Someone detaches podsteer's connect4 link (bpftool link detach); no agent puts it back
+  // here. The app's next connection is not steered by the socket hooks; the TC egress check,
+  // independent of them, stops it. Excluded ports still go direct. (Istio: nothing to detach.)
+  compare("the connect4 hook detached, the app connects out", [](Topology& t) {
+    auto proxy = t.start_proxy();
+    auto server = t.start_server(t.node2, 8080);
+    auto excluded = t.start_server(t.node2, 8081);
+    t.capture(false, {"--exclude-outbound-ports", "8081"});
+    if (t.mode == Mode::Podsteer) {
+      auto r = run({"bpftool", "link", "detach", "pinned", t.state_dir + "/links/podsteer_connect4"});
+      EXPECT_EQ(r.rc, 0) << r.out;
+    }
+    auto c = connect_from_app_netns(t, false, t.node2_4, 8080);
+    json o = unsteered_outcome(t, *proxy, *server, c, t.node2_4 + ":8080");
+    auto x = connect_from_app_netns(t, false, t.node2_4, 8081);
+    o["excluded_port_direct"] = x.value("reply", "").find("got=hello") != std::string::npos;
+    return o;
+  }, {{"reply", false}, {"via_proxy", false}, {"server_reached_directly", false}, {"unsteered_dropped", 1},
+      {"excluded_port_direct", true}});
+}
+
+TEST_F(Adversarial, AFailOpenPodWithoutItsProxyOnlyCountsWhatTheHooksMissed) {
+  // Fail-open means "go direct while the proxy is missing": the socket hooks let the app's
+  // connection through, and the TC check lets a process outside the hook cgroup through too,
+  // counted. (Istio's rules have no fail-open: the connection is refused.)
+  compare("fail-open, no proxy, a process outside the hook cgroup connects out", [](Topology& t) {
+    auto server = t.start_server(t.node2, 8080);
+    t.capture(false, {"--fail-open"});
+    auto c = connect_from_app_netns(t, true, t.node2_4, 8080);
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    json o = {{"reply", c.value("reply", "").find("got=hello") != std::string::npos}};
+    if (t.mode == Mode::Podsteer) {
+      auto g = guards(t);
+      o["unsteered_dropped"] = g.value("unsteered_dropped", -1);
+      o["unsteered_passed"] = g.value("unsteered_passed", -1);
+    }
+    return o;
+  }, {{"reply", true}, {"unsteered_dropped", 0}, {"unsteered_passed", 1}});
+}
+
 }  // namespace

@@ -602,6 +602,14 @@ TEST_F(AgentTest, DriftRepairPutsBackEveryPieceWithinASecond) {
                          ? "bpftool link detach pinned " + node->state_dir + "/pods/" + cookie + "/node_in_tcx_" + ifindex
                          : "nsenter --net=" + web.netns + " tc filter del dev eth0 ingress pref " +
                                std::to_string(tc[0]["priority"].get<unsigned>()) + " handle 0x5053 bpf"});
+  // ... and the TC egress check for connections the socket hooks did not steer
+  auto tc_out = node->status()["pods"][0]["inbound"]["tc_egress"];
+  ASSERT_EQ(tc_out.size(), 1u) << tc_out;
+  pieces.push_back(
+      {"tc egress", tc_out[0]["mode"] == "tcx"
+                        ? "bpftool link detach pinned " + node->state_dir + "/pods/" + cookie + "/pod_out_tcx_" + ifindex
+                        : "nsenter --net=" + web.netns + " tc filter del dev eth0 egress pref " +
+                              std::to_string(tc_out[0]["priority"].get<unsigned>()) + " handle 0x5053 bpf"});
   auto whole = [&] {
     auto s = node->status();
     return s.is_object() && s["pods"].size() == 1 && s["pods"][0]["missing"].empty() && s["missing_hooks"].empty();
