@@ -4,10 +4,16 @@
 #include <httplib.h>
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "log.h"
 #include "netns.h"
@@ -119,10 +125,35 @@ Status Agent::start() {
     }
     res.set_content(metrics(), "text/plain; version=0.0.4");
   });
+  // the log level, read by anyone who reaches the address, changed only from the node itself
+  http_->server.Get("/logging", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("level=" + log_level_name() + "\n", "text/plain");
+  });
+  http_->server.Post("/logging", [](const httplib::Request& req, httplib::Response& res) {
+    if (req.remote_addr != "127.0.0.1" && req.remote_addr != "::1" && req.remote_addr != "::ffff:127.0.0.1") {
+      res.status = 403;
+      res.set_content("the log level is changed from the node itself (loopback)\n", "text/plain");
+      return;
+    }
+    // level=NAME in the query or as a form body (curl -d level=debug)
+    std::string want = req.get_param_value("level");
+    if (want.empty() && req.body.rfind("level=", 0) == 0) want = req.body.substr(6);
+    while (!want.empty() && (want.back() == '\n' || want.back() == '\r')) want.pop_back();
+    auto level = parse_log_level(want);
+    if (!level) {
+      res.status = 400;
+      res.set_content("level must be one of trace, debug, info, warn, error, off\n", "text/plain");
+      return;
+    }
+    std::string was = log_level_name();
+    set_log_level(*level);
+    spdlog::warn("log level {} -> {} (POST /logging from {})", was, log_level_name(), req.remote_addr);
+    res.set_content("level=" + log_level_name() + "\n", "text/plain");
+  });
   if (!http_->server.bind_to_port(cfg_.http_addr.c_str(), cfg_.http_port))
     return invalid("cannot listen on " + cfg_.http_addr + ":" + std::to_string(cfg_.http_port));
   http_->thread = std::thread([this] { http_->server.listen_after_bind(); });
-  spdlog::info("http: /metrics /healthz /readyz on {}:{}", cfg_.http_addr, cfg_.http_port);
+  spdlog::info("http: /metrics /healthz /readyz /logging on {}:{}", cfg_.http_addr, cfg_.http_port);
   return {};
 }
 
@@ -198,6 +229,48 @@ bool Agent::daemonset_removed() {
   return meta != r->end() && meta->is_object() && meta->contains("deletionTimestamp");
 }
 
+// The standard process_* metrics of Prometheus' client libraries (prometheus-cpp has no
+// collector for them), from /proc/self: what a platform team's dashboards already chart.
+static void process_metrics(prometheus::Registry& reg) {
+  auto gauge = [&](const char* name, const char* help, double v) {
+    prometheus::BuildGauge().Name(name).Help(help).Register(reg).Add({}).Set(v);
+  };
+  std::ifstream stat("/proc/self/stat");
+  std::string line;
+  std::getline(stat, line);
+  auto close_paren = line.rfind(')');
+  if (close_paren != std::string::npos) {
+    std::istringstream rest(line.substr(close_paren + 2));
+    std::vector<std::string> f;  // from field 3 (state) on
+    for (std::string x; rest >> x;) f.push_back(x);
+    if (f.size() > 21) {
+      double tick = double(sysconf(_SC_CLK_TCK)), page = double(sysconf(_SC_PAGESIZE));
+      prometheus::BuildCounter()
+          .Name("process_cpu_seconds_total")
+          .Help("user and system CPU time spent, in seconds")
+          .Register(reg)
+          .Add({})
+          .Increment((std::stod(f[11]) + std::stod(f[12])) / tick);  // utime, stime
+      double boot = 0;
+      std::ifstream s("/proc/stat");
+      for (std::string l; std::getline(s, l);)
+        if (l.rfind("btime ", 0) == 0) boot = std::stod(l.substr(6));
+      gauge("process_start_time_seconds", "start time of the process since the Unix epoch, in seconds",
+            boot + std::stod(f[19]) / tick);
+      gauge("process_virtual_memory_bytes", "virtual memory size, in bytes", std::stod(f[20]));
+      gauge("process_resident_memory_bytes", "resident memory size, in bytes", std::stod(f[21]) * page);
+    }
+  }
+  std::error_code ec;
+  double fds = 0;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec); !ec && it != std::filesystem::directory_iterator();
+       it.increment(ec))
+    ++fds;
+  gauge("process_open_fds", "open file descriptors", fds);
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) == 0) gauge("process_max_fds", "the limit of open file descriptors", double(lim.rlim_cur));
+}
+
 std::string Agent::metrics() {
   prometheus::Registry reg;
   auto gauge = [&](const char* name, const char* help, double v) {
@@ -235,7 +308,30 @@ std::string Agent::metrics() {
     std::lock_guard<std::mutex> g(mu_);
     for (const auto& [k, v] : cni_requests_) reqs.Add({{"command", k.first}, {"result", k.second}}).Increment(double(v));
     for (const auto& [piece, v] : repairs_) repairs.Add({{"piece", piece}}).Increment(double(v));
+    auto& cni_s = prometheus::BuildHistogram()
+                      .Name("podsteer_cni_request_seconds")
+                      .Help("how long a CNI request took in the agent, by command (ADD: the pod's start waits for it)")
+                      .Register(reg);
+    for (const auto& [command, h] : cni_latency_) cni_s.Add({{"command", command}}, Latency::bounds()).ObserveMultiple(h.counts, h.sum);
+    prometheus::BuildHistogram()
+        .Name("podsteer_enroll_seconds")
+        .Help("how long the datapath took to capture one pod (maps, sk_lookup, TC programs, return path)")
+        .Register(reg)
+        .Add({}, Latency::bounds())
+        .ObserveMultiple(enroll_latency_.counts, enroll_latency_.sum);
   }
+  if (auto d = dp()) {
+    auto full = d->full();
+    auto& tf = prometheus::BuildCounter()
+                   .Name("podsteer_table_full_total")
+                   .Help("connections whose entry did not fit in a full table: orig (the proxy is not told the "
+                         "original destination and refuses), transit (the proxy's connection from a client's address "
+                         "comes back to it)")
+                   .Register(reg);
+    tf.Add({{"table", "orig"}}).Increment(double(full.orig));
+    tf.Add({{"table", "transit"}}).Increment(double(full.transit));
+  }
+  process_metrics(reg);
   if (kube_source_) {
     counter("podsteer_kube_event_errors_total", "malformed or unexpected watch input", kube_source_->event_errors());
     counter("podsteer_kube_relists_total", "relists after 410 Gone or an ERROR event", kube_source_->relists());
@@ -260,16 +356,19 @@ std::string Agent::metrics() {
   for (const auto& p : *cache) {
     n += p.has_entry;
     broken += !p.missing().empty();
-    std::string name = p.full_name();
-    traffic.Add({{"pod", name}, {"kind", "redirected_out"}}).Increment(double(p.counters.redirected_out));
-    traffic.Add({{"pod", name}, {"kind", "redirected_in"}}).Increment(double(p.counters.redirected_in));
-    traffic.Add({{"pod", name}, {"kind", "dns_redirected"}}).Increment(double(p.counters.dns_redirected));
-    traffic.Add({{"pod", name}, {"kind", "bypassed"}}).Increment(double(p.counters.bypassed));
-    traffic.Add({{"pod", name}, {"kind", "proxy_missing"}}).Increment(double(p.counters.proxy_missing));
-    guard.Add({{"pod", name}, {"kind", "forged_mark"}}).Increment(double(p.guard.forged_mark));
-    guard.Add({{"pod", name}, {"kind", "bind_refused"}}).Increment(double(p.guard.bind_refused));
-    guard.Add({{"pod", name}, {"kind", "unsteered_dropped"}}).Increment(double(p.hole.dropped));
-    guard.Add({{"pod", name}, {"kind", "unsteered_passed"}}).Increment(double(p.hole.passed));
+    auto id = p.identity();
+    auto add = [&](prometheus::Family<prometheus::Counter>& f, const char* kind, uint64_t v) {
+      f.Add({{"namespace", id.namespace_}, {"pod", id.name}, {"kind", kind}}).Increment(double(v));
+    };
+    add(traffic, "redirected_out", p.counters.redirected_out);
+    add(traffic, "redirected_in", p.counters.redirected_in);
+    add(traffic, "dns_redirected", p.counters.dns_redirected);
+    add(traffic, "bypassed", p.counters.bypassed);
+    add(traffic, "proxy_missing", p.counters.proxy_missing);
+    add(guard, "forged_mark", p.guard.forged_mark);
+    add(guard, "bind_refused", p.guard.bind_refused);
+    add(guard, "unsteered_dropped", p.hole.dropped);
+    add(guard, "unsteered_passed", p.hole.passed);
   }
   pods_g.Add({}).Set(double(n));
   whole.Add({}).Set(double(broken));

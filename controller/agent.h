@@ -171,6 +171,16 @@ class Agent {
   std::atomic<uint64_t> istio_takeovers_{0};
   std::map<std::pair<std::string, std::string>, uint64_t> cni_requests_;
   std::map<std::string, uint64_t> repairs_;
+  // Latencies, rendered as Prometheus histograms at each scrape: a CNI request's by command
+  // (ADD: the pod's start waits for it), and the datapath's enroll of one pod
+  struct Latency {
+    static const std::vector<double>& bounds();  // seconds
+    std::vector<double> counts = std::vector<double>(bounds().size() + 1);  // per bucket, +Inf last
+    double sum = 0;
+    void observe(double seconds);
+  };
+  std::map<std::string, Latency> cni_latency_;
+  Latency enroll_latency_;
   std::map<uint64_t, std::chrono::steady_clock::time_point> cni_in_flight_;
   uint64_t cni_serial_ = 0;
 

@@ -1,5 +1,6 @@
 // CNI requests from podsteer-cni: ADD captures an enrolled pod before its app starts, DEL
 // releases it, CHECK says whether it is whole.
+#include <algorithm>
 #include <chrono>
 
 #include "agent.h"
@@ -17,6 +18,17 @@ json error(const std::string& msg) { return {{"status", "error"}, {"message", ms
 void Agent::count(const std::string& command, const std::string& result) {
   std::lock_guard<std::mutex> g(mu_);
   cni_requests_[{command, result}]++;
+}
+
+const std::vector<double>& Agent::Latency::bounds() {
+  static const std::vector<double> b = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  return b;
+}
+
+void Agent::Latency::observe(double seconds) {
+  size_t i = std::lower_bound(bounds().begin(), bounds().end(), seconds) - bounds().begin();
+  counts[i] += 1;
+  sum += seconds;
 }
 
 std::string Agent::handle_cni(const std::string& line) {
@@ -41,6 +53,10 @@ std::string Agent::handle_cni(const std::string& line) {
   std::string result = out.value("status", "error");
   count(command, result);
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    cni_latency_[command].observe(double(us) / 1e6);
+  }
   if (req)
     spdlog::info("cni {} pod={} container={} -> {} {} ({} us)", command, req->pod.full_name(),
                  req->pod.container_id.substr(0, 12), result, out.value("message", ""), us);

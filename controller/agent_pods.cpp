@@ -79,6 +79,10 @@ Status Agent::capture(const PodInfo& in, bool proxy_may_be_away) {
   auto r = d->enroll(*ns, options_for(pod));
   if (!r) return r.error();
   auto t1 = std::chrono::steady_clock::now();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    enroll_latency_.observe(std::chrono::duration<double>(t1 - t0).count());
+  }
   // the proxy serving an Istio-captured pod listens there already: sock_ops saw no listen()
   if (proxy_may_be_away)
     if (auto fl = d->find_listeners(*ns); !fl) spdlog::warn("{}: the proxy's listeners: {}", pod.full_name(), fl.error().message());

@@ -122,10 +122,21 @@ int main(int argc, char** argv) {
   app.add_option("--system-namespace", system_namespace,
                  "the node proxy's namespace: its pods (label app=ztunnel or podsteer-proxy) are never captured")
       ->capture_default_str();
-  app.add_flag("-v,--verbose", verbose);
+  std::string log_level = "info", log_format = "text";
+  app.add_option("--log-level", log_level,
+                 "trace, debug, info, warn, error or off (while it runs: curl -d level=debug "
+                 "127.0.0.1:PORT/logging on the node)")
+      ->envname("PODSTEER_LOG_LEVEL")
+      ->check([](const std::string& v) { return parse_log_level(v) ? std::string() : "not a log level: " + v; })
+      ->capture_default_str();
+  app.add_option("--log-format", log_format, "text (time, level, message) or json (one object per line)")
+      ->envname("PODSTEER_LOG_FORMAT")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_flag("-v,--verbose", verbose, "the same as --log-level trace");
   CLI11_PARSE(app, argc, argv);
   node_flags.record(cfg.node);
-  init_logging(verbose);
+  init_daemon_logging(verbose ? spdlog::level::trace : *parse_log_level(log_level), *parse_log_format(log_format));
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
   if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");
   if (cfg.daemonset.empty() && getenv("POD_NAMESPACE")) cfg.daemonset = std::string(getenv("POD_NAMESPACE")) + "/podsteer-agent";

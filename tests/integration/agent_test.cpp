@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -1052,7 +1053,7 @@ TEST_F(AgentTest, OnlyTheZdsPeersProcessMayUseTheProxyMarkAndOnlyWhileItRuns) {
     if (p.value("pod", "") == "ambient/web") forged_count = p["guard"].value("forged_mark", 0);
   EXPECT_EQ(forged_count, 1u);
   // the agent's log says so, and /metrics counts it (both from the repair pass)
-  std::string metric = "podsteer_pod_guard_total{kind=\"forged_mark\",pod=\"ambient/web\"} 1";
+  std::string metric = "podsteer_pod_guard_total{kind=\"forged_mark\",namespace=\"ambient\",pod=\"web\"} 1";
   bool seen = false;
   for (int i = 0; i < 40 && !(seen = node->http_get("/metrics").find(metric) != std::string::npos); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -1072,3 +1073,91 @@ TEST_F(AgentTest, OnlyTheZdsPeersProcessMayUseTheProxyMarkAndOnlyWhileItRuns) {
   }
   EXPECT_TRUE(left.empty()) << left << node->agent->output();
 }
+
+TEST_F(AgentTest, LogsCarryTimeAndLevelAsTextOrJsonAndTheLevelChangesWhileItRuns) {
+  const std::regex iso_utc(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)");
+  // JSON, one object per line, with the level from the environment (as the DaemonSet sets it)
+  setenv("PODSTEER_LOG_LEVEL", "debug", 1);
+  node->start_agent({"--log-format", "json"});
+  unsetenv("PODSTEER_LOG_LEVEL");
+  node->start_proxy();
+  auto level_now = [&] { return run({"curl", "-s", fmt::format("http://127.0.0.1:{}/logging", node->http_port)}).out; };
+  EXPECT_EQ(level_now(), "level=debug\n");
+  auto post = [&](const std::string& level) {
+    return run({"curl", "-s", "-w", " %{http_code}", "-d", "level=" + level,
+                fmt::format("http://127.0.0.1:{}/logging", node->http_port)})
+        .out;
+  };
+  EXPECT_EQ(post("loud"), "level must be one of trace, debug, info, warn, error, off\n 400");
+  EXPECT_EQ(level_now(), "level=debug\n") << "a refused change changes nothing";
+  EXPECT_EQ(post("warn"), "level=warn\n 200");
+  EXPECT_EQ(level_now(), "level=warn\n");
+  // at warn, an info line (a pod enrolled) is not written; the change itself is, as a warning
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  std::istringstream lines(node->agent->output());
+  int n = 0;
+  bool change_logged = false, info_after_change = false;
+  for (std::string l; std::getline(lines, l);) {
+    auto j = json::parse(l, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << "not a JSON object: " << l;
+    ASSERT_TRUE(j["time"].is_string() && j["level"].is_string() && j["msg"].is_string()) << l;
+    EXPECT_TRUE(std::regex_match(j["time"].get<std::string>(), iso_utc)) << l;
+    ++n;
+    if (change_logged && j["level"] == "info") info_after_change = true;
+    if (j["msg"].get<std::string>().find("log level debug -> warn") != std::string::npos)
+      change_logged = j["level"] == "warning";
+  }
+  EXPECT_GT(n, 2);
+  EXPECT_TRUE(change_logged) << node->agent->output();
+  EXPECT_FALSE(info_after_change) << node->agent->output();
+  // the default: text, each line starting with its time and level
+  node->agent->stop();
+  node->start_agent();
+  std::istringstream text(node->agent->output());
+  std::string first;
+  std::getline(text, first);
+  EXPECT_TRUE(std::regex_search(first, std::regex(R"(^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info )"))) << first;
+  EXPECT_EQ(level_now(), "level=info\n");
+  // a level that is not one is refused at the start
+  auto bad = run({AGENT_BIN, "--state-dir", node->state_dir, "--log-level", "loud"});
+  EXPECT_NE(bad.rc, 0);
+  EXPECT_NE(bad.out.find("not a log level: loud"), std::string::npos) << bad.out;
+}
+
+TEST_F(AgentTest, EveryMetricTheReadmeListsIsInARealScrape) {
+  node->start_agent({"--repair-interval-ms", "200"});
+  node->start_proxy();
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  // a piece taken away and put back: podsteer_repairs_total has a series from then on
+  ASSERT_EQ(sh("ip -n " + web.netns_name + " rule del pref 32764").rc, 0);
+  std::string scrape;
+  for (int i = 0; i < 50; ++i) {
+    scrape = node->http_get("/metrics");
+    if (scrape.find("podsteer_repairs_total{") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  auto types = scraped_types(scrape);
+  auto listed = readme_metrics();
+  ASSERT_GE(listed.size(), 25u) << "the README's metrics table did not parse";
+  for (const auto& m : listed) {
+    if (m.kube_only) continue;  // KubeTest.KubectlLabelCapturesRunningPodAndNoneReleasesIt
+    EXPECT_EQ(types[m.name], m.type) << m.name << " is not in the scrape as a " << m.type << ":\n" << scrape;
+  }
+  // and nothing the agent serves is missing from the README
+  for (const auto& [name, type] : types) {
+    bool documented = false;
+    for (const auto& m : listed) documented = documented || m.name == name;
+    EXPECT_TRUE(documented) << name << " (" << type << ") is served but not in the README's table";
+  }
+  // per-pod series name the namespace and the pod apart; the histograms have observations
+  EXPECT_NE(scrape.find("podsteer_pod_connections_total{kind=\"redirected_out\",namespace=\"ambient\",pod=\"web\"}"),
+            std::string::npos) << scrape;
+  EXPECT_GE(metric(scrape, "podsteer_cni_request_seconds_count{command=\"ADD\"}"), 1) << scrape;
+  EXPECT_GE(metric(scrape, "podsteer_enroll_seconds_count"), 1) << scrape;
+  EXPECT_GT(metric(scrape, "process_resident_memory_bytes"), 1e6);
+  EXPECT_GT(metric(scrape, "process_open_fds"), 3);
+  EXPECT_EQ(metric(scrape, "podsteer_table_full_total{table=\"orig\"}"), 0);
+}
+

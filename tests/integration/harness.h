@@ -74,6 +74,7 @@ std::string unique_id();
 int free_loopback_port(int seed);
 std::string cgroup2_root();
 std::string read_file(const std::string& path);
+
 // Kills every process in cg and removes it.
 void kill_cgroup(const std::string& cg);
 

@@ -1,5 +1,7 @@
 #include "node.h"
 
+#include <sstream>
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -198,5 +200,41 @@ json Node::status() {
 std::string Node::http_get(const std::string& path) {
   return run({"curl", "-s", "-i", fmt::format("http://127.0.0.1:{}{}", http_port, path)}).out;
 }
+
+std::vector<ListedMetric> readme_metrics() {
+  std::istringstream in(read_file(README_PATH));
+  std::vector<ListedMetric> out;
+  bool inside = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line == "<!-- metrics -->") inside = true;
+    else if (line == "<!-- /metrics -->") break;
+    else if (inside && line.rfind("| `", 0) == 0) {
+      // | `name` | type | labels | what |
+      std::vector<std::string> cells;
+      std::istringstream row(line.substr(1));
+      for (std::string c; std::getline(row, c, '|');) {
+        auto b = c.find_first_not_of(' '), e = c.find_last_not_of(' ');
+        cells.push_back(b == std::string::npos ? "" : c.substr(b, e - b + 1));
+      }
+      if (cells.size() < 4) continue;
+      out.push_back({cells[0].substr(1, cells[0].size() - 2), cells[1], cells[3].rfind("*kube*", 0) == 0});
+    }
+  }
+  return out;
+}
+
+std::map<std::string, std::string> scraped_types(const std::string& scrape) {
+  std::map<std::string, std::string> out;
+  std::istringstream in(scrape);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("# TYPE ", 0) != 0) continue;
+    std::istringstream f(line.substr(7));
+    std::string name, type;
+    f >> name >> type;
+    out[name] = type;
+  }
+  return out;
+}
+
 
 }  // namespace podsteer::test

@@ -71,4 +71,14 @@ class KubeApi {
   std::string scheme = "http";  // https when started with --tls-cert
 };
 
+// The metrics README.md lists (its table between <!-- metrics --> and <!-- /metrics -->):
+// name, Prometheus type, and whether only an agent with the Kubernetes source has it.
+struct ListedMetric {
+  std::string name, type;
+  bool kube_only = false;
+};
+std::vector<ListedMetric> readme_metrics();
+// What a scrape says each metric family is ("# TYPE name type" lines)
+std::map<std::string, std::string> scraped_types(const std::string& scrape);
+
 }  // namespace podsteer::test

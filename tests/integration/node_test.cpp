@@ -319,7 +319,7 @@ TEST_F(NodeTest, AgentKilledUnderLoadLosesNoConnectionAndCatchesUp) {
   EXPECT_NE(ready.find("200 OK"), std::string::npos) << ready;
   auto metrics = node->http_get("/metrics");
   EXPECT_NE(metrics.find("podsteer_pods_captured 2"), std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("podsteer_pod_connections_total{kind=\"redirected_out\",pod=\"ambient/web\"}"), std::string::npos)
+  EXPECT_NE(metrics.find("podsteer_pod_connections_total{kind=\"redirected_out\",namespace=\"ambient\",pod=\"web\"}"), std::string::npos)
       << metrics;
 }
 
