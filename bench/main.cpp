@@ -470,22 +470,33 @@ int main(int argc, char** argv) {
 
   // plot: connection rate per mode and exclusion count
   std::ofstream dat(s.dir.empty() ? "/tmp/podsteer-bench.dat" : out_dir + "/connection_rate.dat");
-  dat << "# exclusions podsteer istio-iptables direct\n";
+  // each mode's median with its spread over rounds (min, max): a difference within the spread
+  // is not one
+  auto with_spread = [](const std::vector<double>& v) {
+    if (v.empty()) return std::string("0 0 0");
+    auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+    return fmt::format("{} {} {}", median(v), *lo, *hi);
+  };
+  dat << "# exclusions podsteer(median min max) istio-iptables(median min max) direct(median min max)\n";
   for (int n : exclusions)
-    dat << n << " " << median(scale["podsteer"][n]) << " " << median(scale["istio-iptables"][n]) << " "
-        << med("direct", "conn_per_sec") << "\n";
+    dat << n << " " << with_spread(scale["podsteer"][n]) << " " << with_spread(scale["istio-iptables"][n]) << " "
+        << with_spread(m["direct"]["conn_per_sec"]) << "\n";
   dat.close();
   std::ofstream gp(out_dir + "/connection_rate.gp");
   gp << "set terminal pngcairo size 800,450\nset output '" << out_dir << "/connection_rate.png'\n"
-     << "set title 'short connections per second through the same proxy'\nset logscale x\n"
+     << "set title \"short connections per second through the same proxy\\n(median; bars and band: min-max over "
+     << "rounds)\"\nset logscale x\n"
      << "set xlabel 'outbound exclusion CIDRs'\nset ylabel 'connections/s'\nset yrange [0:*]\nset key bottom left\n"
      << "set xtics (" << [&] {
           std::string t;
           for (size_t i = 0; i < exclusions.size(); ++i) t += fmt::format("{}'{}' {}", i ? ", " : "", exclusions[i], exclusions[i]);
           return t;
         }() << ")\n"
-     << "plot '" << out_dir << "/connection_rate.dat' using 1:2 with linespoints lw 2 title 'podsteer', "
-     << "'' using 1:3 with linespoints lw 2 title 'istio-iptables', '' using 1:4 with lines dt 2 title 'direct (no redirect)'\n";
+     << "set style fill transparent solid 0.3 noborder\n"
+     << "plot '" << out_dir << "/connection_rate.dat' using 1:9:10 with filledcurves lc rgb 'gray' title 'direct: min-max', "
+     << "'' using 1:8 with lines dt 2 lc rgb 'gray40' title 'direct (no redirect)', "
+     << "'' using 1:2:3:4 with yerrorlines lw 2 title 'podsteer', "
+     << "'' using 1:5:6:7 with yerrorlines lw 2 title 'istio-iptables'\n";
   gp.close();
   if (sh("command -v gnuplot >/dev/null") == 0) sh("gnuplot " + out_dir + "/connection_rate.gp");
   fs::remove(out_dir + "/connection_rate.gp");

@@ -174,6 +174,16 @@ struct {
 	__type(value, struct podsteer_hole);
 } podsteer_holes SEC(".maps");
 
+/* A per-pod event row, made at the pod's first event (zero: the map's value, all zeros) */
+static __always_inline void *pod_row(void *map, __u64 *cookie, const void *zero)
+{
+	void *v = bpf_map_lookup_elem(map, cookie);
+	if (v)
+		return v;
+	bpf_map_update_elem(map, cookie, zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(map, cookie);
+}
+
 static __always_inline struct podsteer_counters *pod_counters(__u64 cookie)
 {
 	return bpf_map_lookup_elem(&podsteer_stats, &cookie);

@@ -325,14 +325,10 @@ static __always_inline int listening_at(struct __sk_buff *skb, const __u8 *targe
 /* Counts a hole once per socket: a retransmitted SYN has the same socket cookie. */
 static __always_inline void count_hole(__u64 cookie, __u64 sock, int passed)
 {
-	struct podsteer_hole *h = bpf_map_lookup_elem(&podsteer_holes, &cookie);
-	if (!h) {
-		struct podsteer_hole zero = {};
-		bpf_map_update_elem(&podsteer_holes, &cookie, &zero, BPF_NOEXIST);
-		h = bpf_map_lookup_elem(&podsteer_holes, &cookie);
-		if (!h)
-			return;
-	}
+	struct podsteer_hole zero = {};
+	struct podsteer_hole *h = pod_row(&podsteer_holes, &cookie, &zero);
+	if (!h)
+		return;
 	if (h->last_sock == sock)
 		return;
 	h->last_sock = sock;

@@ -32,14 +32,10 @@ enum guard_event { GUARD_FORGED_MARK, GUARD_BIND };
 
 static __always_inline void count_guard(__u64 cookie, enum guard_event what)
 {
-	struct podsteer_guard *g = bpf_map_lookup_elem(&podsteer_guard, &cookie);
-	if (!g) {
-		struct podsteer_guard zero = {};
-		bpf_map_update_elem(&podsteer_guard, &cookie, &zero, BPF_NOEXIST);
-		g = bpf_map_lookup_elem(&podsteer_guard, &cookie);
-		if (!g)
-			return;
-	}
+	struct podsteer_guard zero = {};
+	struct podsteer_guard *g = pod_row(&podsteer_guard, &cookie, &zero);
+	if (!g)
+		return;
 	if (what == GUARD_BIND)
 		g->bind_refused++;
 	else
@@ -60,22 +56,22 @@ static __always_inline enum verdict classify(const struct bpf_sock_addr *ctx, __
 					     struct podsteer_pod *pod, const __u8 *addr16, __u16 port)
 {
 	int dns = port == DNS_PORT && (pod->flags & PODSTEER_POD_DNS);
-	enum verdict v;
 	if (ctx->type == SOCK_DGRAM) {
 		if (!dns || is_loopback(addr16) || own_address(pod, addr16))
 			return LEAVE;
-		v = excluded(pod, cookie, addr16, port) ? EXCLUDED : TO_DNS;
 	} else if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
 		return LEAVE;
-	} else {
-		v = tcp_verdict(pod, cookie, addr16, port, dns);
+	} else if (tcp_stays_in_pod(pod, addr16, dns)) {
+		return LEAVE;
 	}
-	if (v == EXCLUDED) {
+	/* the rest as tcp_verdict() (verdict.bpf.h), which the TC egress check runs; written out
+	 * here because the shared form costs this program 60 instructions */
+	if (excluded(pod, cookie, addr16, port)) {
 		struct podsteer_counters *c = pod_counters(cookie);
 		COUNT(c, bypassed);
 		return LEAVE;
 	}
-	return v;
+	return dns ? TO_DNS : TO_OUTBOUND;
 }
 
 /* What steer() does with a connect()/sendmsg() to addr16 (v4-mapped for IPv4):port from

@@ -44,10 +44,15 @@ static __always_inline int excluded(const struct podsteer_pod *pod, __u64 cookie
  * TCP 53 (dns: the pod captures DNS) to the DNS listener unless it goes to loopback ("! -d
  * 127.0.0.1"); other TCP to the outbound listener unless it stays in the pod ("! -o lo").
  * Excluded destinations go direct, DNS included. */
+static __always_inline int tcp_stays_in_pod(const struct podsteer_pod *pod, const __u8 *addr16, int dns)
+{
+	return is_loopback(addr16) || (!dns && own_address(pod, addr16));
+}
+
 static __always_inline enum verdict tcp_verdict(const struct podsteer_pod *pod, __u64 cookie, const __u8 *addr16,
 						__u16 port, int dns)
 {
-	if (is_loopback(addr16) || (!dns && own_address(pod, addr16)))
+	if (tcp_stays_in_pod(pod, addr16, dns))
 		return LEAVE;
 	if (excluded(pod, cookie, addr16, port))
 		return EXCLUDED;
