@@ -447,7 +447,9 @@ void DatapathTest::foreign_programs_around_ours(const std::string& mode) {
   EXPECT_NE(filters.out.find("foreign_clsact "), std::string::npos) << "the foreign filters must survive: " << filters.out;
   EXPECT_NE(filters.out.find("foreign_clsact_"), std::string::npos) << filters.out;  // 15 characters of a name
   EXPECT_EQ(filters.out.find("podsteer"), std::string::npos) << filters.out;
-  if (mode == "tcx") EXPECT_NE(sh("bpftool link show id " + our_link + " 2>&1").rc, 0) << "our tcx link is gone";
+  if (mode == "tcx") {
+    EXPECT_NE(sh("bpftool link show id " + our_link + " 2>&1").rc, 0) << "our tcx link is gone";
+  }
   for (int l : links) close(l);
 }
 

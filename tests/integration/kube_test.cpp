@@ -155,8 +155,10 @@ TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
   EXPECT_NE(annotations.find("\"ambient.istio.io/redirection\":\"enabled\""), std::string::npos) << annotations;
   // the README's metrics that only an agent with the Kubernetes source has
   auto types = scraped_types(run({"curl", "-s", fmt::format("http://127.0.0.1:{}/metrics", http_port)}).out);
-  for (const auto& m : readme_metrics())
-    if (m.kube_only) EXPECT_EQ(types[m.name], m.type) << m.name;
+  for (const auto& m : readme_metrics()) {
+    if (!m.kube_only) continue;
+    EXPECT_EQ(types[m.name], m.type) << m.name;
+  }
 
   // a connection open through the proxy survives the opt-out
   auto session = std::make_unique<Peer>(
