@@ -140,6 +140,7 @@ int cmd_status(Datapath& dp, bool as_json) {
     json out;
     out["state_dir"] = dp.state_dir();
     out["hook_cgroup"] = c.hook_cgroup;
+    out["versions"] = {{"cli", kVersion}, {"programs_id", fmt::format("{:016x}", c.programs_id)}};
     out["config"] = {{"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
                      {"hbone_port", c.hbone_port},       {"dns_port", c.dns_port},
                      {"proxy_mark", c.proxy_mark},       {"proxy_mark_mask", c.proxy_mark_mask},
@@ -167,6 +168,8 @@ int cmd_status(Datapath& dp, bool as_json) {
     return 0;
   }
   fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
+  // (opening the state has upgraded programs an earlier build pinned: they are this build's now)
+  fmt::print("versions    cli {}, pinned programs {:016x}\n", kVersion, c.programs_id);
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
   auto ev = dp.events();
   fmt::print("connect4 -> sock_ops handoffs found on another CPU {}, missing {}\n", ev.stash_migrated, ev.stash_missing);

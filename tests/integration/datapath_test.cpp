@@ -9,6 +9,8 @@
 #include <sched.h>
 #include <sys/stat.h>
 
+#include <sstream>
+
 #include <fmt/format.h>
 
 #include <fstream>
@@ -78,6 +80,40 @@ TEST_F(DatapathTest, OutboundIPv4ReachesProxyWithOriginalDestination) {
   EXPECT_EQ(closed["bytes_up"], 6);  // "hello\n"
   EXPECT_EQ(closed["bytes_down"], c["reply"].get<std::string>().size() + 1);
   EXPECT_EQ(counters()["redirected_out"], 1);
+}
+
+TEST_F(DatapathTest, EveryCommandOfTheReadmesBpftoolSectionWorks) {
+  // What a user pastes from "Debugging with bpftool", against a node with a captured pod (the
+  // default state dir and POD replaced by this test's)
+  auto proxy = env->start_proxy();
+  enroll();
+  std::istringstream in(read_file(README_PATH));
+  std::vector<std::string> commands;
+  bool section = false, block = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line == "### Debugging with bpftool") section = true;
+    else if (section && line.rfind("```", 0) == 0 && block) break;
+    else if (section && line.rfind("```", 0) == 0) block = true;
+    else if (block) {
+      std::string cmd = line.substr(0, line.find('#'));
+      while (!cmd.empty() && cmd.back() == ' ') cmd.pop_back();
+      if (cmd.empty()) continue;
+      for (size_t at; (at = cmd.find("/sys/fs/bpf/podsteer/")) != std::string::npos;)
+        cmd.replace(at, strlen("/sys/fs/bpf/podsteer/"), env->state_dir + "/");
+      for (size_t at; (at = cmd.find(" POD ")) != std::string::npos;) cmd.replace(at, 5, " " + env->pod_ns_name + " ");
+      commands.push_back(cmd);
+    }
+  }
+  ASSERT_GE(commands.size(), 12u) << "the README's bpftool block did not parse";
+  // and status names the versions it shows them with
+  auto v = env->status()["versions"];
+  EXPECT_FALSE(v.value("cli", "").empty()) << v;
+  EXPECT_EQ(v.value("programs_id", "").size(), 16u) << v;
+  for (const auto& cmd : commands) {
+    auto r = sh(cmd + " 2>&1");
+    EXPECT_EQ(r.rc, 0) << cmd << ":\n" << r.out;
+    EXPECT_EQ(r.out.find("Error"), std::string::npos) << cmd << ":\n" << r.out;
+  }
 }
 
 TEST_F(DatapathTest, OutboundIPv6AndV4MappedReachProxy) {
