@@ -45,7 +45,8 @@ Result<bool> enrolled_by_api(const PluginConf& conf, const std::string& pod_name
   auto ns = kube::parse_namespace(*ns_json);
   if (!ns) return ns.error();
 
-  return kube::LabelPolicy::from(conf.enroll_label, conf.system_namespace).enrolled(*pod, &ns->second);
+  return kube::LabelPolicy::from(conf.enroll_label, conf.system_namespace, conf.exclude_namespaces)
+      .enrolled(*pod, &ns->second);
 }
 
 }  // namespace podsteer::cni

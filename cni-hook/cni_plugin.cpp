@@ -50,19 +50,25 @@ bool parse_plugin_conf(const std::string& stdin_json, PluginConf& out, PluginErr
     out.cni_version = "1.0.0";  // the error itself is reported in a version we speak
     return false;
   }
-  if (auto it = conf.find("enrollNamespaces"); it != conf.end() && !it->is_null()) {
+  // a list of strings, absent or null for none
+  auto strings_list = [&](const nlohmann::json& in, const char* key, const std::string& name,
+                          std::vector<std::string>& into) {
+    auto it = in.find(key);
+    if (it == in.end() || it->is_null()) return true;
     if (!it->is_array()) {
-      err = {kInvalidConfig, "invalid network configuration", "'enrollNamespaces' is not a list"};
+      err = {kInvalidConfig, "invalid network configuration", "'" + name + "' is not a list"};
       return false;
     }
-    for (const auto& ns : *it) {
-      if (!ns.is_string()) {
-        err = {kInvalidConfig, "invalid network configuration", "'enrollNamespaces' holds a non-string"};
+    for (const auto& v : *it) {
+      if (!v.is_string()) {
+        err = {kInvalidConfig, "invalid network configuration", "'" + name + "' holds a non-string"};
         return false;
       }
-      out.enroll_namespaces.push_back(ns.get<std::string>());
+      into.push_back(v.get<std::string>());
     }
-  }
+    return true;
+  };
+  if (!strings_list(conf, "enrollNamespaces", "enrollNamespaces", out.enroll_namespaces)) return false;
   // an object of strings: a key of another type is a decode error
   auto strings = [&](const char* name, const std::vector<std::pair<const char*, std::string*>>& fields) {
     auto it = conf.find(name);
@@ -85,6 +91,9 @@ bool parse_plugin_conf(const std::string& stdin_json, PluginConf& out, PluginErr
   KubeAccess kube;
   if (!strings("kubernetes", {{"server", &kube.server}, {"tokenFile", &kube.token_file}, {"caFile", &kube.ca_file}}) ||
       !strings("enrollment", {{"label", &out.enroll_label}, {"systemNamespace", &out.system_namespace}}))
+    return false;
+  if (auto e = conf.find("enrollment"); e != conf.end() && e->is_object() &&
+      !strings_list(*e, "excludeNamespaces", "enrollment.excludeNamespaces", out.exclude_namespaces))
     return false;
   if (!kube.server.empty()) out.kubernetes = kube;
   if (auto it = conf.find("prevResult"); it != conf.end() && it->is_object()) {

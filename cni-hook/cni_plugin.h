@@ -46,6 +46,7 @@ struct PluginConf {
   std::optional<KubeAccess> kubernetes;  // "kubernetes": {"server", "tokenFile", "caFile"}
   std::string enroll_label = "istio.io/dataplane-mode=ambient";  // "enrollment": {"label", ...}
   std::string system_namespace = "istio-system";                 // ... "systemNamespace"
+  std::vector<std::string> exclude_namespaces;                   // ... "excludeNamespaces"
 };
 
 extern const std::vector<std::string> kSupportedVersions;

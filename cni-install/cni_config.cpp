@@ -275,7 +275,8 @@ Status uninstall(const InstallOptions& o) {
 }
 
 Status set_api_access(InstallOptions& o, const std::string& server, const std::string& token, const std::string& ca_pem,
-                      const std::string& enroll_label, const std::string& system_namespace) {
+                      const std::string& enroll_label, const std::string& system_namespace,
+                      const std::vector<std::string>& exclude_namespaces) {
   auto keep = [](const std::string& path, const std::string& content, mode_t mode) -> Status {
     std::ifstream in(path);
     std::stringstream have;
@@ -292,7 +293,9 @@ Status set_api_access(InstallOptions& o, const std::string& server, const std::s
     k["caFile"] = o.conf_dir + "/" + kCaFile;
     PODSTEER_TRY(keep(o.conf_dir + "/" + kCaFile, ca_pem, 0644));
   }
-  o.plugin_settings = {{"kubernetes", k}, {"enrollment", {{"label", enroll_label}, {"systemNamespace", system_namespace}}}};
+  json enrollment = {{"label", enroll_label}, {"systemNamespace", system_namespace}};
+  if (!exclude_namespaces.empty()) enrollment["excludeNamespaces"] = exclude_namespaces;
+  o.plugin_settings = {{"kubernetes", k}, {"enrollment", enrollment}};
   return {};
 }
 

@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "result.h"
 
@@ -47,7 +48,8 @@ Status install(const InstallOptions& o);
 extern const char* const kTokenFile;  // in conf_dir
 extern const char* const kCaFile;
 Status set_api_access(InstallOptions& o, const std::string& server, const std::string& token, const std::string& ca_pem,
-                      const std::string& enroll_label, const std::string& system_namespace);
+                      const std::string& enroll_label, const std::string& system_namespace,
+                      const std::vector<std::string>& exclude_namespaces = {});
 // Removes our plugin from every conflist in conf_dir and the binary from bin_dir; an empty
 // dir is skipped.
 Status uninstall(const InstallOptions& o);

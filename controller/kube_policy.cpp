@@ -14,18 +14,21 @@ bool LabelPolicy::enrolled(const Pod& pod, const Labels* ns_labels) const {
   };
   bool ambient = label(pod.labels, key) == value || (ns_labels && label(*ns_labels, key) == value);
   if (!ambient || label(pod.labels, key) == opt_out || pod.host_network) return false;
+  if (excluded_namespaces.count(pod.namespace_)) return false;
   if (pod.annotations.count("sidecar.istio.io/status")) return false;  // a sidecar pod: never both
   if (pod.namespace_ == proxy_namespace && proxy_apps.count(label(pod.labels, "app"))) return false;
   return true;
 }
 
-LabelPolicy LabelPolicy::from(const std::string& label, const std::string& system_namespace) {
+LabelPolicy LabelPolicy::from(const std::string& label, const std::string& system_namespace,
+                              const std::vector<std::string>& excluded_namespaces) {
   LabelPolicy p;
   if (auto eq = label.find('='); eq != std::string::npos) {
     p.key = label.substr(0, eq);
     p.value = label.substr(eq + 1);
   }
   p.proxy_namespace = system_namespace;
+  p.excluded_namespaces = {excluded_namespaces.begin(), excluded_namespaces.end()};
   return p;
 }
 

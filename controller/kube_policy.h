@@ -63,9 +63,13 @@ struct LabelPolicy {
   // the node proxy's pods: this namespace and label app=one of these (Istio: istio-system, ztunnel)
   std::string proxy_namespace = "istio-system";
   std::set<std::string> proxy_apps = {"ztunnel", "podsteer-proxy"};
+  // namespaces never captured, whatever their labels (istio-cni's excludeNamespaces)
+  std::set<std::string> excluded_namespaces;
   bool enrolled(const Pod& pod, const Labels* ns_labels) const;
-  // From "KEY=VALUE" (the agent's --enroll-label) and the node proxy's namespace
-  static LabelPolicy from(const std::string& label, const std::string& system_namespace);
+  // From "KEY=VALUE" (the agent's --enroll-label), the node proxy's namespace and the
+  // excluded namespaces
+  static LabelPolicy from(const std::string& label, const std::string& system_namespace,
+                          const std::vector<std::string>& excluded_namespaces = {});
 };
 
 // Istio's per-pod settings (istio-cni: getPodLevelTrafficOverrides), read as Go's

@@ -49,7 +49,7 @@ void watch_cni_config(cni::InstallOptions& o, const std::atomic<bool>& stop,
 // podsteer-cni asks the API server itself when the agent is away: it gets the agent's
 // server, token and CA (re-read here, so a rotated token reaches the plugin within a second).
 Status refresh_plugin_api_access(const AgentConfig& cfg, const std::string& label, const std::string& system_namespace,
-                                 cni::InstallOptions& o) {
+                                 const std::vector<std::string>& exclude_namespaces, cni::InstallOptions& o) {
   if (cfg.kubeconfig.empty() && !cfg.in_cluster) return {};  // the CNI-only source: no API to ask
   auto kc = cfg.kubeconfig.empty() ? kube::in_cluster_config() : kube::load_kubeconfig(cfg.kubeconfig);
   if (!kc) return kc.error();
@@ -64,7 +64,8 @@ Status refresh_plugin_api_access(const AgentConfig& cfg, const std::string& labe
     token = slurp(kc->token_file);
     while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
   }
-  return cni::set_api_access(o, kc->server, token, kc->ca_file.empty() ? "" : slurp(kc->ca_file), label, system_namespace);
+  return cni::set_api_access(o, kc->server, token, kc->ca_file.empty() ? "" : slurp(kc->ca_file), label, system_namespace,
+                             exclude_namespaces);
 }
 
 }  // namespace
@@ -122,6 +123,11 @@ int main(int argc, char** argv) {
   app.add_option("--system-namespace", system_namespace,
                  "the node proxy's namespace: its pods (label app=ztunnel or podsteer-proxy) are never captured")
       ->capture_default_str();
+  std::vector<std::string> exclude_namespaces;
+  app.add_option("--exclude-namespaces", exclude_namespaces,
+                 "namespaces whose pods are never captured, whatever their labels (istio-cni's excludeNamespaces; "
+                 "comma-separated or repeated)")
+      ->delimiter(',');
   std::string log_level = "info", log_format = "text";
   app.add_option("--log-level", log_level,
                  "trace, debug, info, warn, error or off (while it runs: curl -d level=debug "
@@ -140,7 +146,7 @@ int main(int argc, char** argv) {
   cfg.enroll_namespaces = {enroll_namespaces.begin(), enroll_namespaces.end()};
   if (cfg.node_name.empty() && getenv("NODE_NAME")) cfg.node_name = getenv("NODE_NAME");
   if (cfg.daemonset.empty() && getenv("POD_NAMESPACE")) cfg.daemonset = std::string(getenv("POD_NAMESPACE")) + "/podsteer-agent";
-  cfg.label_policy = kube::LabelPolicy::from(label, system_namespace);
+  cfg.label_policy = kube::LabelPolicy::from(label, system_namespace, exclude_namespaces);
   cni_opts.agent_socket = cfg.cni_socket;
   if (cni_opts.plugin_binary.empty())
     cni_opts.plugin_binary = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "podsteer-cni").string();
@@ -190,7 +196,7 @@ int main(int argc, char** argv) {
         return 0;
       }
     }
-    auto refresh = [&](cni::InstallOptions& o) { return refresh_plugin_api_access(cfg, label, system_namespace, o); };
+    auto refresh = [&](cni::InstallOptions& o) { return refresh_plugin_api_access(cfg, label, system_namespace, exclude_namespaces, o); };
     if (auto st = refresh(cni_opts); !st) spdlog::warn("cni: podsteer-cni's API access: {}", st.error().message());
     auto ist = cni::install(cni_opts);
     if (!ist) {

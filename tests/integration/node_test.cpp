@@ -467,7 +467,8 @@ TEST_F(NodeTest, WithTheAgentAwayOnlyPodsItWouldCaptureWaitForIt) {
                 "Authorization: Bearer s3cret", "-H", "Content-Type: application/json", "-d", body.dump(),
                 "http://127.0.0.1:" + api.port + path});
   };
-  for (const auto& [ns, ambient] : std::vector<std::pair<std::string, bool>>{{"plain", false}, {"mesh", true}}) {
+  for (const auto& [ns, ambient] :
+       std::vector<std::pair<std::string, bool>>{{"plain", false}, {"mesh", true}, {"infra", true}}) {
     json labels = ambient ? json{{"istio.io/dataplane-mode", "ambient"}} : json::object();
     ASSERT_EQ(curl_auth("POST", "/api/v1/namespaces", {{"metadata", {{"name", ns}, {"labels", labels}}}}).rc, 0);
   }
@@ -481,19 +482,22 @@ TEST_F(NodeTest, WithTheAgentAwayOnlyPodsItWouldCaptureWaitForIt) {
   api_pod("plain", "labelled", {{"istio.io/dataplane-mode", "ambient"}});
   api_pod("mesh", "app", json::object());
   api_pod("mesh", "optout", {{"istio.io/dataplane-mode", "none"}});
+  api_pod("infra", "dns", {{"istio.io/dataplane-mode", "ambient"}});
   // podsteer-cni as the agent's installer writes it: no agent listens on agentSocket
   std::string plugin_token = node->dir + "/podsteer-cni.token";  // the agent's copy of its token
   std::ofstream(plugin_token) << "s3cret\n";
   node->conflist["plugins"][1]["kubernetes"] = {{"server", "http://127.0.0.1:" + api.port}, {"tokenFile", plugin_token}};
-  node->conflist["plugins"][1]["enrollment"] = {{"label", "istio.io/dataplane-mode=ambient"},
-                                                {"systemNamespace", "istio-system"}};
+  node->conflist["plugins"][1]["enrollment"] = {
+      {"label", "istio.io/dataplane-mode=ambient"}, {"systemNamespace", "istio-system"}, {"excludeNamespaces", {"infra"}}};
 
-  Pod web, labelled, app, optout;
+  Pod web, labelled, app, optout, excluded;
   auto r = node->add_pod(web, "plain", "web");
   EXPECT_EQ(r.rc, 0) << "a pod no one captures starts without the agent: " << r.out;
   EXPECT_FALSE(web.ip.empty()) << "prevResult passed on unchanged: " << r.out;
   r = node->add_pod(optout, "mesh", "optout");
   EXPECT_EQ(r.rc, 0) << "labelled none in an ambient namespace: " << r.out;
+  r = node->add_pod(excluded, "infra", "dns");
+  EXPECT_EQ(r.rc, 0) << "an excluded namespace is never captured, labelled or not: " << r.out;
   r = node->add_pod(labelled, "plain", "labelled");
   EXPECT_NE(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("the pod is ambient"), std::string::npos) << r.out;
@@ -537,7 +541,7 @@ TEST_F(NodeTest, WithTheAgentAwayOnlyPodsItWouldCaptureWaitForIt) {
   r = node->add_pod(no_api, "plain", "web");
   EXPECT_NE(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("podsteer agent is not reachable"), std::string::npos) << r.out;
-  for (Pod* p : {&web, &optout, &labelled, &app, &again, &later, &refused, &no_api}) node->chain("DEL", *p);
+  for (Pod* p : {&web, &optout, &excluded, &labelled, &app, &again, &later, &refused, &no_api}) node->chain("DEL", *p);
 }
 
 }  // namespace
