@@ -49,6 +49,8 @@ bool same_secret(const std::string& a, const std::string& b) {
 struct Agent::Http {
   httplib::Server server;
   std::thread thread;
+  httplib::Server metrics_server;  // --metrics-addr: /metrics alone
+  std::thread metrics_thread;
 };
 
 Agent::Agent(AgentConfig cfg) : cfg_(std::move(cfg)), policy_(cfg_.enroll_namespaces) {}
@@ -104,6 +106,14 @@ Status Agent::start() {
   repair_thread_ = std::thread([this] { repair_worker(); });
 
   http_ = std::make_unique<Http>();
+  // SO_REUSEADDR alone: httplib's default adds SO_REUSEPORT, with which a second process
+  // binding the same port shares it silently (each scrape reaching one or the other)
+  auto exclusive = [](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  };
+  http_->server.set_socket_options(exclusive);
+  http_->metrics_server.set_socket_options(exclusive);
   http_->server.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
     std::string why;
     bool ok = healthy(&why);
@@ -116,7 +126,7 @@ Status Agent::start() {
     res.status = ok ? 200 : 503;
     res.set_content(ok ? "ready\n" : why + "\n", "text/plain");
   });
-  http_->server.Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
+  auto serve_metrics = [this](const httplib::Request& req, httplib::Response& res) {
     if (!cfg_.metrics_token_file.empty() &&
         !same_secret(req.get_header_value("Authorization"), "Bearer " + first_line(cfg_.metrics_token_file))) {
       res.status = 401;
@@ -124,7 +134,8 @@ Status Agent::start() {
       return;
     }
     res.set_content(metrics(), "text/plain; version=0.0.4");
-  });
+  };
+  http_->server.Get("/metrics", serve_metrics);
   // the log level, read by anyone who reaches the address, changed only from the node itself
   http_->server.Get("/logging", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("level=" + log_level_name() + "\n", "text/plain");
@@ -152,6 +163,15 @@ Status Agent::start() {
   });
   if (!http_->server.bind_to_port(cfg_.http_addr.c_str(), cfg_.http_port))
     return invalid("cannot listen on " + cfg_.http_addr + ":" + std::to_string(cfg_.http_port));
+  if (cfg_.metrics_port > 0) {
+    http_->metrics_server.Get("/metrics", serve_metrics);
+    std::string addr = cfg_.metrics_addr.empty() ? cfg_.http_addr : cfg_.metrics_addr;
+    if (!http_->metrics_server.bind_to_port(addr.c_str(), cfg_.metrics_port))
+      return invalid("cannot listen on " + addr + ":" + std::to_string(cfg_.metrics_port) + " (--metrics-addr)");
+    http_->metrics_thread = std::thread([this] { http_->metrics_server.listen_after_bind(); });
+    spdlog::info("http: /metrics{} on {}:{}", cfg_.metrics_token_file.empty() ? "" : " (bearer token)", addr,
+                 cfg_.metrics_port);
+  }
   http_->thread = std::thread([this] { http_->server.listen_after_bind(); });
   spdlog::info("http: /metrics /healthz /readyz /logging on {}:{}", cfg_.http_addr, cfg_.http_port);
   return {};
@@ -173,6 +193,8 @@ void Agent::stop() {
   if (http_) {
     http_->server.stop();
     if (http_->thread.joinable()) http_->thread.join();
+    http_->metrics_server.stop();
+    if (http_->metrics_thread.joinable()) http_->metrics_thread.join();
   }
 }
 

@@ -51,6 +51,10 @@ struct AgentConfig {
   std::string http_addr = "127.0.0.1";
   int http_port = 15099;
   std::string metrics_token_file;  // set: /metrics wants "Authorization: Bearer <token>"
+  // a second listener that serves /metrics alone, for Prometheus (port 0: none): the node's
+  // address, where /healthz, /readyz and /logging stay on http_addr (loopback)
+  std::string metrics_addr;
+  int metrics_port = 0;
   int ack_timeout_ms = 5000;
   int repair_interval_ms = 500;
   int watchdog_ms = 30000;  // a CNI request or ZDS ack taking longer: the agent is unhealthy

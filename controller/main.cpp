@@ -97,6 +97,11 @@ int main(int argc, char** argv) {
   app.add_option("--repair-interval-ms", cfg.repair_interval_ms, "how often every captured pod is checked and mended")
       ->capture_default_str();
   app.add_option("--watchdog-ms", cfg.watchdog_ms, "a CNI request taking longer makes /healthz fail")->capture_default_str();
+  app.add_option("--metrics-addr", cfg.metrics_addr,
+                 "also serve /metrics, and nothing else, on this address (with --metrics-port: for Prometheus; the "
+                 "chart gives the node's address)");
+  app.add_option("--metrics-port", cfg.metrics_port, "port of --metrics-addr (0: no second listener)")
+      ->capture_default_str();
   app.add_option("--metrics-token-file", cfg.metrics_token_file,
                  "require 'Authorization: Bearer <first line of this file>' on /metrics");
   app.add_option("--enroll-namespaces", enroll_namespaces, "namespaces whose pods the CNI source enrolls ('*' for all)")->delimiter(',');

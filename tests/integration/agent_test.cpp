@@ -1164,3 +1164,34 @@ TEST_F(AgentTest, EveryMetricTheReadmeListsIsInARealScrape) {
   EXPECT_EQ(metric(scrape, "podsteer_table_full_total{table=\"orig\"}"), 0);
 }
 
+
+// What the chart opens for Prometheus: a second listener with /metrics alone (the log level
+// and the probes stay on loopback), and with a token file, nothing without the token.
+TEST_F(AgentTest, TheMetricsListenerServesMetricsAloneAndOnlyWithItsToken) {
+  int port = free_loopback_port(getpid() * 13 + 5);
+  std::string token = node->dir + "/metrics-token";
+  std::ofstream(token) << "t0ken\n";
+  node->start_agent({"--metrics-addr", "127.0.0.1", "--metrics-port", std::to_string(port), "--metrics-token-file", token});
+  auto get = [&](const std::string& path, const std::string& auth) {
+    std::vector<std::string> argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"};
+    if (!auth.empty()) argv.insert(argv.end(), {"-H", "Authorization: " + auth});
+    argv.push_back(fmt::format("http://127.0.0.1:{}{}", port, path));
+    return run(argv).out;
+  };
+  EXPECT_EQ(get("/metrics", "Bearer t0ken"), "200");
+  auto body = run({"curl", "-s", "-H", "Authorization: Bearer t0ken", fmt::format("http://127.0.0.1:{}/metrics", port)}).out;
+  EXPECT_NE(body.find("podsteer_build_info{version="), std::string::npos) << body;
+  EXPECT_EQ(get("/metrics", ""), "401");
+  EXPECT_EQ(get("/metrics", "Bearer t0ke"), "401");
+  for (const char* other : {"/healthz", "/readyz", "/logging"}) EXPECT_EQ(get(other, "Bearer t0ken"), "404") << other;
+  auto post = run({"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "level=debug",
+                   fmt::format("http://127.0.0.1:{}/logging", port)});
+  EXPECT_EQ(post.out, "404") << "the log level is not changed through the metrics port";
+  EXPECT_NE(node->http_get("/healthz").find("200 OK"), std::string::npos) << "the probes' listener is still there";
+  // a port already taken is an error at the start, not an agent without its metrics
+  node->agent->stop();
+  auto taken = run({AGENT_BIN, "--state-dir", node->state_dir, "--http-port", std::to_string(node->http_port),
+                    "--metrics-port", std::to_string(node->http_port)});
+  EXPECT_NE(taken.rc, 0) << taken.out;
+  EXPECT_NE(taken.out.find("(--metrics-addr)"), std::string::npos) << taken.out;
+}
