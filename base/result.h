@@ -24,6 +24,7 @@ enum class ErrorCode {
   kIncompleteInstall,  // a state dir an interrupted install left behind
   kReplaced,           // the datapath was uninstalled or replaced by another process meanwhile
   kRefused,            // the peer answered no (the proxy's nack)
+  kDenied,             // the API server does not accept who we are (HTTP 401) or what we ask (403)
 };
 
 struct Error {

@@ -246,9 +246,21 @@ bool Agent::daemonset_removed() {
   if (slash == std::string::npos) return false;
   auto r = kube_client_->get("/apis/apps/v1/namespaces/" + cfg_.daemonset.substr(0, slash) + "/daemonsets/" +
                              cfg_.daemonset.substr(slash + 1));
-  if (!r) return r.error().is(ErrorCode::kNotFound);  // gone; any other failure: cannot tell, keep it
-  auto meta = r->find("metadata");
-  return meta != r->end() && meta->is_object() && meta->contains("deletionTimestamp");
+  if (r) {
+    auto meta = r->find("metadata");
+    return meta != r->end() && meta->is_object() && meta->contains("deletionTimestamp");
+  }
+  if (r.error().is(ErrorCode::kNotFound)) return true;
+  // `helm uninstall` deletes the DaemonSet, then at once the Role, the bindings and the
+  // ServiceAccount that let us ask: denied while our pod is ending means they went with it
+  // (a restart or upgrade keeps them). Kept, the plugin could not ask the API either, and
+  // the node would start no ambient pod.
+  if (r.error().is(ErrorCode::kDenied)) {
+    spdlog::warn("cni: the API server denies this agent's own DaemonSet ({}): its account went with it, an uninstall",
+                 r.error().message());
+    return true;
+  }
+  return false;  // any other failure: cannot tell, keep it
 }
 
 // The standard process_* metrics of Prometheus' client libraries (prometheus-cpp has no

@@ -180,7 +180,9 @@ Result<json> Client::request(const std::string& method, const std::string& path,
   if (status < 200 || status > 299)
     // the HTTP status is not an errno: err stays 0, a missing object is kNotFound
     return Error{fmt::format("{} {}: HTTP {}: {}", method, path, status, out.substr(0, 200)), 0, "",
-                 status == 404 ? ErrorCode::kNotFound : ErrorCode::kUnknown};
+                 status == 404                     ? ErrorCode::kNotFound
+                 : status == 401 || status == 403 ? ErrorCode::kDenied
+                                                  : ErrorCode::kUnknown};
   auto j = json::parse(out, nullptr, false);
   if (j.is_discarded()) return invalid(method + " " + path + ": the answer is not JSON");
   return j;
