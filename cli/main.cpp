@@ -1,6 +1,7 @@
 // podsteer: enroll/unenroll pods into the capture datapath, and inspect or remove it.
 // Every command is a short-lived process: the datapath lives on in pins.
 #include <CLI/CLI.hpp>
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -130,7 +131,76 @@ int cmd_proxy(Datapath& dp, const std::string& what, uint32_t pid, const std::st
                       "", ErrorCode::kNotFound));
 }
 
-int cmd_status(Datapath& dp, bool as_json) {
+// The agent's own view (GET /status on its loopback listener): its version, the proxies
+// connected to it, the Kubernetes watch, the CNI chain. Unreachable is said, not an error:
+// the datapath works without the agent.
+json agent_status(const std::string& url) {
+  if (url.empty() || url == "none") return nullptr;
+  httplib::Client cli(url);
+  cli.set_connection_timeout(1);
+  cli.set_read_timeout(3);
+  auto r = cli.Get("/status");
+  if (!r) return {{"reachable", false}, {"url", url}, {"error", httplib::to_string(r.error())}};
+  if (r->status != 200) return {{"reachable", false}, {"url", url}, {"error", fmt::format("HTTP {}", r->status)}};
+  auto j = json::parse(r->body, nullptr, false);
+  if (!j.is_object()) return {{"reachable", false}, {"url", url}, {"error", "the answer is not a JSON object"}};
+  j["reachable"] = true;
+  j["url"] = url;
+  return j;
+}
+
+// Unix ms as UTC ISO 8601 to the second ("never" for 0)
+std::string utc(int64_t ms) {
+  if (ms <= 0) return "never";
+  time_t t = static_cast<time_t>(ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+void print_agent(const json& a) {
+  if (a.is_null()) return;
+  if (!a.value("reachable", false)) {
+    fmt::print("agent       not reachable at {} ({}): the datapath below works without it\n", a.value("url", ""),
+               a.value("error", ""));
+    return;
+  }
+  fmt::print("agent       {} pid {}, up since {}, {}{}\n", a.value("version", "?"), a.value("pid", 0),
+             utc(a.value("started_ms", int64_t(0))),
+             a.value("ready", false) ? "ready" : "NOT READY: " + a.value("not_ready", std::string()),
+             a.value("healthy", true) ? "" : ", UNHEALTHY: " + a.value("not_healthy", std::string()));
+  const auto& px = a.contains("proxies") && a["proxies"].is_array() ? a["proxies"] : json::array();
+  fmt::print("proxies     {} connected on {}, each told {} workload(s){}", px.size(), a.value("zds_socket", ""),
+             a.value("workloads", 0), px.empty() ? ": new ambient pods wait for one\n" : "\n");
+  for (const auto& p : px)
+    fmt::print("            #{} {} pid {} since {}, {} ack(s), last {}\n", p.value("id", 0), p.value("name", "?"),
+               p.value("pid", 0), utc(p.value("since_ms", int64_t(0))), p.value("acks", 0),
+               utc(p.value("last_ack_ms", int64_t(0))));
+  if (a.contains("kube") && a["kube"].is_object()) {
+    const auto& k = a["kube"];
+    fmt::print("kubernetes  node {}: {}, last event {}, {} malformed event(s), {} relist(s)\n", k.value("node", ""),
+               k.value("synced", false) ? (k.value("reconciled", false) ? "synced" : "synced, first pass not done")
+                                        : "NOT SYNCED",
+               utc(k.value("last_event_ms", int64_t(0))), k.value("event_errors", 0), k.value("relists", 0));
+  } else {
+    fmt::print("kubernetes  not watched (pods come from CNI requests only)\n");
+  }
+  if (a.contains("cni") && a["cni"].is_object()) {
+    const auto& c = a["cni"];
+    if (c.contains("error"))
+      fmt::print("cni chain   {}: {}\n", c.value("conf_dir", ""), c.value("error", ""));
+    else
+      fmt::print("cni chain   {}: {} ({})\n", c.value("file", ""),
+                 fmt::join(c.value("plugins", std::vector<std::string>{}), " -> "),
+                 c.value("chained", false) ? "podsteer-cni chained last"
+                                           : (c.value("install", false) ? "NOT CHAINED" : "not chained: not installed by the agent"));
+  }
+}
+
+int cmd_status(Datapath& dp, bool as_json, const std::string& agent_url) {
+  json agent = agent_status(agent_url);
   auto pods = dp.pods();
   if (!pods) return fail(pods.error());
   auto links = dp.cgroup_links();
@@ -141,6 +211,7 @@ int cmd_status(Datapath& dp, bool as_json) {
     out["state_dir"] = dp.state_dir();
     out["hook_cgroup"] = c.hook_cgroup;
     out["versions"] = {{"cli", kVersion}, {"programs_id", fmt::format("{:016x}", c.programs_id)}};
+    if (agent.value("reachable", false)) out["versions"]["agent"] = agent.value("version", "");
     out["config"] = {{"outbound_port", c.outbound_port}, {"inbound_port", c.inbound_port},
                      {"hbone_port", c.hbone_port},       {"dns_port", c.dns_port},
                      {"proxy_mark", c.proxy_mark},       {"proxy_mark_mask", c.proxy_mark_mask},
@@ -164,12 +235,15 @@ int cmd_status(Datapath& dp, bool as_json) {
       for (const auto& p : *px)
         jx.push_back({{"cgroup_id", p.cgroup_id}, {"pid", p.pid}, {"running", still_running(p)}});
     out["proxies"] = jx;
+    out["agent"] = agent;
     std::cout << out.dump(2) << "\n";
     return 0;
   }
   fmt::print("state dir   {} (map ABI {})\n", dp.state_dir(), c.abi_version);
   // (opening the state has upgraded programs an earlier build pinned: they are this build's now)
-  fmt::print("versions    cli {}, pinned programs {:016x}\n", kVersion, c.programs_id);
+  fmt::print("versions    cli {}, pinned programs {:016x}{}\n", kVersion, c.programs_id,
+             agent.value("reachable", false) ? ", agent " + agent.value("version", std::string("?")) : "");
+  print_agent(agent);
   fmt::print("hook cgroup {}\n", c.hook_cgroup);
   auto ev = dp.events();
   fmt::print("connect4 -> sock_ops handoffs found on another CPU {}, missing {}\n", ev.stash_migrated, ev.stash_missing);
@@ -437,6 +511,9 @@ int main(int argc, char** argv) {
   auto* status = app.add_subcommand("status", "enrolled pods, attach points, counters");
   bool as_json = false;
   status->add_flag("--json", as_json, "machine-readable output");
+  std::string agent_url = "http://127.0.0.1:15099";
+  status->add_option("--agent", agent_url, "the agent's loopback listener, for its view (\"none\": skip)")
+      ->capture_default_str();
 
   auto* dump = app.add_subcommand("dump", "readable map contents");
   std::string dump_which;
@@ -543,7 +620,7 @@ int main(int argc, char** argv) {
     fmt::print("unenrolled netns {} (cookie {})\n", un_netns, *cookie);
     return 0;
   }
-  if (*status) return cmd_status(*dp, as_json);
+  if (*status) return cmd_status(*dp, as_json, agent_url);
   if (*proxy) return cmd_proxy(*dp, *trust ? "trust" : *forget ? "forget" : "list", proxy_pid, proxy_cg);
   if (*dump) return cmd_dump(*dp, dump_which);
   return 0;

@@ -57,7 +57,44 @@ Agent::Agent(AgentConfig cfg) : cfg_(std::move(cfg)), policy_(cfg_.enroll_namesp
 
 Agent::~Agent() { stop(); }
 
+namespace {
+int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+nlohmann::json Agent::status_json() {
+  using json = nlohmann::json;
+  std::string not_ready, not_healthy;
+  bool is_ready = ready(&not_ready), is_healthy = healthy(&not_healthy);
+  json j = {{"version", kVersion}, {"pid", getpid()}, {"started_ms", started_ms_}, {"ready", is_ready},
+            {"healthy", is_healthy}, {"pods", pods_.all().size()}};
+  if (!is_ready) j["not_ready"] = not_ready;
+  if (!is_healthy) j["not_healthy"] = not_healthy;
+  json proxies = json::array();
+  if (zds_) {
+    for (const auto& p : zds_->proxy_info())
+      proxies.push_back({{"id", p.id}, {"pid", p.pid}, {"name", p.name}, {"since_ms", p.since_ms},
+                         {"last_ack_ms", p.last_ack_ms}, {"acks", p.acks}});
+    j["workloads"] = zds_->workloads().size();
+    j["zds_socket"] = cfg_.zds_socket;
+  }
+  j["proxies"] = proxies;
+  if (kube_source_)
+    j["kube"] = {{"node", cfg_.node_name},
+                 {"synced", kube_source_->synced()},
+                 {"reconciled", kube_reconciled_.load()},
+                 {"last_event_ms", kube_source_->last_event_ms()},
+                 {"event_errors", kube_source_->event_errors()},
+                 {"relists", kube_source_->relists()}};
+  else
+    j["kube"] = nullptr;
+  j["cni"] = cni_status_ ? cni_status_() : json(nullptr);
+  return j;
+}
+
 Status Agent::start() {
+  started_ms_ = unix_ms();
   auto opened = Datapath::open(cfg_.state_dir, cfg_.node, true);
   if (!opened) return opened.error();
   dp_.store(std::make_shared<Datapath>(std::move(*opened)));
@@ -119,6 +156,9 @@ Status Agent::start() {
     bool ok = healthy(&why);
     res.status = ok ? 200 : 503;
     res.set_content(ok ? "ok\n" : why + "\n", "text/plain");
+  });
+  http_->server.Get("/status", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(status_json().dump() + "\n", "application/json");
   });
   http_->server.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
     std::string why;

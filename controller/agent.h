@@ -100,6 +100,12 @@ class Agent {
   // --install-cni on a node whose primary CNI has not written its config yet: not ready
   // until podsteer-cni is chained in
   void set_cni_pending(bool pending) { cni_pending_ = pending; }
+  // What the node's CNI chain looks like (main knows the installer's options); in /status.
+  // Set before start().
+  void set_cni_status(std::function<nlohmann::json()> f) { cni_status_ = std::move(f); }
+  // The agent's own view for `podsteer status`: version, the connected proxies, the
+  // Kubernetes watch, the CNI chain (GET /status on the loopback listener).
+  nlohmann::json status_json();
 
  private:
   // ---- agent_pods.cpp
@@ -162,6 +168,8 @@ class Agent {
   std::unique_ptr<CniServer> cni_;
   struct Http;
   std::unique_ptr<Http> http_;
+  std::function<nlohmann::json()> cni_status_;
+  int64_t started_ms_ = 0;  // Unix ms
   std::atomic<bool> adopted_{false}, stopping_{false}, cni_pending_{false};
   std::atomic<bool> removing_{false};  // remove_from_node() has begun: capture nothing
 

@@ -79,7 +79,7 @@ std::optional<std::string> find_netns_by_inode(uint64_t ino, const std::string& 
 // and no proxy has, removed when it is not captured. Never from "enabled" back to
 // "pending": a proxy restarting (or this agent) must not flip the pod's tunnel protocol
 // in istiod for every peer. Through the status subresource: the agent's RBAC grants patch
-// on pods/status only, which cannot touch a pod's spec (see deploy/rbac.yaml).
+// on pods/status only, which cannot touch a pod's spec (see deploy/charts/podsteer/templates/rbac.yaml).
 void Agent::annotate(const kube::Pod& pod, bool captured) {
   auto it = pod.annotations.find(kube::kRedirectionAnnotation);
   std::string have = it == pod.annotations.end() ? "" : it->second;

@@ -167,6 +167,8 @@ class Transfer {
   std::string url_;
 };
 
+Result<json> Client::del(const std::string& path) { return request("DELETE", path, ""); }
+
 Result<json> Client::request(const std::string& method, const std::string& path, const std::string& body) {
   std::string out;
   Transfer t(cfg_, cfg_.server + path, bearer(), method == "PATCH" ? "application/merge-patch+json" : nullptr);

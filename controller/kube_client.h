@@ -53,6 +53,8 @@ class Client {
   // GET path; a non-2xx answer is an Error whose err is the HTTP status.
   Result<nlohmann::json> get(const std::string& path);
   Result<nlohmann::json> merge_patch(const std::string& path, const nlohmann::json& patch);
+  // DELETE path (options as query parameters, e.g. ?propagationPolicy=Foreground)
+  Result<nlohmann::json> del(const std::string& path);
   // Streams a watch: on_line gets each complete line (one event); on_line returning false,
   // or stop, ends it. Returns the HTTP status (0 when the connection failed).
   // Lines longer than kMaxWatchLine are dropped and counted in oversized_lines().

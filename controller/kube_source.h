@@ -58,6 +58,8 @@ class Source {
   bool synced();
   uint64_t event_errors() const { return event_errors_ + client_.oversized_lines(); }
   uint64_t relists() const { return relists_; }
+  // when the last watch event arrived (Unix ms), 0 before the first
+  int64_t last_event_ms() const { return last_event_ms_; }
 
  private:
   enum class Kind { Pods, Namespaces };
@@ -75,6 +77,7 @@ class Source {
   std::atomic<bool> stop_{false};
   std::thread pods_thread_, ns_thread_;
   std::atomic<uint64_t> event_errors_{0}, relists_{0};
+  std::atomic<int64_t> last_event_ms_{0};
 };
 
 }  // namespace podsteer::kube

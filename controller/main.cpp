@@ -68,6 +68,63 @@ Status refresh_plugin_api_access(const AgentConfig& cfg, const std::string& labe
                              exclude_namespaces);
 }
 
+// The node's CNI chain as the runtime reads it: which file, and whether podsteer-cni is in it
+// (and last, where it must be: it prints the primary CNI's result).
+nlohmann::json cni_chain_status(const cni::InstallOptions& o, bool install_cni) {
+  nlohmann::json j = {{"install", install_cni}, {"conf_dir", o.conf_dir}, {"bin_dir", o.bin_dir}};
+  auto file = cni::primary_conflist(o.conf_dir);
+  if (!file) {
+    j["error"] = file.error().message();
+    return j;
+  }
+  j["file"] = *file;
+  std::ifstream in(*file);
+  auto conf = nlohmann::json::parse(in, nullptr, false);
+  const auto* plugins = conf.is_object() && conf.contains("plugins") && conf["plugins"].is_array() ? &conf["plugins"] : nullptr;
+  std::vector<std::string> types;
+  if (plugins)
+    for (const auto& p : *plugins) types.push_back(p.is_object() && p.contains("type") && p["type"].is_string() ? p["type"].get<std::string>() : "?");
+  j["plugins"] = types;
+  j["chained"] = !types.empty() && types.back() == "podsteer-cni" && types.size() > 1;
+  return j;
+}
+
+// `helm uninstall` deletes the DaemonSet and, at once, the RBAC the agents need to clean up
+// (the annotations istiod reads). The chart's pre-delete hook runs this first: a foreground
+// delete (the DaemonSet stays, with a deletion timestamp, until its pods are gone: each agent
+// sees it and cleans up with its account intact), waited for until the DaemonSet is gone.
+int remove_daemonset(const AgentConfig& cfg, const std::string& ns_name, int timeout_s) {
+  auto slash = ns_name.find('/');
+  if (slash == std::string::npos || slash == 0 || slash + 1 == ns_name.size()) {
+    spdlog::error("--delete-daemonset wants NAMESPACE/NAME, not '{}'", ns_name);
+    return 2;
+  }
+  auto kc = cfg.kubeconfig.empty() ? kube::in_cluster_config() : kube::load_kubeconfig(cfg.kubeconfig);
+  if (!kc) {
+    spdlog::error("{}", kc.error().message());
+    return 1;
+  }
+  kube::Client client(*kc);
+  std::string path = "/apis/apps/v1/namespaces/" + ns_name.substr(0, slash) + "/daemonsets/" + ns_name.substr(slash + 1);
+  auto d = client.del(path + "?propagationPolicy=Foreground");
+  if (!d && !d.error().is(ErrorCode::kNotFound)) {
+    spdlog::error("delete {}: {}", ns_name, d.error().message());
+    return 1;
+  }
+  spdlog::info("daemonset {} deleted (foreground): waiting for its pods to clean up and go", ns_name);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto g = client.get(path);
+    if (!g && g.error().is(ErrorCode::kNotFound)) {
+      spdlog::info("daemonset {} is gone", ns_name);
+      return 0;
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  spdlog::error("daemonset {} still there after {} s", ns_name, timeout_s);
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,6 +202,12 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
   app.add_flag("-v,--verbose", verbose, "the same as --log-level trace");
+  std::string delete_daemonset;
+  int delete_timeout_s = 120;
+  app.add_option("--delete-daemonset", delete_daemonset,
+                 "NAMESPACE/NAME: delete the agent's DaemonSet and wait until its pods have cleaned up and are gone, "
+                 "then exit (the chart's pre-delete hook: the agents still have their RBAC while they clean up)");
+  app.add_option("--delete-timeout-s", delete_timeout_s, "how long --delete-daemonset waits")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   node_flags.record(cfg.node);
   init_daemon_logging(verbose ? spdlog::level::trace : *parse_log_level(log_level), *parse_log_format(log_format));
@@ -155,6 +218,8 @@ int main(int argc, char** argv) {
   cni_opts.agent_socket = cfg.cni_socket;
   if (cni_opts.plugin_binary.empty())
     cni_opts.plugin_binary = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "podsteer-cni").string();
+
+  if (!delete_daemonset.empty()) return remove_daemonset(cfg, delete_daemonset, delete_timeout_s);
 
   if (uninstall_cni) {
     auto st = cni::uninstall(cni_opts);
@@ -179,6 +244,7 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   Agent agent(cfg);
+  agent.set_cni_status([&cni_opts, install_cni] { return cni_chain_status(cni_opts, install_cni); });
   auto st = agent.start();
   if (!st) {
     spdlog::error("{}", st.error().message());

@@ -40,6 +40,9 @@ struct ZdsServer::Conn {
   Fd fd;
   uint64_t id = 0;
   uint32_t pid = 0;  // the peer's (SO_PEERCRED), 0 if unknown
+  int64_t since_ms = 0;  // Unix ms, set when it joins conns_
+  std::atomic<int64_t> last_ack_ms{0};
+  std::atomic<uint64_t> acks{0};
   std::mutex io;  // one request in flight on this connection (lockstep)
   std::atomic<bool> dead{false};
 };
@@ -49,6 +52,9 @@ ZdsServer::ZdsServer(std::string path, int ack_timeout_ms) : path_(std::move(pat
 ZdsServer::~ZdsServer() { stop(); }
 
 namespace {
+int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
 // The process's name (comm), "" when it cannot be read (another pid namespace, gone).
 std::string process_name(pid_t pid) {
   if (pid <= 0) return "";
@@ -144,6 +150,7 @@ void ZdsServer::handshake(Fd fd) {
     std::vector<PodInfo> snapshot;
     {
       std::lock_guard<std::mutex> g(mu_);
+      c->since_ms = unix_ms();
       conns_.push_back(c);  // from here on, removals reach it too
       for (const auto& [_, p] : workloads_) snapshot.push_back(p);
     }
@@ -221,6 +228,8 @@ Status ZdsServer::request(Conn& c, const std::string& what, const google::protob
     }
     return done(invalid("proxy answered with something other than an ack", what));
   }
+  c.last_ack_ms = unix_ms();
+  c.acks++;
   if (!resp->ack().error().empty()) return done(invalid("proxy refused: " + resp->ack().error(), what, ErrorCode::kRefused));
   return done({});
 }
@@ -309,6 +318,13 @@ void ZdsServer::remove(const std::string& uid) {
 bool ZdsServer::connected() { return !live().empty(); }
 
 size_t ZdsServer::proxies() { return live().size(); }
+
+std::vector<ZdsProxy> ZdsServer::proxy_info() {
+  std::vector<ZdsProxy> out;
+  for (const auto& c : live())
+    out.push_back({c->id, c->pid, process_name(static_cast<pid_t>(c->pid)), c->since_ms, c->last_ack_ms.load(), c->acks.load()});
+  return out;
+}
 
 ZdsCounters ZdsServer::counters() {
   std::lock_guard<std::mutex> g(mu_);

@@ -38,6 +38,15 @@ struct ZdsCounters {
   uint64_t malformed = 0;       // frames that are not the message the protocol expects there
 };
 
+// A connected proxy, as `podsteer status` shows it (times: Unix ms, 0 for never)
+struct ZdsProxy {
+  uint64_t id = 0;
+  uint32_t pid = 0;
+  std::string name;  // the process's comm
+  int64_t since_ms = 0, last_ack_ms = 0;
+  uint64_t acks = 0;
+};
+
 class ZdsServer {
  public:
   ZdsServer(std::string path, int ack_timeout_ms);
@@ -73,6 +82,7 @@ class ZdsServer {
   bool acked(const std::string& uid);
   bool connected();
   size_t proxies();
+  std::vector<ZdsProxy> proxy_info();
   ZdsCounters counters();
   // Start time of the oldest request still waiting for its ack, 0 if none: a watchdog
   // reads it to tell a stuck ZDS path.

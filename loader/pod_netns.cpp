@@ -176,7 +176,7 @@ Status write_fwmark_accept(int v) {
   std::ofstream out(path);
   if (!out && errno == EROFS)
     return Error{"write (a container that is not privileged has /proc/sys read-only: mount the node's "
-                 "/proc/sys/net elsewhere and set PODSTEER_PROC_SYS_NET to it, as deploy/daemonset.yaml does)",
+                 "/proc/sys/net elsewhere and set PODSTEER_PROC_SYS_NET to it, as the Helm chart's DaemonSet does)",
                  EROFS, path};
   out << v << "\n";
   out.flush();

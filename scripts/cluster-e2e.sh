@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # podsteer on a real Kubernetes node, run by a real kubelet: the components are built from
 # their Go modules (tests/cluster/build-components.sh, cached), the podsteer image from
-# deploy/Dockerfile with podman (tests/cluster/build-image.sh), and podsteer is installed as the
-# README says (kubectl apply -k deploy/, then deploy/optional/proxy-daemonset.yaml for a node
-# proxy, with podsteer-proxy standing in for ztunnel). The node is confined as every test here
+# deploy/Dockerfile with podman (tests/cluster/build-image.sh), helm from its Go module
+# (tests/cluster/build-helm.sh), and podsteer is installed as the README says (helm install
+# with deploy/charts/podsteer, proxy.enabled for a node proxy, podsteer-proxy standing in for
+# ztunnel), upgraded with helm upgrade and removed with helm uninstall. The node is confined as every test here
 # is: its own network namespace (an address on a veth pair inside it, no host interface
 # touched), its own mount namespace (/run, /var/log and bpffs are private: the DaemonSets'
 # hostPaths land there), its own cgroups (the kubelet's cgroupRoot), state and logs under
@@ -37,6 +38,7 @@ if [ -z "${PODSTEER_CLUSTER_INNER:-}" ]; then
   scripts/setup.sh >/dev/null || exit 2
   t0=$SECONDS
   BIN=$(tests/cluster/build-components.sh) || { echo "cluster-e2e: building the Kubernetes components failed"; exit 1; }
+  HELM=$(tests/cluster/build-helm.sh) || { echo "cluster-e2e: building helm failed"; exit 1; }
   t_components=$((SECONDS - t0))
   VERSION=$(sed -nE 's/^project\(podsteer VERSION ([0-9.]+).*/\1/p' CMakeLists.txt)
   ID=c$$
@@ -52,7 +54,7 @@ if [ -z "${PODSTEER_CLUSTER_INNER:-}" ]; then
   saved=()
   for s in "${sysctls[@]}"; do saved+=("$s=$(sysctl -n "$s")"); done
   CG2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
-  export PODSTEER_CLUSTER_INNER=1 BIN VERSION ID DIR CG2 CG_NAME=podsteer-cluster-$ID
+  export PODSTEER_CLUSTER_INNER=1 BIN HELM VERSION ID DIR CG2 CG_NAME=podsteer-cluster-$ID
   # the node's namespaces: everything below runs in them (unshare execs: $inner is the inner
   # script); a TERM or INT here is passed on, and the cleanup below runs whatever happens
   unshare --mount --propagation private --net -- "$0" "$@" &
@@ -140,15 +142,17 @@ HOOK_CGROUP=$CG2/$CG_NAME/kubepods
 [ -d "$HOOK_CGROUP" ] || { echo "cluster-e2e: no $HOOK_CGROUP: the kubelet's pods are elsewhere"; ls "$CG2/$CG_NAME"; exit 1; }
 
 # ---------------------------------------------------------------- podsteer, as the README installs it
-# Users edit deploy/configmap.yaml (the CNI directories: the DaemonSet's mounts follow) and the
-# image in deploy/kustomization.yaml; so does this test, on a copy.
-cp -r deploy "$DIR/deploy"
-sed -i -e "s|CNI_CONF_DIR: .*|CNI_CONF_DIR: \"$CNI_CONF\"|" -e "s|CNI_BIN_DIR: .*|CNI_BIN_DIR: \"$CNI_BIN\"|" \
-  -e "s|EXTRA_FLAGS: .*|EXTRA_FLAGS: \"--hook-cgroup $HOOK_CGROUP\"|" "$DIR/deploy/configmap.yaml"
-check "the shipped manifests name the image of this version (podsteer.local/podsteer:$VERSION)" \
-  grep -q "newTag: \"\\?$VERSION\"\\?" deploy/kustomization.yaml
-k apply -k "$DIR/deploy" >"$LOGS/apply.log" 2>&1 || { echo "kubectl apply -k failed:"; cat "$LOGS/apply.log"; exit 1; }
-k apply -f "$DIR/deploy/optional/proxy-daemonset.yaml" >>"$LOGS/apply.log" 2>&1 || { cat "$LOGS/apply.log"; exit 1; }
+# helm install with the chart; the values a user of this node sets: its CNI directories and
+# the cgroup its pods are under; podsteer-proxy as the node proxy. The image is the chart's
+# (its appVersion: this version).
+h() { "$HELM" --kubeconfig "$DIR/admin.conf" "$@"; }
+check "the chart names the image of this version (appVersion $VERSION)" \
+  grep -q "^appVersion: \"$VERSION\"" deploy/charts/podsteer/Chart.yaml
+h install podsteer deploy/charts/podsteer -n podsteer-system --create-namespace --set cniConfDir="$CNI_CONF" \
+  --set cniBinDir="$CNI_BIN" --set datapath.hookCgroup="$HOOK_CGROUP" --set proxy.enabled=true \
+  --set 'excludeNamespaces={kube-system,infra}' >"$LOGS/helm-install.log" 2>&1 ||
+  { echo "helm install failed:"; cat "$LOGS/helm-install.log"; exit 1; }
+check "helm lists the release as deployed" grep -q deployed <<<"$(h -n podsteer-system list -o json | jq -r '.[0].status')"
 ds_ready() { k -n podsteer-system rollout status "ds/$1" --timeout="${2:-120}s" >/dev/null; }
 agent_logs() { k -n podsteer-system logs ds/podsteer-agent --tail=-1 2>/dev/null; }
 proxy_logs() { k -n podsteer-system logs ds/podsteer-proxy --tail=-1 2>/dev/null; }
@@ -167,8 +171,25 @@ check "podsteer --version in the image says $VERSION" grep -q "$VERSION" <<<"$(i
 # the agent is hostNetwork: its /metrics is on the node's loopback, which is this netns's
 check "podsteer_build_info carries the version" \
   grep -q "podsteer_build_info{version=\"$VERSION\"} 1" <<<"$(curl -s http://127.0.0.1:15099/metrics)"
+# Prometheus' way: the pod's scrape annotations lead to the node's address, where /metrics
+# (and nothing else) answers
+scrape_target() {
+  k -n podsteer-system get pod "$(agent_pod)" -o json |
+    jq -r '.metadata.annotations | select(."prometheus.io/scrape" == "true") | "\(."prometheus.io/port")\(."prometheus.io/path")"'
+}
+target=$(scrape_target)
+check "the agent's pod carries prometheus.io/scrape, port and path (${target:-none})" test "$target" = "15014/metrics"
+check "/metrics answers on the node's address at that port" \
+  grep -q "podsteer_build_info{version=\"$VERSION\"} 1" <<<"$(curl -s "http://$NODE_IP:15014/metrics")"
+check "the log level cannot be changed there (only from the node's loopback)" \
+  test "$(curl -s -o /dev/null -w '%{http_code}' -d level=debug "http://$NODE_IP:15014/logging")" = 404
 chained() { jq -e '.plugins | map(.type) | index("podsteer-cni")' "$CNI_CONF/10-bridge.conflist" >/dev/null; }
+excluded_in_plugin() {
+  jq -e '.plugins[] | select(.type == "podsteer-cni") | .enrollment.excludeNamespaces == ["kube-system", "infra"]' \
+    "$CNI_CONF/10-bridge.conflist" >/dev/null
+}
 check "podsteer-cni is chained into the primary CNI's conflist" chained
+check "with the chart's excludeNamespaces in its config" excluded_in_plugin
 
 # ---------------------------------------------------------------- pods
 pod() {  # pod NAMESPACE NAME COMMAND [noprobes]: a busybox pod, with probes on the app's own port
@@ -200,6 +221,10 @@ HTTPD="httpd -f -p 8080 -h /www"
 k create namespace shop >/dev/null
 k label namespace shop istio.io/dataplane-mode=ambient >/dev/null
 k create namespace plain >/dev/null
+# labelled ambient, but one of the chart's excludeNamespaces
+k create namespace infra >/dev/null
+k label namespace infra istio.io/dataplane-mode=ambient >/dev/null
+pod infra tool "$HTTPD" noprobes
 pod shop server "$HTTPD"
 pod shop client "$HTTPD"
 pod plain web "$HTTPD"
@@ -212,6 +237,8 @@ annotated() { [ "$(annotation "$1" "$2")" = enabled ]; }
 both_annotated() { annotated "$1" "$2" && annotated "$1" "$3"; }
 check "the ambient pod is annotated ambient.istio.io/redirection=enabled" wait_for 30 "annotation" annotated shop server
 check "the plain pod is not annotated" test -z "$(annotation plain web)"
+check "a pod in an excluded namespace starts, labelled ambient as it is" ready infra tool
+check "and is not captured (not annotated)" test -z "$(annotation infra tool)"
 
 # the proxy's log lines of this event that match (jq -e alone passes on no input)
 proxy_events() {  # proxy_events JQ_CONDITION
@@ -281,7 +308,8 @@ loops() { k -n shop logs looper | grep -c "$1"; }
 looping() { [ "$(loops ok)" -gt 5 ]; }
 wait_for 30 "the looper's first connections" looping
 ctr_k8s images tag "podsteer.local/podsteer:$VERSION" "podsteer.local/podsteer:$VERSION-e2e.2" >/dev/null
-k -n podsteer-system set image ds/podsteer-agent "agent=podsteer.local/podsteer:$VERSION-e2e.2" >/dev/null
+h upgrade podsteer deploy/charts/podsteer -n podsteer-system --reuse-values --set tag="$VERSION-e2e.2" --set proxy.tag="$VERSION" \
+  >"$LOGS/helm-upgrade.log" 2>&1 || { echo "helm upgrade failed:"; cat "$LOGS/helm-upgrade.log"; }
 check "the agent DaemonSet rolls to the new tag" ds_ready podsteer-agent 180
 sleep 3
 check "no connection failed during the rolling update ($(loops ok) made, $(loops FAIL) failed)" test "$(loops FAIL)" = 0
@@ -339,10 +367,13 @@ agent_logs >"$LOGS/agent.log"
 # the agent's last words (it cleans up after its DaemonSet is gone)
 k -n podsteer-system logs -f "$(agent_pod)" >"$LOGS/agent-removal.log" 2>&1 &
 follow=$!
-k -n podsteer-system delete ds podsteer-agent --cascade=foreground --wait=true --timeout=120s >/dev/null
-k delete -f "$DIR/deploy/optional/proxy-daemonset.yaml" --ignore-not-found --wait=true >/dev/null
-k delete -k "$DIR/deploy" --wait=true --timeout=120s >/dev/null 2>&1
+h uninstall podsteer -n podsteer-system --wait --timeout 120s >"$LOGS/helm-uninstall.log" 2>&1 ||
+  { echo "helm uninstall failed:"; cat "$LOGS/helm-uninstall.log"; }
+gone_agent_pods() { [ -z "$(k -n podsteer-system get pods -o name 2>/dev/null)" ]; }
+wait_for 120 "the agent's and proxy's pods gone" gone_agent_pods
 wait "$follow" 2>/dev/null
+check "helm uninstall's pre-delete hook let the agent clean up before its RBAC went (no request denied)" \
+  not grep -q "HTTP 403" "$LOGS/agent-removal.log"
 check "removal takes podsteer-cni out of the chain" not chained
 ours_in_cni=$(find "$CNI_CONF" "$CNI_BIN" -name '*podsteer*' -printf '%f ')
 check "no podsteer files left in the CNI dirs ($ours_in_cni)" test -z "$ours_in_cni"

@@ -22,6 +22,8 @@ PACKAGES=(
   libclang-rt-14-dev
   # tests/adversarial: crafted packets
   python3-scapy
+  # tests/chart/check.sh reads the rendered manifests
+  python3-yaml
   # scripts/cluster-e2e.sh: a Debian base image made here (nothing can be pulled); the
   # Kubernetes components are built with the machine's Go (tests/cluster/build-components.sh)
   debootstrap

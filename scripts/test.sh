@@ -39,6 +39,8 @@ fi
 if want cluster; then
   # the Kubernetes components from their Go modules and the image from deploy/Dockerfile are
   # built (and cached) first: most of this part's time on a clean machine
+  # helm from its Go module (cached with the components): lint, template, the rendered manifests
+  part "the Helm chart: lint, template, deploy/ rendered from it (tests/chart/check.sh)" tests/chart/check.sh
   part "a real node: kubelet, API server, the DaemonSet (scripts/cluster-e2e.sh)" scripts/cluster-e2e.sh
 fi
 if want asan; then

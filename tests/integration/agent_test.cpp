@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -1125,22 +1126,30 @@ TEST_F(AgentTest, LogsCarryTimeAndLevelAsTextOrJsonAndTheLevelChangesWhileItRuns
   EXPECT_NE(bad.out.find("not a log level: loud"), std::string::npos) << bad.out;
 }
 
-TEST_F(AgentTest, EveryMetricTheReadmeListsIsInARealScrape) {
-  node->start_agent({"--repair-interval-ms", "200"});
-  node->start_proxy();
-  Pod web;
-  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+// A scrape of an agent that has seen a bit of everything: a captured pod, a proxy, a CNI
+// ADD, a repair.
+std::string scrape_of_a_busy_agent(Node& node, Pod& web) {
+  node.start_agent({"--repair-interval-ms", "200"});
+  node.start_proxy();
+  if (node.add_pod(web, "ambient", "web").rc != 0) return "";
   // a piece taken away and put back: podsteer_repairs_total has a series from then on
-  ASSERT_EQ(sh("ip -n " + web.netns_name + " rule del pref 32764").rc, 0);
+  if (sh("ip -n " + web.netns_name + " rule del pref 32764").rc != 0) return "";
   std::string scrape;
   for (int i = 0; i < 50; ++i) {
-    scrape = node->http_get("/metrics");
+    scrape = node.http_get("/metrics");
     // the repair is counted before the pass stores what it saw: wait for both (CI met the gap)
     if (scrape.find("podsteer_repairs_total{") != std::string::npos &&
         scrape.find("podsteer_pod_connections_total{") != std::string::npos)
       break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
+  return scrape;
+}
+
+TEST_F(AgentTest, EveryMetricTheReadmeListsIsInARealScrape) {
+  Pod web;
+  std::string scrape = scrape_of_a_busy_agent(*node, web);
+  ASSERT_FALSE(scrape.empty());
   auto types = scraped_types(scrape);
   auto listed = readme_metrics();
   ASSERT_GE(listed.size(), 25u) << "the README's metrics table did not parse";
@@ -1194,4 +1203,99 @@ TEST_F(AgentTest, TheMetricsListenerServesMetricsAloneAndOnlyWithItsToken) {
                     "--metrics-port", std::to_string(node->http_port)});
   EXPECT_NE(taken.rc, 0) << taken.out;
   EXPECT_NE(taken.out.find("(--metrics-addr)"), std::string::npos) << taken.out;
+}
+
+// The Grafana dashboard asks only for what the agent serves: every metric a panel queries is
+// in a real scrape (a histogram's _bucket/_sum/_count as the histogram), each label matcher
+// it uses matches a series, and each label it aggregates by is on one of its metrics. The
+// Kubernetes-only metrics are those the README marks so, which KubeTest scrapes.
+TEST_F(AgentTest, EveryMetricTheDashboardQueriesIsInARealScrape) {
+  Pod web;
+  std::string scrape = scrape_of_a_busy_agent(*node, web);
+  ASSERT_FALSE(scrape.empty());
+  auto types = scraped_types(scrape);
+  std::set<std::string> kube_only;
+  for (const auto& m : readme_metrics())
+    if (m.kube_only) kube_only.insert(m.name);
+  auto queries = dashboard_queries();
+  ASSERT_GE(queries.size(), 20u) << "the dashboard did not parse";
+  std::istringstream lines(scrape);
+  std::vector<std::string> samples;
+  for (std::string l; std::getline(lines, l);)
+    if (!l.empty() && l[0] != '#') samples.push_back(l);
+  // the series of one sample name that carry label="value"
+  auto series_with = [&](const std::string& sample, const std::string& label, const std::string& value) {
+    for (const auto& s : samples)
+      if (s.rfind(sample + "{", 0) == 0 && s.find(label + "=\"" + (value.empty() ? "" : value + "\"")) != std::string::npos)
+        return true;
+    return false;
+  };
+  std::set<std::string> seen;
+  for (const auto& q : queries) {
+    EXPECT_FALSE(q.metrics.empty()) << q.panel << ": a query of no podsteer metric: " << q.expr;
+    for (const auto& [name, matchers] : q.metrics) {
+      seen.insert(name);
+      std::string family = name;
+      for (const char* suffix : {"_bucket", "_sum", "_count"})
+        if (name.size() > strlen(suffix) && name.compare(name.size() - strlen(suffix), std::string::npos, suffix) == 0 &&
+            types[name.substr(0, name.size() - strlen(suffix))] == "histogram")
+          family = name.substr(0, name.size() - strlen(suffix));
+      if (kube_only.count(family)) continue;
+      EXPECT_FALSE(types[family].empty()) << q.panel << ": " << name << " is not in the scrape (" << q.expr << ")\n" << scrape;
+      for (const auto& [label, value] : matchers)
+        EXPECT_TRUE(series_with(name, label, value)) << q.panel << ": no " << name << "{" << label << "=\"" << value << "\"}";
+    }
+    for (const auto& label : q.by) {
+      if (label == "instance" || label == "le") continue;  // Prometheus' own; every histogram's
+      bool found = false;
+      for (const auto& [name, matchers] : q.metrics)
+        if (!kube_only.count(name)) found = found || series_with(name, label, "");
+      EXPECT_TRUE(found) << q.panel << ": aggregates by " << label << ", which none of its metrics has: " << q.expr;
+    }
+  }
+  // and it shows the counts a platform team watches
+  for (const char* must : {"podsteer_agent_ready", "podsteer_pods_not_whole", "podsteer_cni_request_seconds_bucket",
+                           "podsteer_pod_guard_total", "podsteer_table_full_total", "podsteer_zds_proxies"})
+    EXPECT_TRUE(seen.count(must)) << must << " is on no panel";
+}
+
+// podsteer status with the agent's view: its version, the proxy connected to it (which
+// process, since when, its acks), the Kubernetes watch (none here) and the CNI chain; and
+// with the agent gone, a line that says so, the datapath's status as before.
+TEST_F(AgentTest, StatusShowsTheAgentItsProxiesAndTheCniChain) {
+  node->start_agent();
+  node->start_proxy();
+  Pod web;
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0);
+  auto st = node->status();
+  ASSERT_TRUE(st.is_object());
+  const auto& a = st["agent"];
+  ASSERT_TRUE(a.value("reachable", false)) << a;
+  auto version = run({podsteer_bin(), "--version"}).out;
+  EXPECT_NE(version.find(a.value("version", "none")), std::string::npos) << a << version;
+  EXPECT_EQ(st["versions"]["agent"], a["version"]);
+  EXPECT_EQ(a["pid"], node->agent->pid());
+  EXPECT_TRUE(a.value("ready", false)) << a;
+  ASSERT_EQ(a["proxies"].size(), 1u) << a;
+  const auto& p = a["proxies"][0];
+  EXPECT_EQ(p["pid"], node->proxy->pid());
+  EXPECT_EQ(p["name"], "podsteer-proxy");
+  EXPECT_GE(p.value("acks", 0), 2) << "the snapshot's SnapshotSent and the pod's AddWorkload: " << p;
+  EXPECT_GE(p.value("last_ack_ms", int64_t(0)), p.value("since_ms", int64_t(1))) << p;
+  EXPECT_EQ(a["workloads"], 1);
+  EXPECT_TRUE(a["kube"].is_null()) << "no Kubernetes source here";
+  EXPECT_EQ(a["cni"]["install"], false);
+  auto text = run({podsteer_bin(), "--state-dir", node->state_dir, "status", "--agent",
+                   fmt::format("http://127.0.0.1:{}", node->http_port)});
+  EXPECT_EQ(text.rc, 0) << text.out;
+  EXPECT_NE(text.out.find("agent       " + a.value("version", std::string("?"))), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("proxies     1 connected"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find(fmt::format("podsteer-proxy pid {}", node->proxy->pid())), std::string::npos) << text.out;
+  // the agent gone: said, and the rest of the status is still there
+  node->agent->stop();
+  text = run({podsteer_bin(), "--state-dir", node->state_dir, "status", "--agent",
+              fmt::format("http://127.0.0.1:{}", node->http_port)});
+  EXPECT_EQ(text.rc, 0) << text.out;
+  EXPECT_NE(text.out.find("agent       not reachable"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("1 pod(s) enrolled"), std::string::npos) << text.out;
 }

@@ -159,6 +159,12 @@ TEST_F(KubeTest, KubectlLabelCapturesRunningPodAndNoneReleasesIt) {
     if (!m.kube_only) continue;
     EXPECT_EQ(types[m.name], m.type) << m.name;
   }
+  // the agent's view of its watch, as `podsteer status` shows it
+  auto view = json::parse(run({"curl", "-s", fmt::format("http://127.0.0.1:{}/status", http_port)}).out, nullptr, false);
+  ASSERT_TRUE(view.is_object() && view["kube"].is_object()) << view;
+  EXPECT_EQ(view["kube"]["node"], node);
+  EXPECT_TRUE(view["kube"].value("synced", false)) << view;
+  EXPECT_GT(view["kube"].value("last_event_ms", int64_t(0)), 0) << "the label's MODIFIED event: " << view;
 
   // a connection open through the proxy survives the opt-out
   auto session = std::make_unique<Peer>(
@@ -444,12 +450,14 @@ TEST(Deploy, ManifestsPassKubectlClientDryRun) {
                           "role.rbac.authorization.k8s.io/podsteer-agent created"})
     EXPECT_NE(r.out.find(obj), std::string::npos) << obj << " in:\n" << r.out;
   // least privilege: no patch on pods themselves, only on their status subresource
-  auto rbac = read_file(std::string(DEPLOY_DIR) + "/rbac.yaml");
+  auto rbac = read_file(std::string(DEPLOY_DIR) + "/podsteer.yaml");  // rendered from the chart
   EXPECT_NE(rbac.find("resources: [\"pods/status\"]\n  verbs: [\"patch\"]"), std::string::npos) << rbac;
   EXPECT_NE(rbac.find("resources: [\"pods\"]\n  verbs: [\"get\", \"list\", \"watch\"]\n"), std::string::npos) << rbac;
-  // /metrics on localhost, probes from the node
-  auto ds = read_file(std::string(DEPLOY_DIR) + "/daemonset.yaml");
-  EXPECT_EQ(ds.find("0.0.0.0 --http-port"), std::string::npos);
+  // the probes and the log level on localhost; /metrics alone on the node's address
+  const std::string& ds = rbac;
+  EXPECT_EQ(ds.find("0.0.0.0"), std::string::npos);
+  EXPECT_EQ(ds.find("--http-addr"), std::string::npos);
+  EXPECT_NE(ds.find("--metrics-addr \"$HOST_IP\""), std::string::npos);
   EXPECT_NE(ds.find("httpGet: {host: 127.0.0.1, path: /healthz"), std::string::npos);
   server.reset();
   std::error_code ec;

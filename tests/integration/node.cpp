@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <regex>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -193,7 +194,9 @@ bool Node::make_netns(const std::string& name) {
 }
 
 json Node::status() {
-  auto r = run({podsteer_bin(), "--state-dir", state_dir, "status", "--json"});
+  // this node's agent, never whatever listens on the default port
+  auto r = run({podsteer_bin(), "--state-dir", state_dir, "status", "--json", "--agent",
+                fmt::format("http://127.0.0.1:{}", http_port)});
   return json::parse(r.out, nullptr, false);
 }
 
@@ -218,6 +221,38 @@ std::vector<ListedMetric> readme_metrics() {
       }
       if (cells.size() < 4) continue;
       out.push_back({cells[0].substr(1, cells[0].size() - 2), cells[1], cells[3].rfind("*kube*", 0) == 0});
+    }
+  }
+  return out;
+}
+
+std::vector<DashboardQuery> dashboard_queries() {
+  auto dash = json::parse(read_file(DASHBOARD_PATH));
+  std::vector<DashboardQuery> out;
+  static const std::regex metric(R"(\b((?:podsteer|process)_[a-z0-9_]+)(\{([^}]*)\})?)");
+  static const std::regex matcher(R"re(([a-z_]+)\s*=\s*"([^"]*)")re");
+  static const std::regex by(R"(\bby\s*\(([^)]*)\))");
+  for (const auto& p : dash["panels"]) {
+    if (!p.contains("targets")) continue;
+    for (const auto& t : p["targets"]) {
+      DashboardQuery q;
+      q.panel = p.value("title", "");
+      q.expr = t.value("expr", "");
+      for (std::sregex_iterator m(q.expr.begin(), q.expr.end(), metric), end; m != end; ++m) {
+        std::map<std::string, std::string> labels;
+        std::string sel = (*m)[3];
+        for (std::sregex_iterator l(sel.begin(), sel.end(), matcher); l != end; ++l) labels[(*l)[1]] = (*l)[2];
+        q.metrics.emplace_back((*m)[1], labels);
+      }
+      for (std::sregex_iterator b(q.expr.begin(), q.expr.end(), by), end; b != end; ++b) {
+        std::istringstream names((*b)[1].str());
+        for (std::string n; std::getline(names, n, ',');) {
+          n.erase(0, n.find_first_not_of(' '));
+          n.erase(n.find_last_not_of(' ') + 1);
+          if (!n.empty()) q.by.push_back(n);
+        }
+      }
+      out.push_back(q);
     }
   }
   return out;

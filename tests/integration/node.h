@@ -81,4 +81,14 @@ std::vector<ListedMetric> readme_metrics();
 // What a scrape says each metric family is ("# TYPE name type" lines)
 std::map<std::string, std::string> scraped_types(const std::string& scrape);
 
+// What the Grafana dashboard (deploy/dashboards/podsteer.json) asks of each metric: every
+// metric named in a panel's query, the label matchers it is given there (label -> value;
+// regex matchers on instance left out) and the labels the query aggregates by.
+struct DashboardQuery {
+  std::string panel, expr;
+  std::vector<std::pair<std::string, std::map<std::string, std::string>>> metrics;  // name, matchers
+  std::vector<std::string> by;
+};
+std::vector<DashboardQuery> dashboard_queries();
+
 }  // namespace podsteer::test
