@@ -92,7 +92,7 @@ json lookup_test_run(bool smoke) {
     getsockopt(l, SOL_SOCKET, SO_COOKIE, &listener_cookie, &cl);
     podsteer_listener_key k{cookie, 15006, AF_INET6, 0};
     uint64_t fd64 = l;
-    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_listeners), &k, &fd64, BPF_ANY);
+    bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_listen), &k, &fd64, BPF_ANY);
     auto run = [&](const char* src, const char* dst) {
       bpf_sk_lookup ctx{};
       ctx.family = AF_INET;

@@ -78,7 +78,7 @@ struct {
 
 /* A plain hash, not an LRU: an entry lives exactly as long as its connection, and a full
  * table is counted rather than making room by evicting a live connection's entry.
- * Preallocated, as podsteer_transit is: a connection's entry is made on the CPU that runs
+ * Preallocated, as podsteer_transi is: a connection's entry is made on the CPU that runs
  * connect() and removed on whichever one handles its close, and a map that allocates per
  * entry (BPF_F_NO_PREALLOC) then refills one CPU's cache while the other's overflows:
  * insert and delete cost 2-3x more (bench/tuplemap.bpf.c). The price is the memory of
@@ -126,14 +126,14 @@ struct {
 	__uint(max_entries, 8192);
 	__type(key, struct podsteer_listener_key);
 	__type(value, __u64);
-} podsteer_listeners SEC(".maps");
+} podsteer_listen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct podsteer_tuple_key);
 	__type(value, __u8);
-} podsteer_transit SEC(".maps");
+} podsteer_transi SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -104,7 +104,7 @@ static __always_inline void sockops_addrs(struct bpf_sock_ops *ops, __u8 *local,
 	CTX_BARRIER();
 }
 
-/* podsteer_transit key of a proxy socket connecting to an app: the app is the remote */
+/* podsteer_transi key of a proxy socket connecting to an app: the app is the remote */
 static __always_inline void transit_key(struct bpf_sock_ops *ops, __u64 cookie, struct podsteer_tuple_key *t)
 {
 	t->netns_cookie = cookie;
@@ -125,7 +125,7 @@ static __always_inline void orig_key(struct bpf_sock_ops *ops, __u64 cookie, str
 	k->pad = 0;
 }
 
-/* podsteer_transit key of the app's socket accepted from the proxy's connection: the app is
+/* podsteer_transi key of the app's socket accepted from the proxy's connection: the app is
  * the local side, the client's address the remote; the same key transit_key made */
 static __always_inline void passive_transit_key(struct bpf_sock_ops *ops, __u64 cookie,
 						struct podsteer_tuple_key *t)

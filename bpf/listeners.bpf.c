@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /* A TCP socket iterator, run once in a pod's netns when it is enrolled or repaired: the
- * proxy's inbound listeners that already exist go into podsteer_listeners (sock_ops only
+ * proxy's inbound listeners that already exist go into podsteer_listen (sock_ops only
  * sees listen() calls made after the socket hooks were attached). Loaded only then: it
  * needs the kernel's BTF, which takes libbpf milliseconds to read. */
 #include "common.bpf.h"
@@ -46,7 +46,7 @@ int podsteer_find_listeners(struct bpf_iter__tcp *ctx)
 		return 0;
 	struct podsteer_listener_key k = {.netns_cookie = cfg_pod_cookie, .port = cfg_inbound_port,
 					  .family = skc->skc_family};
-	bpf_map_update_elem(&podsteer_listeners, &k, sk, BPF_ANY);
+	bpf_map_update_elem(&podsteer_listen, &k, sk, BPF_ANY);
 	return 0;
 }
 

@@ -50,7 +50,7 @@ static __always_inline int opened_by_node(const struct podsteer_tuple_key *t)
 static __always_inline long assign_listener(struct bpf_sk_lookup *ctx, __u64 cookie, __u16 inbound_port)
 {
 	struct podsteer_listener_key k = {.netns_cookie = cookie, .port = inbound_port, .family = AF_INET6};
-	struct bpf_sock *sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
+	struct bpf_sock *sk = bpf_map_lookup_elem(&podsteer_listen, &k);
 	long err = -1;
 	if (sk) {
 		err = bpf_sk_assign(ctx, sk, 0);
@@ -58,7 +58,7 @@ static __always_inline long assign_listener(struct bpf_sk_lookup *ctx, __u64 coo
 	}
 	if (err && ctx->family == AF_INET) {
 		k.family = AF_INET;
-		sk = bpf_map_lookup_elem(&podsteer_listeners, &k);
+		sk = bpf_map_lookup_elem(&podsteer_listen, &k);
 		if (sk) {
 			err = bpf_sk_assign(ctx, sk, 0);
 			bpf_sk_release(sk);
@@ -119,11 +119,11 @@ int podsteer_lookup(struct bpf_sk_lookup *ctx)
 	}
 	/* Made inside the pod: a source that is loopback or the destination itself can only
 	 * be local (the kernel drops such sources arriving on an interface); the proxy's
-	 * connections from a client's address are in podsteer_transit while their SYN flies.
+	 * connections from a client's address are in podsteer_transi while their SYN flies.
 	 * (Not by where the SYN arrived: bpf_sk_lookup.ingress_ifindex of a packet the pod
 	 * sends to its own address is the interface that holds the address, not lo.) */
 	if (is_loopback(t.src_addr) || same_addr(t.src_addr, t.dst_addr) ||
-	    bpf_map_lookup_elem(&podsteer_transit, &t))
+	    bpf_map_lookup_elem(&podsteer_transi, &t))
 		return SK_PASS;
 
 	struct podsteer_counters *c = pod_counters(cookie);

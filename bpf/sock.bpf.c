@@ -367,7 +367,7 @@ static __always_inline int on_listen(struct bpf_sock_ops *ops, struct bpf_sock *
 		return 1;
 	struct podsteer_listener_key k = {.netns_cookie = bpf_get_netns_cookie(ops),
 					  .port = cfg_inbound_port, .family = (__u16)ops->family};
-	bpf_sock_hash_update(ops, &podsteer_listeners, &k, BPF_ANY);
+	bpf_sock_hash_update(ops, &podsteer_listen, &k, BPF_ANY);
 	return 1;
 }
 
@@ -396,7 +396,7 @@ static __always_inline int on_connect(struct bpf_sock_ops *ops, struct bpf_sock 
 		int mark = (int)transit_mark(sk->mark);
 		bpf_setsockopt(ops, SOL_SOCKET_LEVEL, SO_MARK_OPT, &mark, sizeof(mark));
 		__u8 one = 1;
-		if (bpf_map_update_elem(&podsteer_transit, &t, &one, BPF_ANY))
+		if (bpf_map_update_elem(&podsteer_transi, &t, &one, BPF_ANY))
 			count_full(0);
 		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
@@ -445,7 +445,7 @@ static __always_inline int on_state(struct bpf_sock_ops *ops, struct bpf_sock *s
 		 * keeps no request socket, so the completing ACK goes through sk_lookup again). */
 		struct podsteer_tuple_key t;
 		transit_key(ops, cookie, &t);
-		if (bpf_map_delete_elem(&podsteer_transit, &t) == 0)
+		if (bpf_map_delete_elem(&podsteer_transi, &t) == 0)
 			return 1;
 	}
 	if (plan & CLOSE_MISSING) {
@@ -472,7 +472,7 @@ static __always_inline int on_passive_established(struct bpf_sock_ops *ops, stru
 		return 1;
 	struct podsteer_tuple_key t;
 	passive_transit_key(ops, bpf_get_netns_cookie(ops), &t);
-	bpf_map_delete_elem(&podsteer_transit, &t);
+	bpf_map_delete_elem(&podsteer_transi, &t);
 	return 1;
 }
 

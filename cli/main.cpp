@@ -249,7 +249,7 @@ int cmd_status(Datapath& dp, bool as_json, const std::string& agent_url) {
   fmt::print("connect4 -> sock_ops handoffs found on another CPU {}, missing {}\n", ev.stash_migrated, ev.stash_missing);
   if (auto full = dp.full(); full.orig || full.transit)
     fmt::print("TABLES FULL: {} outbound connection(s) got no podsteer_orig entry (the proxy refuses them), {} inbound "
-               "no podsteer_transit entry (they came back to the proxy)\n",
+               "no podsteer_transi entry (they came back to the proxy)\n",
                full.orig, full.transit);
   if (auto gone = dp.missing_hooks(); !gone.empty())
     fmt::print("socket hooks NOT ATTACHED: {} (podsteer-agent puts them back within a second)\n",
@@ -393,7 +393,7 @@ int cmd_dump(Datapath& dp, const std::string& which) {
   }
   if (want("listeners")) {
     any = true;
-    rc |= dump_map<podsteer_listener_key, __u64>(sd, "podsteer_listeners",
+    rc |= dump_map<podsteer_listener_key, __u64>(sd, "podsteer_listen",
                                                 [](const podsteer_listener_key& k, const __u64& socket_cookie) {
       return json{{"netns_cookie", k.netns_cookie}, {"port", k.port},
                   {"family", k.family == AF_INET6 ? "inet6" : "inet"}, {"socket_cookie", socket_cookie}};
@@ -401,7 +401,7 @@ int cmd_dump(Datapath& dp, const std::string& which) {
   }
   if (want("transit")) {
     any = true;
-    rc |= dump_map<podsteer_tuple_key, __u8>(sd, "podsteer_transit", [](const podsteer_tuple_key& k, const __u8&) {
+    rc |= dump_map<podsteer_tuple_key, __u8>(sd, "podsteer_transi", [](const podsteer_tuple_key& k, const __u8&) {
       return json{{"netns_cookie", k.netns_cookie},
                   {"app", fmt::format("{}:{}", format_ip16(k.dst_addr), k.dst_port)},
                   {"from", fmt::format("{}:{}", format_ip16(k.src_addr), k.src_port)}};

@@ -96,7 +96,7 @@ struct TcHook {
 struct InboundStatus {
   uint32_t link_id = 0, prog_id = 0;  // the pod's sk_lookup link; 0: missing
   bool attached = false;              // the link still runs in the pod's netns
-  bool proxy_listening = false;       // a proxy listener is in podsteer_listeners
+  bool proxy_listening = false;       // a proxy listener is in podsteer_listen
   std::vector<TcHook> node_in;        // the TC ingress program, per interface
   std::vector<unsigned> node_in_missing;  // veth interfaces without it (netns alive only)
   std::vector<TcHook> pod_out;        // the TC egress program (the hole check), per interface
@@ -165,7 +165,7 @@ class Datapath {
   // Enrolling an enrolled pod updates its settings in place.
   Result<EnrollOutcome> enroll(const Netns& ns, const PodOptions& opts);
   Status unenroll(uint64_t cookie);
-  // Puts the proxy's existing inbound listeners of the pod into podsteer_listeners when
+  // Puts the proxy's existing inbound listeners of the pod into podsteer_listen when
   // none is known (then it is one map lookup): a proxy that listened before the pod was
   // enrolled (sock_ops only sees listen() calls made while the hooks are attached), or one
   // that marks its listener only after listen() (ztunnel with INPOD_PORT_REUSE=false: the
@@ -224,6 +224,9 @@ class Datapath {
   // A state dir made by map ABI 1 becomes this ABI's, pods captured throughout
   // (migrate.cpp). Lock held.
   static Status migrate_from_abi1(const std::string& state_dir);
+  // ABI 2 -> 3: two pins renamed, the config's ABI written; idempotent (an interrupted one
+  // is finished by the next open).
+  static Status migrate_from_abi2(const std::string& state_dir);
   ReturnPath return_path() const;
   Status attach_inbound(const Netns& ns);
   Status upgrade_inbound(uint64_t cookie);
@@ -265,6 +268,7 @@ class Datapath {
 
 // Whether state_dir holds a state map ABI 1 made.
 bool is_abi1_state(const std::string& state_dir);
+bool is_abi2_state(const std::string& state_dir);
 
 // Identifies this build's BPF programs (a hash of the objects it embeds).
 uint64_t programs_id();

@@ -63,7 +63,7 @@ void Datapath::erase_connections(uint64_t cookie) {
       if (k.netns_cookie == cookie) (void)transit_->erase(k);
   for (uint16_t family : {AF_INET, AF_INET6}) {
     podsteer_listener_key k = listener_key(cookie, config_.inbound_port, family);
-    (void)erase_elem(listeners_.get(), &k, "podsteer_listeners");
+    (void)erase_elem(listeners_.get(), &k, "podsteer_listen");
   }
 }
 

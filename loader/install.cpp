@@ -146,10 +146,10 @@ Status Datapath::adopt() {
   PODSTEER_TRY(open(cidrs_, "podsteer_cidrs"));
   PODSTEER_TRY(open(stats_, "podsteer_stats"));
   PODSTEER_TRY(open(orig_, "podsteer_orig"));
-  PODSTEER_TRY(open(transit_, "podsteer_transit"));
+  PODSTEER_TRY(open(transit_, "podsteer_transi"));
   if (path_exists(map_pin(state_dir_, "podsteer_guard"))) PODSTEER_TRY(open(guard_, "podsteer_guard"));
   if (path_exists(map_pin(state_dir_, "podsteer_holes"))) PODSTEER_TRY(open(holes_, "podsteer_holes"));
-  std::string pin = map_pin(state_dir_, "podsteer_listeners");
+  std::string pin = map_pin(state_dir_, "podsteer_listen");
   listeners_ = Fd(bpf_obj_get(pin.c_str()));
   if (!listeners_.valid()) return sys_error("bpf_obj_get", pin);
   return {};
@@ -174,6 +174,7 @@ Result<Datapath> Datapath::open(const std::string& state_dir, const NodeConfig& 
   dp.tc_mode_ = want.tc_mode;
   bool installed = path_exists(map_pin(state_dir, "podsteer_config"));
   if (installed && is_abi1_state(state_dir)) PODSTEER_TRY(migrate_from_abi1(state_dir));
+  else if (installed && is_abi2_state(state_dir)) PODSTEER_TRY(migrate_from_abi2(state_dir));
   if (installed) {
     auto st = dp.adopt();
     if (!st && st.error().is(ErrorCode::kIncompleteInstall) && install_if_missing) {

@@ -168,4 +168,49 @@ Status Datapath::migrate_from_abi1(const std::string& state_dir) {
   return {};
 }
 
+// Is the state dir one map ABI 2 made? Its config has this build's layout and says 2.
+bool is_abi2_state(const std::string& state_dir) {
+  Fd fd(bpf_obj_get(map_pin(state_dir, "podsteer_config").c_str()));
+  auto info = fd.valid() ? map_info(fd.get()) : Result<MapInfo>(invalid("no config"));
+  if (!info || info->value_size != sizeof(podsteer_config)) return false;
+  podsteer_config c{};
+  __u32 zero = 0;
+  return bpf_map_lookup_elem(fd.get(), &zero, &c) == 0 && c.abi_version == 2;
+}
+
+// ABI 3 changed no layout: two maps whose names were longer than the kernel keeps got the
+// names it had given them. Renaming their pins (rename(2) on bpffs, under the state lock)
+// keeps the maps themselves, so every entry, and every connection that needs one, lives
+// on; the programs still pinned hold the maps, not the paths, and the upgrade that follows
+// loads this build's programs onto the renamed pins. The config's ABI is written last, so
+// an interrupted migration is finished by the next open.
+Status Datapath::migrate_from_abi2(const std::string& state_dir) {
+  size_t renamed = 0;
+  for (const auto& [was, now] : {std::pair{PODSTEER_ABI2_LISTENERS_PIN, "podsteer_listen"},
+                                 std::pair{PODSTEER_ABI2_TRANSIT_PIN, "podsteer_transi"}}) {
+    std::string from = map_pin(state_dir, was), to = map_pin(state_dir, now);
+    bool have_old = path_exists(from), have_new = path_exists(to);
+    if (have_old && have_new)
+      return invalid(fmt::format("both {} and {} are pinned: not a state this or an earlier podsteer made", was, now),
+                     state_dir);
+    if (!have_old && !have_new) return invalid(fmt::format("neither {} nor {} is pinned", was, now), state_dir);
+    if (have_old) {
+      if (rename(from.c_str(), to.c_str()) != 0) return sys_error("rename", from);
+      ++renamed;
+    }
+  }
+  auto cfg_map = Map<__u32, podsteer_config>::open(map_pin(state_dir, "podsteer_config"));
+  if (!cfg_map) return cfg_map.error();
+  auto cfg = cfg_map->lookup(0);
+  if (!cfg) return cfg.error();
+  if (!cfg->has_value()) return invalid("the ABI 2 state has no config", state_dir);
+  podsteer_config c = **cfg;
+  c.abi_version = PODSTEER_ABI_VERSION;
+  PODSTEER_TRY(cfg_map->update(0, c));
+  spdlog::info("migrated {} from map ABI 2 to 3 in place: {} pin(s) renamed to the names the kernel gives the maps "
+               "(podsteer_listen, podsteer_transi), the maps and every connection kept",
+               state_dir, renamed);
+  return {};
+}
+
 }  // namespace podsteer

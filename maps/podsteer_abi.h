@@ -8,8 +8,15 @@
 #include <linux/types.h>
 
 /* 2: inbound moved from TC to sk_lookup (podsteer_ips and the TC fields of podsteer_meta
- *    are gone), the listener and transit maps, Kubernetes-sized names. */
-#define PODSTEER_ABI_VERSION 2
+ *    are gone), the listener and transit maps, Kubernetes-sized names.
+ * 3: no layout changed; podsteer_listeners and podsteer_transit are named (and pinned) as the
+ *    kernel keeps them, podsteer_listen and podsteer_transi, so that `bpftool map dump name`
+ *    finds every map. A node of ABI 2 is migrated by renaming those two pins: the maps, their
+ *    entries and the connections that need them are kept (loader/migrate.cpp). */
+#define PODSTEER_ABI_VERSION 3
+/* the pins ABI 3 renamed: {ABI 2's, ABI 3's} */
+#define PODSTEER_ABI2_LISTENERS_PIN "podsteer_listeners"
+#define PODSTEER_ABI2_TRANSIT_PIN "podsteer_transit"
 
 /* Defaults: ztunnel's in-pod constants and Istio's in-pod rules (DESIGN.md). */
 #define PODSTEER_DEFAULT_OUTBOUND_PORT 15001
@@ -150,7 +157,7 @@ struct podsteer_events {
 struct podsteer_full {
 	__u64 orig;    /* podsteer_orig: the proxy will not learn where the app connected (it is
 	                  told its own listener's address, and refuses the call) */
-	__u64 transit; /* podsteer_transit: the proxy's connection from a client's address looks
+	__u64 transit; /* podsteer_transi: the proxy's connection from a client's address looks
 	                  like a client's own to sk_lookup, and comes back to the proxy */
 };
 
@@ -202,7 +209,7 @@ struct podsteer_origdst_key {
 	__u32 pad;
 };
 
-/* podsteer_listeners (SOCKHASH): the proxy's inbound listener in each pod netns, put
+/* podsteer_listen (SOCKHASH): the proxy's inbound listener in each pod netns, put
  * there by sock_ops when the proxy calls listen(); sk_lookup hands new inbound
  * connections to it. */
 struct podsteer_listener_key {
@@ -212,7 +219,7 @@ struct podsteer_listener_key {
 	__u32 pad;
 };
 
-/* podsteer_transit: connections the proxy makes to an app in its own pod from another
+/* podsteer_transi: connections the proxy makes to an app in its own pod from another
  * address (a client's: IP_TRANSPARENT), for as long as they live: sk_lookup lets their
  * SYN (and, with SYN cookies, their completing ACK) through to the app instead of steering
  * them back to the proxy. Seen from the app's side: dst is the app, src the address the

@@ -13,7 +13,7 @@ struct conn_test_out {
 	struct podsteer_origdst_key at_peer;    /* getpeername, the app's socket */
 	__u8 sockopt_local[16];
 	__s32 peer_key_made;
-	/* one connection of the proxy's from a client's address: its podsteer_transit key */
+	/* one connection of the proxy's from a client's address: its podsteer_transi key */
 	struct podsteer_tuple_key at_proxy_connect; /* sock_ops connect, the proxy's socket */
 	struct podsteer_tuple_key at_accept;        /* sock_ops passive established, the app's */
 	/* the decisions, for t_mark, t_from, t_to, t_remote_port */

@@ -80,7 +80,7 @@ class LookupProgTest : public ::testing::Test {
     ASSERT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_stats), &kCookie, zero.data(), BPF_ANY), 0);
   }
 
-  // A listening socket in this thread's netns, put into podsteer_listeners as the proxy's
+  // A listening socket in this thread's netns, put into podsteer_listen as the proxy's
   // inbound listener; returns its socket cookie.
   uint64_t proxy_listener(int family, bool v6only = false) {
     int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -101,7 +101,7 @@ class LookupProgTest : public ::testing::Test {
     EXPECT_EQ(listen(fd, 8), 0);
     podsteer_listener_key k{kCookie, 15006, uint16_t(family), 0};
     uint64_t value = fd;
-    EXPECT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_listeners), &k, &value, BPF_ANY), 0)
+    EXPECT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_listen), &k, &value, BPF_ANY), 0)
         << strerror(errno);
     uint64_t cookie = 0;
     socklen_t len = sizeof(cookie);
@@ -275,7 +275,7 @@ TEST_F(LookupProgTest, ProxyConnectionFromAClientAddressReachesTheApp) {
     t.dst_port = 9090;
     t.src_port = 40000;
     __u8 one = 1;
-    ASSERT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_transit), &t, &one, BPF_ANY), 0);
+    ASSERT_EQ(bpf_map_update_elem(bpf_map__fd(skel->maps.podsteer_transi), &t, &one, BPF_ANY), 0);
     EXPECT_EQ(run({}).selected, 0u) << "the proxy's own connection must reach the app, not loop back";
     Lookup other_port;
     other_port.sport = 40001;

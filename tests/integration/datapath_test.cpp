@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <map>
 #include <set>
 #include <filesystem>
 #include <thread>
@@ -710,7 +711,7 @@ TEST_F(DatapathTest, AFullTupleTableIsCountedAndFailsClosed) {
   close(fd);
 }
 
-// The proxy's connection from a client's address needs its podsteer_transit entry only
+// The proxy's connection from a client's address needs its podsteer_transi entry only
 // until the app's side has the connection: the entry is gone while the connection lives,
 // so the table is bounded by handshakes in flight, not by live inbound connections. Also
 // when the app's side answers with SYN cookies, whose completing ACK needs the entry.
@@ -974,19 +975,23 @@ std::string earlier_release(const char* path) {
 // in place must take the old program away without breaking an open connection that kept
 // the client's address, and new ones must still reach the app from the client's address.
 // The flags a pinned map was made with (BPF_F_NO_PREALLOC: entries allocated one by one)
-uint32_t pinned_map_flags(const std::string& state_dir, const std::string& name) {
-  int fd = bpf_obj_get((state_dir + "/maps/" + name).c_str());
-  if (fd < 0) return ~0u;
+bpf_map_info pinned_map(const std::string& state_dir, const std::string& name) {
   bpf_map_info info{};
+  int fd = bpf_obj_get((state_dir + "/maps/" + name).c_str());
+  if (fd < 0) return info;  // id 0
   __u32 len = sizeof(info);
-  uint32_t flags = bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.map_flags : ~0u;
+  if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) info = {};
   close(fd);
-  return flags;
+  return info;
+}
+uint32_t pinned_map_flags(const std::string& state_dir, const std::string& name) {
+  auto info = pinned_map(state_dir, name);
+  return info.id ? info.map_flags : ~0u;
 }
 
 TEST_F(DatapathTest, TupleMapsArePreallocated) {
   enroll();
-  for (const char* m : {"podsteer_orig", "podsteer_transit"})
+  for (const char* m : {"podsteer_orig", "podsteer_transi"})
     EXPECT_EQ(pinned_map_flags(env->state_dir, m), 0u) << m;
 }
 
@@ -1008,16 +1013,34 @@ TEST_F(DatapathTest, UpgradeFromTheReleaseWithAPerPacketProgramKeepsTheClientsAd
   auto before = session_request(*in, "before");
   EXPECT_NE(before.value("reply", "").find("peer=" + env->remote_ip4 + ":"), std::string::npos) << before;
 
-  // that release made its tuple maps without preallocation; the upgrade keeps them
+  // that release made its tuple maps without preallocation; the upgrade keeps them. Two of
+  // its maps had names longer than the kernel keeps (map ABI 2): the upgrade renames their
+  // pins to the names the kernel gave them, and they stay the same maps.
   for (const char* name : {"podsteer_orig", "podsteer_transit"})
     ASSERT_EQ(pinned_map_flags(env->state_dir, name), uint32_t(BPF_F_NO_PREALLOC)) << name;
+  std::map<std::string, uint32_t> ids;
+  for (const char* name : {"podsteer_transit", "podsteer_listeners"}) {
+    auto info = pinned_map(env->state_dir, name);
+    ASSERT_NE(info.id, 0u) << name << " is the earlier release's pin";
+    EXPECT_EQ(std::string(info.name), std::string(name).substr(0, 15)) << "the kernel keeps 15 characters";
+    ids[name] = info.id;
+  }
   auto out = open_session(env->pod_ns, env->app_cgroup, env->remote_ip4, 8080);
   ASSERT_FALSE(wait_accept(*proxy, env->remote_ip4 + ":8080").is_null());
 
   auto m = env->podsteer({"status"});  // this build opens the state: it upgrades in place
   ASSERT_EQ(m.rc, 0) << m.out;
-  for (const char* name : {"podsteer_orig", "podsteer_transit"})
+  for (const char* name : {"podsteer_orig", "podsteer_transi"})
     EXPECT_EQ(pinned_map_flags(env->state_dir, name), uint32_t(BPF_F_NO_PREALLOC)) << name << ": the same map, kept";
+  EXPECT_NE(m.out.find("map ABI 2 to 3"), std::string::npos) << m.out;
+  for (const auto& [old_name, now] : std::map<std::string, std::string>{{"podsteer_transit", "podsteer_transi"},
+                                                                         {"podsteer_listeners", "podsteer_listen"}}) {
+    EXPECT_EQ(pinned_map(env->state_dir, now).id, ids[old_name]) << now << ": the same map under its new pin";
+    EXPECT_EQ(pinned_map(env->state_dir, old_name).id, 0u) << old_name << "'s pin is gone";
+    auto dump = sh("bpftool map dump name " + now);
+    EXPECT_EQ(dump.rc, 0) << dump.out;
+  }
+  EXPECT_EQ(env->status()["config"]["abi_version"], PODSTEER_ABI_VERSION);
   // the outbound connection made before lives on, and so does its entry
   EXPECT_NE(session_request(*out, "after").value("reply", "").find("got=after"), std::string::npos);
   auto d = env->podsteer({"dump", "orig"});

@@ -7,7 +7,8 @@
 #include "podsteer_abi.h"
 #include "podsteer_abi_v1.h"
 
-static_assert(PODSTEER_ABI_VERSION == 2, "bump the layout checks with the ABI version");
+// 3 renamed two maps (pins) and changed no layout
+static_assert(PODSTEER_ABI_VERSION == 3, "bump the layout checks with the ABI version");
 static_assert(sizeof(podsteer_pod) == 32);
 static_assert(offsetof(podsteer_pod, flags) == 0);
 static_assert(offsetof(podsteer_pod, ip4) == 4);
