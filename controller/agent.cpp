@@ -1,4 +1,5 @@
 // The agent's lifecycle, its HTTP endpoints, health, readiness and metrics.
+#include "clock.h"
 #include "agent.h"
 
 #include <httplib.h>
@@ -25,10 +26,6 @@ using json = nlohmann::json;
 
 namespace {
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 std::string first_line(const std::string& path) {
   std::ifstream in(path);
@@ -56,12 +53,6 @@ struct Agent::Http {
 Agent::Agent(AgentConfig cfg) : cfg_(std::move(cfg)), policy_(cfg_.enroll_namespaces) {}
 
 Agent::~Agent() { stop(); }
-
-namespace {
-int64_t unix_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-}  // namespace
 
 nlohmann::json Agent::status_json() {
   using json = nlohmann::json;

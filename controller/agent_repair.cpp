@@ -13,6 +13,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "clock.h"
 #include "agent.h"
 #include "log.h"
 #include "netns.h"
@@ -21,10 +22,6 @@ namespace podsteer {
 
 namespace {
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // The options a captured pod was enrolled with, as its entries record them.
 PodOptions options_from_status(const PodStatus& s) {

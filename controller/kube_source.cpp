@@ -2,7 +2,7 @@
 
 #include <curl/curl.h>
 
-#include <chrono>
+#include "clock.h"
 
 #include "log.h"
 
@@ -135,9 +135,7 @@ bool Source::list(Kind kind, std::string& rv) {
 }
 
 bool Source::apply(Kind kind, const std::string& type, const json& o) {
-  last_event_ms_ = std::chrono::duration_cast<std::chrono::milliseconds>(
-                       std::chrono::system_clock::now().time_since_epoch())
-                       .count();
+  last_event_ms_ = unix_ms();
   std::lock_guard<std::mutex> g(mu_);
   if (kind == Kind::Pods) {
     auto p = parse_pod(o);

@@ -1,3 +1,4 @@
+#include "clock.h"
 #include "zds_server.h"
 
 #include <poll.h>
@@ -18,10 +19,6 @@ namespace pb = istio::workload::zds;
 
 namespace {
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 pb::WorkloadRequest add_request(const PodInfo& pod) {
   pb::WorkloadRequest req;
@@ -52,9 +49,6 @@ ZdsServer::ZdsServer(std::string path, int ack_timeout_ms) : path_(std::move(pat
 ZdsServer::~ZdsServer() { stop(); }
 
 namespace {
-int64_t unix_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
 // The process's name (comm), "" when it cannot be read (another pid namespace, gone).
 std::string process_name(pid_t pid) {
   if (pid <= 0) return "";

@@ -115,15 +115,22 @@ void detach_v1_tc(const PodV1& p, uint32_t old_tc_prog_id) {
 
 }  // namespace
 
-// Is the state dir one map ABI 1 made? Its config map has ABI 1's value size.
-bool is_abi1_state(const std::string& state_dir) {
+// The ABI the pinned config says, read with the layout Config has (a config of another
+// value size is not that layout: 0)
+namespace {
+template <class Config>
+__u32 pinned_abi(const std::string& state_dir) {
   Fd fd(bpf_obj_get(map_pin(state_dir, "podsteer_config").c_str()));
   auto info = fd.valid() ? map_info(fd.get()) : Result<MapInfo>(invalid("no config"));
-  if (!info || info->value_size != sizeof(podsteer_config_v1)) return false;
-  podsteer_config_v1 c{};
+  if (!info || info->value_size != sizeof(Config)) return 0;
+  Config c{};
   __u32 zero = 0;
-  return bpf_map_lookup_elem(fd.get(), &zero, &c) == 0 && c.abi_version == 1;
+  return bpf_map_lookup_elem(fd.get(), &zero, &c) == 0 ? c.abi_version : 0;
 }
+}  // namespace
+
+// Is the state dir one map ABI 1 made? Its config map has ABI 1's value size.
+bool is_abi1_state(const std::string& state_dir) { return pinned_abi<podsteer_config_v1>(state_dir) == 1; }
 
 Status Datapath::migrate_from_abi1(const std::string& state_dir) {
   auto cfg_map = Map<__u32, podsteer_config_v1>::open(map_pin(state_dir, "podsteer_config"));
@@ -169,14 +176,7 @@ Status Datapath::migrate_from_abi1(const std::string& state_dir) {
 }
 
 // Is the state dir one map ABI 2 made? Its config has this build's layout and says 2.
-bool is_abi2_state(const std::string& state_dir) {
-  Fd fd(bpf_obj_get(map_pin(state_dir, "podsteer_config").c_str()));
-  auto info = fd.valid() ? map_info(fd.get()) : Result<MapInfo>(invalid("no config"));
-  if (!info || info->value_size != sizeof(podsteer_config)) return false;
-  podsteer_config c{};
-  __u32 zero = 0;
-  return bpf_map_lookup_elem(fd.get(), &zero, &c) == 0 && c.abi_version == 2;
-}
+bool is_abi2_state(const std::string& state_dir) { return pinned_abi<podsteer_config>(state_dir) == 2; }
 
 // ABI 3 changed no layout: two maps whose names were longer than the kernel keeps got the
 // names it had given them. Renaming their pins (rename(2) on bpffs, under the state lock)
