@@ -207,6 +207,32 @@ json tc_test_run(bool smoke) {
       reinterpret_cast<uint8_t*>(tcp)[13] = flags;
       return p;
     };
+    // Ethernet + IPv6 (+ an 8-byte destination-options header) + TCP: the IPv6 fast path, and
+    // the walk past an extension header the egress check makes
+    auto packet6 = [](uint8_t flags, bool dstopts) {
+      size_t ext = dstopts ? 8 : 0;
+      std::vector<uint8_t> p(14 + 40 + ext + 20, 0);
+      p[12] = 0x86;  // ETH_P_IPV6
+      p[13] = 0xdd;
+      uint8_t* ip6 = p.data() + 14;
+      ip6[0] = 0x60;
+      ip6[5] = uint8_t(ext + 20);  // payload length
+      ip6[6] = dstopts ? 60 : IPPROTO_TCP;
+      ip6[7] = 64;
+      inet_pton(AF_INET6, "fd00::1", ip6 + 8);
+      inet_pton(AF_INET6, "fd00::2", ip6 + 24);
+      if (dstopts) {
+        ip6[40] = IPPROTO_TCP;
+        ip6[42] = 1;  // PadN, 4 bytes
+        ip6[43] = 4;
+      }
+      auto* tcp = reinterpret_cast<tcphdr*>(ip6 + 40 + ext);
+      tcp->source = htons(40000);
+      tcp->dest = htons(9090);
+      tcp->doff = 5;
+      reinterpret_cast<uint8_t*>(tcp)[13] = flags;
+      return p;
+    };
     auto run_prog = [&](bpf_program* prog, const std::vector<uint8_t>& p) {
       LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = p.data(), .data_size_in = static_cast<uint32_t>(p.size()),
                   .repeat = static_cast<int>(smoke ? 1000 : 1000000));
@@ -215,7 +241,8 @@ json tc_test_run(bool smoke) {
     };
     auto run = [&](const std::vector<uint8_t>& p) { return run_prog(skel->progs.podsteer_node_in, p); };
     auto client_syn = packet(40000, 0x02), node_syn = packet(node_port, 0x02), ack = packet(node_port, 0x10);
-    std::vector<double> miss, hit, ordinary, out_ordinary, out_syn;
+    auto ack6 = packet6(0x10, false), ack6_ext = packet6(0x10, true);
+    std::vector<double> miss, hit, ordinary, out_ordinary, out_syn, out_ordinary6, out_ordinary6_ext;
     for (int i = 0; i < (smoke ? 1 : 5); ++i) {
       miss.push_back(run(client_syn));
       hit.push_back(run(node_syn));
@@ -224,6 +251,8 @@ json tc_test_run(bool smoke) {
       // without a socket (test_run's skb has none: it stops there, as for a forwarded one)
       out_ordinary.push_back(run_prog(skel->progs.podsteer_pod_out, ack));
       out_syn.push_back(run_prog(skel->progs.podsteer_pod_out, client_syn));
+      out_ordinary6.push_back(run_prog(skel->progs.podsteer_pod_out, ack6));
+      out_ordinary6_ext.push_back(run_prog(skel->progs.podsteer_pod_out, ack6_ext));
     }
     // the node's SYN was recorded for sk_lookup; the client's was not
     podsteer_tuple_key k{};
@@ -247,6 +276,8 @@ json tc_test_run(bool smoke) {
     out["egress_ordinary_packet_ns_runs"] = out_ordinary;
     out["egress_syn_no_socket_ns_runs"] = out_syn;
     out["egress_ordinary_packet_ns"] = median(out_ordinary);
+    out["egress_ordinary_packet6_ns_runs"] = out_ordinary6;
+    out["egress_ordinary_packet6_dstopts_ns_runs"] = out_ordinary6_ext;
     podsteer_lookup__destroy(skel);
   });
   pod.join();

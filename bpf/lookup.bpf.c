@@ -199,7 +199,50 @@ struct syn {
 	int v4;
 };
 
-/* Fills s from skb's packet if it is a TCP SYN without ACK (IPv4 unfragmented, IPv6 without
+#define NEXTHDR_HOP_ 0
+#define NEXTHDR_ROUTING_ 43
+#define NEXTHDR_FRAGMENT_ 44
+#define NEXTHDR_DEST_ 60
+/* The extension headers a socket can put before TCP (ipv6_txoptions: hop-by-hop,
+ * destination options, routing header, destination options) and a fragment header: a local
+ * socket's SYN carries at most these five. */
+#define IP6_EXT_MAX 5
+
+struct ip6_ext {
+	__u8 nexthdr, hdrlen;
+	__be16 frag_off; /* a fragment header's offset and flags (its hdrlen byte is reserved) */
+};
+
+/* The TCP header of an IPv6 packet, past its extension headers: NULL if the packet is not
+ * TCP, is a fragment other than the first, or has more headers than a socket can add. An
+ * unprivileged IPV6_RTHDR (or, with CAP_NET_RAW, hop-by-hop or destination options) must not
+ * hide a SYN from the checks. */
+static __always_inline void *ip6_tcp(struct ip6_hdr *ip6, void *end)
+{
+	__u8 nh = ip6->nexthdr;
+	void *p = ip6 + 1;
+#pragma unroll
+	for (int i = 0; i < IP6_EXT_MAX; i++) {
+		if (nh == IPPROTO_TCP)
+			return p;
+		if (nh != NEXTHDR_HOP_ && nh != NEXTHDR_ROUTING_ && nh != NEXTHDR_DEST_ && nh != NEXTHDR_FRAGMENT_)
+			return NULL;
+		struct ip6_ext *e = p;
+		if ((void *)(e + 1) > end)
+			return NULL;
+		if (nh == NEXTHDR_FRAGMENT_) {
+			if (e->frag_off & bpf_htons(0xfff8))
+				return NULL; /* not the first fragment: no TCP header in it */
+			p += 8;
+		} else {
+			p += (e->hdrlen + 1) * 8;
+		}
+		nh = e->nexthdr;
+	}
+	return nh == IPPROTO_TCP ? p : NULL;
+}
+
+/* Fills s from skb's packet if it is a TCP SYN without ACK (IPv4 unfragmented, IPv6 past its
  * extension headers); 0 for any other packet, the fast path of both TC programs. */
 static __always_inline int parse_syn(struct __sk_buff *skb, struct syn *s)
 {
@@ -217,10 +260,10 @@ static __always_inline int parse_syn(struct __sk_buff *skb, struct syn *s)
 		s->v4 = 1;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6_)) {
 		struct ip6_hdr *ip6 = data + ETH_HLEN_;
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+		if ((void *)(ip6 + 1) > end)
 			return 0;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > end || (tcp->flags & (TCPF_SYN_ | TCPF_ACK_)) != TCPF_SYN_)
+		tcp = ip6_tcp(ip6, end);
+		if (!tcp || (void *)(tcp + 1) > end || (tcp->flags & (TCPF_SYN_ | TCPF_ACK_)) != TCPF_SYN_)
 			return 0;
 		__builtin_memcpy(s->src, ip6->saddr, 16);
 		__builtin_memcpy(s->dst, ip6->daddr, 16);
@@ -237,7 +280,6 @@ SEC("tc")
 int podsteer_node_in(struct __sk_buff *skb)
 {
 	struct syn s;
-	/* a SYN behind IPv6 extension headers is left to sk_lookup: captured, as by default */
 	if (!parse_syn(skb, &s))
 		return TC_NO_VERDICT;
 	/* The tuple as the node's socket would receive a packet of this connection (lookup

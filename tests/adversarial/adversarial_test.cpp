@@ -259,9 +259,13 @@ TEST_F(Adversarial, AnAppCannotTakeTheProxysPortsBeforeTheProxyListens) {
 // A client in the app pod's netns; outside: in a cgroup that is not below the hook cgroup
 // (the topology's node cgroup, the hook cgroup's parent), as a process entered from the node
 // or started by a runtime elsewhere.
-json connect_from_app_netns(Topology& t, bool outside, const std::string& dst, int port) {
-  return peer_once({testpeer_bin(), "--netns", t.netns(t.app), "--cgroup", outside ? t.node_cgroup : t.app_cgroup,
-                    "connect", "--to", dst, "--port", std::to_string(port), "--send", "hello", "--timeout-ms", "2000"});
+json connect_from_app_netns(Topology& t, bool outside, const std::string& dst, int port,
+                            const std::vector<std::string>& shape = {}) {
+  std::vector<std::string> argv = {testpeer_bin(), "--netns", t.netns(t.app), "--cgroup",
+                                   outside ? t.node_cgroup : t.app_cgroup, "connect", "--to", dst, "--port",
+                                   std::to_string(port), "--send", "hello", "--timeout-ms", "2000"};
+  argv.insert(argv.end(), shape.begin(), shape.end());
+  return peer_once(argv);
 }
 
 // Where the connection went: through the proxy, straight to the server, or nowhere; and,
@@ -301,6 +305,22 @@ TEST_F(Adversarial, AProcessInThePodsNetnsOutsideTheHookCgroupDoesNotLeaveUnseen
             },
             {{"reply", false}, {"via_proxy", false}, {"server_reached_directly", false}, {"unsteered_dropped", 1},
              {"unsteered_passed", 0}, {"app_in_hook_cgroup_via_proxy", true}});
+}
+
+TEST_F(Adversarial, AProcessOutsideTheHookCgroupCannotHideItsSynBehindIPv6ExtensionHeaders) {
+  // The TC check finds the TCP header past the extension headers a socket can add (the same
+  // walk for a routing header, which IPV6_RTHDR sets without privilege): a SYN behind them is
+  // stopped and counted like any other. Istio's rules (netfilter finds the transport header
+  // the same way) send it to the proxy.
+  for (const char* shape : {"--v6-dstopts", "--v6-hopopts"})
+    compare(std::string("a process outside the hook cgroup connects out with ") + shape, [shape](Topology& t) {
+      auto proxy = t.start_proxy();
+      auto server = t.start_server(t.node2, 8080);
+      t.capture();
+      auto c = connect_from_app_netns(t, true, t.node2_6, 8080, {shape});
+      return unsteered_outcome(t, *proxy, *server, c, "[" + t.node2_6 + "]:8080");
+    }, {{"reply", false}, {"via_proxy", false}, {"server_reached_directly", false}, {"unsteered_dropped", 1},
+        {"unsteered_passed", 0}});
 }
 
 TEST_F(Adversarial, AConnectionAfterTheConnectHookWasDetachedIsStoppedAtThePodsInterface) {
