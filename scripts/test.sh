@@ -58,7 +58,7 @@ if want kernels; then
   # case, which runs under Istio's rules too); all kernels, all tests:
   # scripts/test-kernels.sh 6.1 6.12
   part "kernel 6.1 under qemu (datapath + agent subset)" env BUILD_DIR="$BUILD_DIR" \
-    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade|SoOriginalDst|AFullTupleTable|TupleMaps|TransitEntries|ForeignTc)|AgentTest\.(Pending|Drift|Rolling|NonDefault|OnlyTheZds)|Adversarial\.(AnApp|AProcessInThePodsNetns|AConnectionAfterTheConnectHook|AFailOpenPodWithout)|SocketLb\.|SourceKept\.(InboundFromAnotherNode|ConnectionsTheNode)|NodeTest\.KubeletProbes|DatapathTest\.BypassInbound' \
+    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade|SoOriginalDst|AFullTupleTable|TupleMaps|TransitEntries|ForeignTc)|AgentTest\.(Pending|Drift|Rolling|NonDefault|OnlyTheZds|AConnectionFromOutside)|Adversarial\.(AnApp|AProcessInThePodsNetns|AProcessOutsideTheHookCgroup|AConnectionAfterTheConnectHook|AFailOpenPodWithout)|SocketLb\.|SourceKept\.(InboundFromAnotherNode|ConnectionsTheNode)|NodeTest\.KubeletProbes|DatapathTest\.BypassInbound' \
     scripts/test-kernels.sh 6.1
 fi
 part "residue sweep" tests/residue.sh

@@ -1075,6 +1075,50 @@ TEST_F(AgentTest, OnlyTheZdsPeersProcessMayUseTheProxyMarkAndOnlyWhileItRuns) {
   EXPECT_TRUE(left.empty()) << left << node->agent->output();
 }
 
+TEST_F(AgentTest, AConnectionFromOutsideTheHookCgroupIsAHoleTheAgentReports) {
+  // A process in the captured pod's netns but in no cgroup below the hook cgroup (this test's
+  // own: as a process entered with nsenter from the node) connects out. The socket hooks do
+  // not run for it; the pod's TC egress check stops its SYN and counts it once, and the
+  // agent says so where an operator looks: podsteer status, /metrics and its log.
+  node->start_agent();
+  Pod web, other;
+  ASSERT_EQ(node->add_pod(other, "default", "other").rc, 0);
+  node->start_proxy();
+  ASSERT_EQ(node->add_pod(web, "ambient", "web").rc, 0) << node->agent->output();
+  Peer server({testpeer_bin(), "--netns", other.netns, "serve", "--port", "8080"});
+  ASSERT_FALSE(server.wait_for(event("ready")).is_null());
+  auto outside = peer_once({testpeer_bin(), "--netns", web.netns, "connect", "--to", other.ip, "--port", "8080",
+                            "--send", "outside", "--timeout-ms", "2000"});
+  EXPECT_FALSE(got(outside, "outside")) << "the hole was let through: " << outside;
+  EXPECT_EQ(count(server, event("accept")), 0) << "reached directly: " << server.output();
+  // the pod's own app, below the hook cgroup, still goes through the proxy
+  EXPECT_TRUE(got(connect_from(web, other.ip, 8080, "inside"), "inside"));
+  auto guard_of_web = [&] {
+    json pods = node->status()["pods"];
+    for (const auto& p : pods)
+      if (p.value("pod", "") == "ambient/web") return p["guard"];
+    return json::object();
+  };
+  auto g = guard_of_web();
+  EXPECT_EQ(g.value("unsteered_dropped", -1), 1) << g;
+  EXPECT_EQ(g.value("unsteered_passed", -1), 0) << g;
+  auto text = run({podsteer_bin(), "--state-dir", node->state_dir, "status", "--agent",
+                   fmt::format("http://127.0.0.1:{}", node->http_port)});
+  EXPECT_NE(text.out.find("HOLE: 1 TCP connection(s) left the pod unsteered"), std::string::npos) << text.out;
+  std::string metric = "podsteer_pod_guard_total{kind=\"unsteered_dropped\",namespace=\"ambient\",pod=\"web\"} 1";
+  bool seen = false;
+  for (int i = 0; i < 40 && !(seen = node->http_get("/metrics").find(metric) != std::string::npos); ++i)
+    std::this_thread::sleep_for(Ms(100));
+  EXPECT_TRUE(seen) << node->http_get("/metrics");
+  std::string logged = "hole: ambient/web: 1 TCP connection(s) left the pod without the socket hooks steering them";
+  for (int i = 0; i < 20 && node->agent->output().find(logged) == std::string::npos; ++i)
+    std::this_thread::sleep_for(Ms(100));
+  EXPECT_NE(node->agent->output().find(logged), std::string::npos) << node->agent->output();
+  // only the captured pod is held: the other has no check on its interface
+  json pods = node->status()["pods"];
+  ASSERT_EQ(pods.size(), 1u) << pods;
+}
+
 TEST_F(AgentTest, LogsCarryTimeAndLevelAsTextOrJsonAndTheLevelChangesWhileItRuns) {
   const std::regex iso_utc(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)");
   // JSON, one object per line, with the level from the environment (as the DaemonSet sets it)
