@@ -15,7 +15,9 @@
 #   privileged containers here); an ambient pod captured at sandbox creation, annotated as
 #   istiod expects, outbound and inbound through the proxy with the client's address kept; a
 #   plain pod untouched; httpGet and tcpSocket probes passing, also with the proxy refusing
-#   plaintext inbound (--strict); delete releases, labelling captures; a rolling update of the
+#   plaintext inbound (--strict); no hole counted for the pods' own traffic, and a process
+#   entered into a pod's netns from the node stopped and reported as one; delete releases,
+#   labelling captures; a rolling update of the
 #   agent under continuous connections; the agent's RBAC; removal as the README says.
 #
 # usage: scripts/cluster-e2e.sh [--keep]
@@ -285,6 +287,30 @@ inbound_to() { proxy_events ".event == \"connection\" and .direction == \"inboun
 fetch shop client "http://$ISTIOED:8080/" >/dev/null 2>&1
 sleep 1
 check "a new connection to it passes the proxy once ($(inbound_to "$ISTIOED") inbound)" test "$(inbound_to "$ISTIOED")" = 1
+
+# no false hole: every connection the captured pods made so far (the apps' through kubectl
+# exec, which containerd puts in the container's cgroup; the kubelet's probes; the proxy's
+# upstream connections from its own pod) was steered by the hooks or was the proxy's
+no_hole() { in_agent podsteer status --json | jq -e '[.pods[].guard.unsteered_dropped] | add == 0' >/dev/null; }
+check "no connection of a captured pod left it unsteered so far (no hole counted)" no_hole
+# a process entered into the client pod's netns from the node (nsenter --net: in this
+# script's cgroup, not below kubepods) is not seen by the socket hooks; the pod's TC egress
+# check stops its SYN, and the agent reports the hole where an operator looks
+CLIENT_NS=/proc/$(pid_of shop client)/ns/net
+check "a process entered into the ambient pod's netns from the node does not reach the server" \
+  not nsenter --net="$CLIENT_NS" curl -s -o /dev/null -m 3 "http://$SERVER:8080/"
+client_holes() {
+  in_agent podsteer status --json | jq -e '.pods[] | select(.pod == "shop/client") | .guard.unsteered_dropped == 1' >/dev/null
+}
+check "the agent counts it as a hole in that pod (podsteer status)" wait_for 10 "hole count" client_holes
+hole_metric() {
+  grep -q 'podsteer_pod_guard_total{kind="unsteered_dropped",namespace="shop",pod="client"} 1' \
+    <<<"$(curl -s "http://$NODE_IP:15014/metrics")"
+}
+check "and in /metrics on the node's address" wait_for 10 "hole metric" hole_metric
+hole_logged() { agent_logs | grep -q 'hole: shop/client: 1 TCP connection(s) left the pod without the socket hooks'; }
+check "and warns in its log" wait_for 10 "hole log" hole_logged
+check "while the app itself still reaches the server, steered" test "$(plain_addr "$(fetch shop client "http://$SERVER:8080/cgi-bin/who" 2>&1)")" = "$CLIENT"
 
 pod shop gone "$HTTPD"
 ready shop gone >/dev/null
