@@ -188,8 +188,16 @@ json tc_test_run(bool smoke) {
       if (skel) podsteer_lookup__destroy(skel);
       return;
     }
+    // a 20-byte TCP header to port 9090
+    auto fill_tcp = [](uint8_t* at, uint16_t sport, uint8_t flags) {
+      auto* tcp = reinterpret_cast<tcphdr*>(at);
+      tcp->source = htons(sport);
+      tcp->dest = htons(9090);
+      tcp->doff = 5;
+      at[13] = flags;
+    };
     // Ethernet + IPv4 + TCP, from 10.1.0.1:sport to the pod's 10.1.0.2:9090
-    auto packet = [](uint16_t sport, uint8_t flags) {
+    auto packet = [&](uint16_t sport, uint8_t flags) {
       std::vector<uint8_t> p(14 + 20 + 20, 0);
       p[12] = 0x08;  // ETH_P_IP
       auto* ip = reinterpret_cast<iphdr*>(p.data() + 14);
@@ -200,16 +208,12 @@ json tc_test_run(bool smoke) {
       ip->tot_len = htons(40);
       inet_pton(AF_INET, "10.1.0.1", &ip->saddr);
       inet_pton(AF_INET, "10.1.0.2", &ip->daddr);
-      auto* tcp = reinterpret_cast<tcphdr*>(p.data() + 34);
-      tcp->source = htons(sport);
-      tcp->dest = htons(9090);
-      tcp->doff = 5;
-      reinterpret_cast<uint8_t*>(tcp)[13] = flags;
+      fill_tcp(p.data() + 34, sport, flags);
       return p;
     };
     // Ethernet + IPv6 (+ an 8-byte destination-options header) + TCP: the IPv6 fast path, and
     // the walk past an extension header the egress check makes
-    auto packet6 = [](uint8_t flags, bool dstopts) {
+    auto packet6 = [&](uint8_t flags, bool dstopts) {
       size_t ext = dstopts ? 8 : 0;
       std::vector<uint8_t> p(14 + 40 + ext + 20, 0);
       p[12] = 0x86;  // ETH_P_IPV6
@@ -226,11 +230,7 @@ json tc_test_run(bool smoke) {
         ip6[42] = 1;  // PadN, 4 bytes
         ip6[43] = 4;
       }
-      auto* tcp = reinterpret_cast<tcphdr*>(ip6 + 40 + ext);
-      tcp->source = htons(40000);
-      tcp->dest = htons(9090);
-      tcp->doff = 5;
-      reinterpret_cast<uint8_t*>(tcp)[13] = flags;
+      fill_tcp(ip6 + 40 + ext, 40000, flags);
       return p;
     };
     auto run_prog = [&](bpf_program* prog, const std::vector<uint8_t>& p) {
