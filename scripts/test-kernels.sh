@@ -13,6 +13,11 @@
 #                          privileged tests but the benchmark smoke run)
 #   PODSTEER_VM_COMMAND    run this shell command in the guest instead of the tests
 #   PODSTEER_VM_TIMEOUT    seconds per kernel before the guest is killed (default 2400)
+#   PODSTEER_VM_TIMEOUT_SCALE  the guest multiplies each test's ctest time limit by this
+#                          (default 4 under tcg, where everything runs 30-50x slower; 1 under kvm)
+#   PODSTEER_COMPARE_REFERENCE=skip  the compare and adversarial cases run podsteer's side
+#                          alone, against each case's expected outcome (Istio's rules are
+#                          run against the same cases on this machine's kernel)
 #   BUILD_DIR              the build to test (default build)
 #
 # Prints one summary line per kernel and exits non-zero if any kernel failed.
@@ -150,6 +155,8 @@ export PODSTEER_VM_BUILD_DIR='$BUILD_DIR'
 export PODSTEER_VM_REPO='$REPO'
 export PODSTEER_VM_TESTS='${PODSTEER_VM_TESTS:-}'
 export PODSTEER_VM_COMMAND='${PODSTEER_VM_COMMAND:-}'
+export PODSTEER_VM_TIMEOUT_SCALE='${PODSTEER_VM_TIMEOUT_SCALE:-$([ "$accel" = tcg ] && echo 4 || echo 1)}'
+export PODSTEER_COMPARE_REFERENCE='${PODSTEER_COMPARE_REFERENCE:-}'
 EOF
   local mem=3G
   local status=0
