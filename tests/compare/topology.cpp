@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <mutex>
 #include <thread>
@@ -238,8 +239,16 @@ void compare(const std::string& name, const Case& body, const json& expected) {
   json obs[2];
   for (Mode m : {Mode::Podsteer, Mode::Istio}) {
     if (m == Mode::Istio && skip) continue;
-    Topology t(m);
-    obs[m == Mode::Podsteer ? 0 : 1] = body(t);
+    auto t0 = std::chrono::steady_clock::now();
+    json& o = obs[m == Mode::Podsteer ? 0 : 1];
+    {
+      Topology t(m);
+      o = body(t);
+    }
+    // one line per side as it ends: what a timed-out test did last is in its output
+    fprintf(stderr, "compare: %s, under %s: %s (%.1f s)\n", name.c_str(),
+            m == Mode::Podsteer ? "podsteer" : "Istio's rules", o.dump().c_str(),
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   Row row{name, obs[0], obs[1]};
   row.reference_run = !skip;
@@ -249,8 +258,7 @@ void compare(const std::string& name, const Case& body, const json& expected) {
     EXPECT_TRUE(subset_of(expected, obs[0])) << name << ": podsteer " << obs[0].dump() << ", expected " << expected.dump();
   }
   if (skip) {
-    fprintf(stderr, "%s: podsteer %s (Istio's rules not run: PODSTEER_COMPARE_REFERENCE=skip)\n", name.c_str(),
-            obs[0].dump().c_str());
+    fprintf(stderr, "compare: %s: Istio's rules not run (PODSTEER_COMPARE_REFERENCE=skip)\n", name.c_str());
   } else if (row.reference_holds) {
     json keys = obs[0];
     keys.update(obs[1]);
