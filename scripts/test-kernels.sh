@@ -190,7 +190,7 @@ for version in "${VERSIONS[@]}"; do
   rc=0
   run_vm "$dir" "$version" "$log" || rc=$?
   secs=$(( $(date +%s) - start ))
-  result=$(grep -E '^(100% tests passed|[0-9]+% tests passed)' "$log" | tail -n 1 || true)
+  result=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -a -E '^[0-9]+% tests passed' | tail -n 1 || true)
   if [ "$rc" = 0 ]; then
     summary+=("kernel $version ($kver): PASS in ${secs}s ${result:+- $result}")
   else

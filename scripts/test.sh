@@ -60,7 +60,7 @@ if want kernels; then
   # limit is scaled by 4 in the guest. All kernels, all tests, both sides:
   # PODSTEER_VM_TIMEOUT=7200 scripts/test-kernels.sh 6.1 6.12
   part "kernel 6.1 under qemu (datapath + agent subset)" env BUILD_DIR="$BUILD_DIR" PODSTEER_COMPARE_REFERENCE=skip \
-    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade|SoOriginalDst|AFullTupleTable|TupleMaps|TransitEntries|ForeignTc)|AgentTest\.(Pending|Drift|Rolling|NonDefault|OnlyTheZds|AConnectionFromOutside)|Adversarial\.(AnApp|AProcessInThePodsNetns|AProcessOutsideTheHookCgroup|AConnectionAfterTheConnectHook|AFailOpenPodWithout)|SocketLb\.|SourceKept\.(InboundFromAnotherNode|ConnectionsTheNode)|NodeTest\.KubeletProbes|DatapathTest\.BypassInbound' \
+    PODSTEER_VM_TESTS='bpf\.|DatapathTest\.(Outbound|Inbound|Hbone|Marked|DnsOverUdp|ProxyMissing|Enroll|Upgrade|SoOriginalDst|AFullTupleTable|TupleMaps|TransitEntries|ForeignTc)|AgentTest\.(Drift|Rolling|NonDefault|OnlyTheZds|AConnectionFromOutside)|Adversarial\.(AnApp|AProcessInThePodsNetns|AProcessOutsideTheHookCgroup|AConnectionAfterTheConnectHook|AFailOpenPodWithout)|SocketLb\.|SourceKept\.(InboundFromAnotherNode|ConnectionsTheNode)|DatapathTest\.BypassInbound' \
     scripts/test-kernels.sh 6.1
 fi
 part "residue sweep" tests/residue.sh
